@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that tscale's build, tests and demo need; skips what is there.
+# Idempotent: a second run installs nothing. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+packages=(
+  # toolchain
+  g++ make cmake pkg-config git
+  # C++ libraries (find_package in CMakeLists.txt)
+  libtorch-dev libopenblas0-pthread
+  libblas3  # the reference BLAS, on which the golden vectors are bit-equal
+  libabsl-dev
+  libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc
+  prometheus-cpp-dev
+  nlohmann-json3-dev
+  libgtest-dev libgmock-dev
+  # Python clients, interop tests with the reference, the demo
+  python3 python3-numpy python3-grpcio python3-protobuf python3-torch
+  python3-sklearn python3-matplotlib
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+# --no-install-recommends: libtorch-dev otherwise pulls in desktop toolkits.
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

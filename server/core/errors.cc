@@ -1,0 +1,20 @@
+#include "server/core/errors.h"
+
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace tscale::core {
+
+absl::Status TorchError(const c10::Error& e, absl::string_view what) {
+  std::string msg = e.what_without_backtrace();
+  if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
+  const bool oom = absl::StrContains(msg, "out of memory") ||
+                   absl::StrContains(msg, "can't allocate memory") ||
+                   absl::StrContains(msg, "Out of memory");
+  if (oom) return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory: ", msg));
+  return absl::InternalError(absl::StrCat(what, ": ", msg));
+}
+
+}  // namespace tscale::core

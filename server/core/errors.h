@@ -1,0 +1,18 @@
+// Converting LibTorch's exceptions into statuses, at the boundary of the core.
+#ifndef TSCALE_SERVER_CORE_ERRORS_H_
+#define TSCALE_SERVER_CORE_ERRORS_H_
+
+#include <c10/util/Exception.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+
+namespace tscale::core {
+
+// ResourceExhausted for an allocation that failed (host or device memory), Internal otherwise;
+// the message starts with `what` and keeps LibTorch's first line.
+absl::Status TorchError(const c10::Error& e, absl::string_view what);
+
+}  // namespace tscale::core
+
+#endif  // TSCALE_SERVER_CORE_ERRORS_H_

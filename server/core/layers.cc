@@ -1,0 +1,276 @@
+#include "server/core/layers.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/core/trits.h"
+
+namespace tscale::core {
+namespace {
+
+std::string Describe(const at::Tensor& t) {
+  return absl::StrCat(std::string(c10::toString(t.scalar_type())), " [",
+                      absl::StrJoin(t.sizes(), ", "), "]");
+}
+
+std::string Describe(at::ScalarType dtype, const std::vector<int64_t>& shape) {
+  return absl::StrCat(std::string(c10::toString(dtype)), " [", absl::StrJoin(shape, ", "), "]");
+}
+
+// The tensor `key` of `state`, checked to have exactly this dtype and shape.
+absl::StatusOr<at::Tensor> Expect(const StateDict& state, const std::string& key,
+                                  at::ScalarType dtype, const std::vector<int64_t>& shape) {
+  auto it = state.find(key);
+  if (it == state.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": expected ", Describe(dtype, shape), ", got nothing (missing)"));
+  }
+  const at::Tensor& t = it->second;
+  if (t.scalar_type() != dtype || t.sizes() != at::IntArrayRef(shape)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(key, ": expected ", Describe(dtype, shape), ", got ", Describe(t)));
+  }
+  return t.to(at::kCPU).contiguous();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- TernaryState
+
+absl::StatusOr<TernaryState> TernaryState::FromWeights(const at::Tensor& w, double threshold,
+                                                       int64_t group_size, int8_t e_init,
+                                                       at::Device device) {
+  TernaryState s;
+  s.rows_ = w.size(0);
+  s.cols_ = w.size(1);
+  s.group_size_ = group_size;
+  // The reference's _ternarize, in its operations: sign(x) * (|x| > threshold).
+  at::Tensor t = (w.sign() * (w.abs() > threshold).to(w.scalar_type())).to(at::kChar);
+  auto packed = PackTernary(t);
+  if (!packed.ok()) return packed.status();
+  s.packed_ = *std::move(packed);
+  s.trits_ = t.to(device);
+  s.e_ = at::full({s.groups()}, e_init, at::TensorOptions(at::kChar).device(device));
+  s.corr_accum_ = at::zeros({s.groups()}, at::TensorOptions(at::kLong).device(device));
+  s.step_counter_ = 0;
+  return s;
+}
+
+absl::StatusOr<TernaryState> TernaryState::Import(const StateDict& state, const std::string& name,
+                                                  int64_t rows, int64_t cols, int64_t group_size,
+                                                  at::Device device) {
+  TernaryState s;
+  s.rows_ = rows;
+  s.cols_ = cols;
+  s.group_size_ = group_size;
+  const int64_t n = rows * cols;
+
+  auto shape = Expect(state, name + "._T_shape", at::kLong, {2});
+  if (!shape.ok()) return shape.status();
+  const int64_t* sh = shape->data_ptr<int64_t>();
+  if (sh[0] != rows || sh[1] != cols) {
+    return absl::InvalidArgumentError(absl::StrCat(name, "._T_shape: expected [", rows, ", ",
+                                                   cols, "], got [", sh[0], ", ", sh[1], "]"));
+  }
+  auto pad = Expect(state, name + "._T_pad", at::kLong, {});
+  if (!pad.ok()) return pad.status();
+  if (pad->item<int64_t>() != TritPad(n)) {
+    return absl::InvalidArgumentError(absl::StrCat(name, "._T_pad: expected ", TritPad(n),
+                                                   ", got ", pad->item<int64_t>()));
+  }
+  auto packed = Expect(state, name + ".T_packed", at::kByte, {PackedBytes(n)});
+  if (!packed.ok()) return packed.status();
+  auto trits = UnpackTernary(*packed, n, name + ".T_packed");
+  if (!trits.ok()) return trits.status();
+  auto e = Expect(state, name + ".E", at::kChar, {s.groups()});
+  if (!e.ok()) return e.status();
+  auto corr = Expect(state, name + ".corr_accum", at::kLong, {s.groups()});
+  if (!corr.ok()) return corr.status();
+  auto step = Expect(state, name + ".step_counter", at::kLong, {1});
+  if (!step.ok()) return step.status();
+  const int64_t step_counter = step->item<int64_t>();
+  if (step_counter < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ".step_counter: expected a value >= 0, got ", step_counter));
+  }
+
+  s.packed_ = packed->clone();
+  s.trits_ = trits->view({rows, cols}).to(device);
+  s.e_ = e->to(device, /*non_blocking=*/false, /*copy=*/true);
+  s.corr_accum_ = corr->to(device, /*non_blocking=*/false, /*copy=*/true);
+  s.step_counter_ = step_counter;
+  return s;
+}
+
+void TernaryState::Export(const std::string& name, StateDict* out) const {
+  (*out)[name + ".T_packed"] = packed_.clone();
+  (*out)[name + "._T_shape"] = at::tensor(std::vector<int64_t>{rows_, cols_}, at::kLong);
+  (*out)[name + "._T_pad"] = at::scalar_tensor(TritPad(rows_ * cols_), at::kLong);
+  (*out)[name + ".E"] = e_.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  (*out)[name + ".corr_accum"] = corr_accum_.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  (*out)[name + ".step_counter"] = at::full({1}, step_counter_, at::kLong);
+}
+
+int64_t TernaryState::persistent_bytes() const {
+  // T_packed + _T_shape + _T_pad + E + corr_accum + step_counter.
+  return packed_.numel() + 2 * 8 + 8 + groups() + groups() * 8 + 8;
+}
+
+at::Tensor TernaryState::Scale() const {
+  at::Tensor e = e_.to(at::kFloat);
+  if (step_counter_ > 0) {
+    const int64_t denom = std::max<int64_t>(step_counter_ * group_size_, 1);
+    at::Tensor mean_corr = corr_accum_.to(at::kFloat) / denom;
+    e = e + mean_corr * 4.0;
+  }
+  return at::exp2(e);
+}
+
+at::Tensor TernaryState::EffectiveWeight() const {
+  const int64_t gpr = groups_per_row();
+  at::Tensor s = Scale()
+                     .view({rows_, gpr, 1})
+                     .expand({rows_, gpr, group_size_})
+                     .reshape({rows_, gpr * group_size_})
+                     .narrow(1, 0, cols_);
+  return s * trits_.to(at::kFloat);
+}
+
+at::Tensor TernaryState::Scores(const at::Tensor& grad) const {
+  const int64_t gpr = groups_per_row();
+  at::Tensor signed_t = grad.sign().to(at::kChar) * trits_;
+  const int64_t pad = gpr * group_size_ - cols_;
+  if (pad > 0) signed_t = at::constant_pad_nd(signed_t, {0, pad});
+  return signed_t.view({rows_, gpr, group_size_}).sum(2, /*keepdim=*/false, at::kLong).flatten();
+}
+
+void TernaryState::Apply(const at::Tensor& scores) {
+  corr_accum_ = corr_accum_ - scores;
+  ++step_counter_;
+}
+
+// ---------------------------------------------------------------- TernaryLinear
+
+absl::StatusOr<TernaryLinear> TernaryLinear::Init(const TernaryLinearSpec& spec,
+                                                  at::Generator& gen, at::Device device) {
+  const int64_t in = spec.in_features, out = spec.out_features;
+  const double init_std = spec.bias ? 0.02 : 0.1;
+  const double threshold =
+      spec.threshold == 0 ? kDefaultLinearThreshold : static_cast<double>(spec.threshold);
+  // Python's round() rounds half to even, as nearbyint does in the default rounding mode.
+  const double target = 0.5 * std::pow(static_cast<double>(in), -0.5);
+  const double e_real = std::nearbyint(std::log2(std::max(target, std::ldexp(1.0, -8))));
+  const int8_t e_init = static_cast<int8_t>(std::clamp(e_real, -8.0, 0.0));
+
+  at::Tensor w = at::randn({out, in}, gen) * init_std;
+  auto state = TernaryState::FromWeights(w, threshold, spec.group_size, e_init, device);
+  if (!state.ok()) return state.status();
+  TernaryLinear layer;
+  layer.state_ = *std::move(state);
+  if (spec.bias) layer.bias_ = at::zeros({out}, at::TensorOptions(at::kInt).device(device));
+  return layer;
+}
+
+absl::StatusOr<TernaryLinear> TernaryLinear::Import(const TernaryLinearSpec& spec,
+                                                    const StateDict& state,
+                                                    const std::string& name, at::Device device) {
+  auto st = TernaryState::Import(state, name, spec.out_features, spec.in_features,
+                                 spec.group_size, device);
+  if (!st.ok()) return st.status();
+  TernaryLinear layer;
+  layer.state_ = *std::move(st);
+  const std::string bias_key = name + ".bias";
+  if (spec.bias) {
+    auto bias = Expect(state, bias_key, at::kInt, {spec.out_features});
+    if (!bias.ok()) return bias.status();
+    layer.bias_ = bias->to(device, /*non_blocking=*/false, /*copy=*/true);
+  } else if (state.count(bias_key) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(bias_key, ": expected no bias (the spec's bias is false), got ",
+                     Describe(state.at(bias_key))));
+  }
+  return layer;
+}
+
+void TernaryLinear::Export(const std::string& name, StateDict* out) const {
+  state_.Export(name, out);
+  if (bias_.defined()) {
+    (*out)[name + ".bias"] = bias_.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  }
+}
+
+int64_t TernaryLinear::persistent_bytes() const {
+  return state_.persistent_bytes() + (bias_.defined() ? bias_.numel() * 4 : 0);
+}
+
+const at::Tensor& TernaryLinear::WeightLeaf() {
+  if (!w_eff_.defined()) {
+    at::NoGradGuard no_grad;
+    w_eff_ = state_.EffectiveWeight();
+    w_eff_.requires_grad_(true);
+  }
+  return w_eff_;
+}
+
+at::Tensor TernaryLinear::Forward(const at::Tensor& x) {
+  at::Tensor y = at::linear(x, WeightLeaf());
+  if (bias_.defined()) y = y + bias_.to(at::kFloat);
+  return y;
+}
+
+at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {
+  if (!grad_sum.defined()) {
+    return at::zeros({state_.groups()}, at::TensorOptions(at::kLong).device(state_.trits().device()));
+  }
+  return state_.Scores(grad_sum);
+}
+
+void TernaryLinear::Apply(const at::Tensor& scores) {
+  state_.Apply(scores);
+  w_eff_.reset();
+}
+
+// ---------------------------------------------------------------- TernaryRMSNorm
+
+namespace {
+constexpr double kNormInitStd = 0.02;
+constexpr double kNormThreshold = 0.01;
+constexpr int8_t kNormE = -4;
+}  // namespace
+
+absl::StatusOr<TernaryRMSNorm> TernaryRMSNorm::Init(const TernaryRMSNormSpec& spec,
+                                                    at::Generator& gen, at::Device device) {
+  at::Tensor w = at::randn({spec.dim}, gen) * kNormInitStd;
+  auto state = TernaryState::FromWeights(w.view({1, spec.dim}), kNormThreshold, spec.group_size,
+                                         kNormE, device);
+  if (!state.ok()) return state.status();
+  TernaryRMSNorm layer;
+  layer.state_ = *std::move(state);
+  layer.weight_ = layer.state_.EffectiveWeight().flatten();
+  return layer;
+}
+
+absl::StatusOr<TernaryRMSNorm> TernaryRMSNorm::Import(const TernaryRMSNormSpec& spec,
+                                                      const StateDict& state,
+                                                      const std::string& name,
+                                                      at::Device device) {
+  auto st = TernaryState::Import(state, name, 1, spec.dim, spec.group_size, device);
+  if (!st.ok()) return st.status();
+  TernaryRMSNorm layer;
+  layer.state_ = *std::move(st);
+  layer.weight_ = layer.state_.EffectiveWeight().flatten();
+  return layer;
+}
+
+at::Tensor TernaryRMSNorm::Forward(const at::Tensor& x) {
+  // F.rms_norm(x, (dim,)) with eps = float32 machine epsilon, in its operations.
+  const double eps = std::numeric_limits<float>::epsilon();
+  at::Tensor norm = x.mul(at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true).add(eps)));
+  return norm * weight_;
+}
+
+}  // namespace tscale::core

@@ -1,0 +1,122 @@
+// The ternary layers: persistent integer state, initialisation, forward and correlation update,
+// with the reference's arithmetic (DESIGN.md §1): S_g = 2^(E_g + 4 corr_accum_g / (step gs)),
+// w_eff = S (expanded over each group's columns) * T.
+#ifndef TSCALE_SERVER_CORE_LAYERS_H_
+#define TSCALE_SERVER_CORE_LAYERS_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "server/core/spec.h"
+
+namespace tscale::core {
+
+// Named persistent tensors (CPU), keyed by the reference's state_dict keys under the layer's full
+// name, e.g. "fc1.corr_accum".
+using StateDict = std::map<std::string, at::Tensor>;
+
+// The state both ternary layers share: T (rows x cols trits), E and corr_accum per group,
+// step_counter. Groups cover `group_size` consecutive columns of a row.
+class TernaryState {
+ public:
+  // T_init = sign(w) * (|w| > threshold) of a float tensor w [rows, cols]; E filled with e_init.
+  static absl::StatusOr<TernaryState> FromWeights(const at::Tensor& w, double threshold,
+                                                  int64_t group_size, int8_t e_init,
+                                                  at::Device device);
+  // Reads and validates `<name>.T_packed`, `_T_shape`, `_T_pad`, `E`, `corr_accum`,
+  // `step_counter` (dtypes, shapes, trit bytes). InvalidArgument names the key.
+  static absl::StatusOr<TernaryState> Import(const StateDict& state, const std::string& name,
+                                             int64_t rows, int64_t cols, int64_t group_size,
+                                             at::Device device);
+  void Export(const std::string& name, StateDict* out) const;
+
+  int64_t rows() const { return rows_; }
+  int64_t cols() const { return cols_; }
+  int64_t group_size() const { return group_size_; }
+  int64_t groups_per_row() const { return (cols_ + group_size_ - 1) / group_size_; }
+  int64_t groups() const { return rows_ * groups_per_row(); }
+  int64_t step_counter() const { return step_counter_; }
+  const at::Tensor& trits() const { return trits_; }
+  const at::Tensor& corr_accum() const { return corr_accum_; }
+  // Bytes of the persistent tensors, as exported.
+  int64_t persistent_bytes() const;
+
+  // S per group, float32, computed in the reference's order: corr_accum.float() / max(step*gs, 1),
+  // * 4.0, + E.float(), exp2 (E alone at step 0).
+  at::Tensor Scale() const;
+  // S * T as float32 [rows, cols].
+  at::Tensor EffectiveWeight() const;
+  // Per-group score of a weight gradient: sum over the group's columns of sign(grad) * T, int64.
+  at::Tensor Scores(const at::Tensor& grad) const;
+  // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
+  void Apply(const at::Tensor& scores);
+
+ private:
+  int64_t rows_ = 0, cols_ = 0, group_size_ = 0;
+  at::Tensor packed_;      // uint8 [PackedBytes(rows*cols)], CPU: the persistent form of T
+  at::Tensor trits_;       // int8 [rows, cols] on the device, decoded once
+  at::Tensor e_;           // int8 [groups] on the device
+  at::Tensor corr_accum_;  // int64 [groups] on the device
+  int64_t step_counter_ = 0;
+};
+
+// Ternary linear layer: y = x @ w_eff^T (+ bias as float).
+class TernaryLinear {
+ public:
+  // The reference's initialisation: w = randn(out, in) * std (0.1, or 0.02 with bias), drawn from
+  // `gen`; E = clamp(round(log2(max(0.5 / sqrt(in), 2^-8))), -8, 0), rounding half to even.
+  static absl::StatusOr<TernaryLinear> Init(const TernaryLinearSpec& spec, at::Generator& gen,
+                                            at::Device device);
+  static absl::StatusOr<TernaryLinear> Import(const TernaryLinearSpec& spec,
+                                              const StateDict& state, const std::string& name,
+                                              at::Device device);
+  void Export(const std::string& name, StateDict* out) const;
+
+  // w_eff of the current step, computed once per step: a leaf that requires grad, so that
+  // autograd returns d loss / d w_eff for it.
+  const at::Tensor& WeightLeaf();
+  at::Tensor Forward(const at::Tensor& x);
+
+  // Per-group scores of the summed weight gradient (undefined: no gradient, scores 0).
+  at::Tensor Scores(const at::Tensor& grad_sum) const;
+  // corr_accum -= scores, step_counter += 1; the next forward computes the new w_eff.
+  void Apply(const at::Tensor& scores);
+
+  const TernaryState& state() const { return state_; }
+  int64_t persistent_bytes() const;
+
+ private:
+  TernaryState state_;
+  at::Tensor bias_;   // int32 [out] on the device, or undefined
+  at::Tensor w_eff_;  // cache of the current step, undefined when stale
+};
+
+// Ternary RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (S * T). Its state is frozen: nothing updates
+// it, and gradients flow through it to earlier layers.
+class TernaryRMSNorm {
+ public:
+  // T from randn(dim) * 0.02 with threshold 0.01, E = -4.
+  static absl::StatusOr<TernaryRMSNorm> Init(const TernaryRMSNormSpec& spec, at::Generator& gen,
+                                             at::Device device);
+  static absl::StatusOr<TernaryRMSNorm> Import(const TernaryRMSNormSpec& spec,
+                                               const StateDict& state, const std::string& name,
+                                               at::Device device);
+  void Export(const std::string& name, StateDict* out) const { state_.Export(name, out); }
+
+  at::Tensor Forward(const at::Tensor& x);
+  const TernaryState& state() const { return state_; }
+  int64_t persistent_bytes() const { return state_.persistent_bytes(); }
+
+ private:
+  TernaryState state_;
+  at::Tensor weight_;  // S * T, float32 [dim]: constant, since the state never changes
+};
+
+}  // namespace tscale::core
+
+#endif  // TSCALE_SERVER_CORE_LAYERS_H_

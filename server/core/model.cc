@@ -1,0 +1,411 @@
+#include "server/core/model.h"
+
+#include <random>
+#include <utility>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "server/core/device.h"
+#include "server/core/errors.h"
+
+namespace tscale::core {
+
+// ---------------------------------------------------------------- layers as graph nodes
+
+class Node {
+ public:
+  virtual ~Node() = default;
+  virtual at::Tensor Forward(const at::Tensor& x) = 0;
+};
+
+namespace {
+
+class LinearNode : public Node {
+ public:
+  explicit LinearNode(TernaryLinear layer) : layer(std::move(layer)) {}
+  at::Tensor Forward(const at::Tensor& x) override { return layer.Forward(x); }
+  TernaryLinear layer;
+};
+
+class NormNode : public Node {
+ public:
+  explicit NormNode(TernaryRMSNorm layer) : layer(std::move(layer)) {}
+  at::Tensor Forward(const at::Tensor& x) override { return layer.Forward(x); }
+  TernaryRMSNorm layer;
+};
+
+class ActivationNode : public Node {
+ public:
+  explicit ActivationNode(ActivationKind kind) : kind_(kind) {}
+  at::Tensor Forward(const at::Tensor& x) override {
+    switch (kind_) {
+      case ActivationKind::kRelu:
+        return at::relu(x);
+      case ActivationKind::kGelu:
+        return at::gelu(x);  // the exact (erf) form
+      case ActivationKind::kSilu:
+      case ActivationKind::kUnspecified:  // refused by ValidateSpec
+        break;
+    }
+    return at::silu(x);
+  }
+
+ private:
+  ActivationKind kind_;
+};
+
+class ResidualNode : public Node {
+ public:
+  at::Tensor Forward(const at::Tensor& x) override {
+    at::Tensor f = x;
+    for (auto& node : children) f = node->Forward(f);
+    return x + f;
+  }
+  std::vector<std::unique_ptr<Node>> children;
+};
+
+std::string Describe(const at::Tensor& t) {
+  return absl::StrCat(std::string(c10::toString(t.scalar_type())), " [",
+                      absl::StrJoin(t.sizes(), ", "), "]");
+}
+
+bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+
+uint64_t RandomNonce() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- construction
+
+Model::Model(ModelSpec spec, SpecSummary summary, c10::Device device, ModelOptions options)
+    : spec_(std::move(spec)),
+      summary_(std::move(summary)),
+      device_(device),
+      options_(options),
+      nonce_(RandomNonce()) {}
+
+Model::~Model() = default;
+
+absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
+  // Depth-first in spec order, which is also the order the reference draws its random weights.
+  struct Builder {
+    Model* model;
+    const StateDict* state;
+    at::Generator* gen;
+
+    absl::Status Layers(const std::vector<LayerSpec>& layers, const std::string& prefix,
+                        std::vector<std::unique_ptr<Node>>* out) {
+      for (const LayerSpec& spec : layers) {
+        const std::string name = prefix.empty() ? spec.name : absl::StrCat(prefix, ".", spec.name);
+        if (const auto* l = std::get_if<TernaryLinearSpec>(&spec.kind)) {
+          auto layer = state ? TernaryLinear::Import(*l, *state, name, model->device_)
+                             : TernaryLinear::Init(*l, *gen, model->device_);
+          if (!layer.ok()) return layer.status();
+          auto node = std::make_unique<LinearNode>(*std::move(layer));
+          model->persistent_bytes_ += node->layer.persistent_bytes();
+          model->linears_.push_back({name, &node->layer, at::Tensor()});
+          out->push_back(std::move(node));
+        } else if (const auto* n = std::get_if<TernaryRMSNormSpec>(&spec.kind)) {
+          auto layer = state ? TernaryRMSNorm::Import(*n, *state, name, model->device_)
+                             : TernaryRMSNorm::Init(*n, *gen, model->device_);
+          if (!layer.ok()) return layer.status();
+          auto node = std::make_unique<NormNode>(*std::move(layer));
+          model->persistent_bytes_ += node->layer.persistent_bytes();
+          out->push_back(std::move(node));
+        } else if (const auto* a = std::get_if<ActivationSpec>(&spec.kind)) {
+          out->push_back(std::make_unique<ActivationNode>(a->kind));
+        } else if (const auto* r = std::get_if<ResidualSpec>(&spec.kind)) {
+          auto node = std::make_unique<ResidualNode>();
+          absl::Status s = Layers(r->layers, name, &node->children);
+          if (!s.ok()) return s;
+          out->push_back(std::move(node));
+        }
+      }
+      return absl::OkStatus();
+    }
+  };
+  absl::MutexLock lock(&mu_);
+  Builder builder{this, state, gen};
+  try {
+    return builder.Layers(spec_.layers, "", &nodes_);
+  } catch (const c10::Error& e) {
+    return TorchError(e, absl::StrCat("allocating a model of ", summary_.ternary_params,
+                                      " weights on ", DeviceName(device_)));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat("allocating a model of ",
+                                                     summary_.ternary_params, " weights on ",
+                                                     DeviceName(device_), ": out of memory"));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelSpec& spec, uint64_t seed,
+                                                     c10::Device device, ModelOptions options) {
+  auto summary = ValidateSpec(spec);
+  if (!summary.ok()) return summary.status();
+  std::unique_ptr<Model> model(new Model(NormalizeSpec(spec), *summary, device, options));
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  absl::Status s = model->Build(nullptr, &gen);
+  if (!s.ok()) return s;
+  return model;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec,
+                                                     const StateDict& state,
+                                                     std::optional<int64_t> step,
+                                                     c10::Device device, ModelOptions options) {
+  auto summary = ValidateSpec(spec);
+  if (!summary.ok()) return summary.status();
+  if (step.has_value() && *step < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("step: expected >= 0, got ", *step));
+  }
+  std::unique_ptr<Model> model(new Model(NormalizeSpec(spec), *summary, device, options));
+  absl::Status s = model->Build(&state, nullptr);
+  if (!s.ok()) return s;
+  absl::MutexLock lock(&model->mu_);
+  // The model's step: given, or the linear layers' step_counter; they must all agree.
+  std::optional<int64_t> agreed = step;
+  std::string source = "the step given with the state";
+  for (const Linear& l : model->linears_) {
+    const int64_t counter = l.layer->state().step_counter();
+    if (!agreed.has_value()) {
+      agreed = counter;
+      source = absl::StrCat(l.name, ".step_counter");
+    } else if (counter != *agreed) {
+      return absl::InvalidArgumentError(absl::StrCat(l.name, ".step_counter: expected ", *agreed,
+                                                     " (", source, "), got ", counter));
+    }
+  }
+  model->step_ = agreed.value_or(0);
+  return model;
+}
+
+// ---------------------------------------------------------------- training
+
+at::Tensor Model::Run(const at::Tensor& x, int64_t* activation_bytes) {
+  at::Tensor h = x;
+  for (auto& node : nodes_) {
+    h = node->Forward(h);
+    *activation_bytes += h.numel() * static_cast<int64_t>(h.element_size());
+  }
+  return h;
+}
+
+std::string Model::NewPassId(int64_t step) {
+  return absl::StrFormat("%016x-%d-%d", nonce_, step, next_pass_++);
+}
+
+absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train) {
+  if (!input.defined() || input.scalar_type() != at::kFloat || input.dim() != 2 ||
+      input.size(0) < 1 || input.size(1) != summary_.in_features) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input: expected Float [batch >= 1, ", summary_.in_features, "], got ",
+        input.defined() ? Describe(input) : "nothing"));
+  }
+  absl::MutexLock lock(&mu_);
+  try {
+    at::Tensor x = input.to(device_);
+    if (!train) {
+      at::NoGradGuard no_grad;
+      int64_t bytes = 0;
+      return ForwardResult{Run(x, &bytes), "", step_};
+    }
+    if (pending_passes_ >= options_.max_pending_passes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "pending passes: the model holds ", pending_passes_, " passes awaiting Backward, the ",
+          "limit is ", options_.max_pending_passes, "; run their Backward or UpdateCorrelation"));
+    }
+    if (!AllFinite(x)) {
+      return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
+    }
+    at::AutoGradMode grad_mode(true);
+    Pass pass;
+    pass.step = step_;
+    pass.input = x.detach().requires_grad_(true);
+    pass.bytes = x.numel() * static_cast<int64_t>(x.element_size());
+    pass.output = Run(pass.input, &pass.bytes);
+    if (pending_bytes_ + pass.bytes > options_.max_pending_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "pending bytes: this pass would keep ", pass.bytes, " bytes of activations with ",
+          pending_bytes_, " already held; the limit is ", options_.max_pending_bytes,
+          " bytes; run pending Backward calls or UpdateCorrelation first"));
+    }
+    for (const Linear& l : linears_) pass.weights.push_back(l.layer->WeightLeaf());
+    ForwardResult result{pass.output.detach(), NewPassId(step_), step_};
+    pending_bytes_ += pass.bytes;
+    ++pending_passes_;
+    passes_.emplace(result.pass_id, std::move(pass));
+    return result;
+  } catch (const c10::Error& e) {
+    return TorchError(e, "forward");
+  }
+}
+
+absl::Status Model::UnknownPass(absl::string_view pass_id) const {
+  // Ids are "<nonce>-<step>-<n>": a pass of this model from an earlier step was released.
+  std::vector<absl::string_view> parts = absl::StrSplit(pass_id, '-');
+  uint64_t nonce = 0;
+  int64_t step = 0;
+  if (parts.size() == 3 && absl::SimpleHexAtoi(parts[0], &nonce) && nonce == nonce_ &&
+      absl::SimpleAtoi(parts[1], &step) && step < step_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pass_id: pass '", pass_id, "' belongs to step ", step,
+        " and was released when UpdateCorrelation advanced the model to step ", step_));
+  }
+  return absl::NotFoundError(absl::StrCat("pass_id: no pass '", pass_id, "' on this model"));
+}
+
+absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
+                                           const at::Tensor& grad_output, bool want_grad_input) {
+  absl::MutexLock lock(&mu_);
+  auto it = passes_.find(pass_id);
+  if (it == passes_.end()) return UnknownPass(pass_id);
+  Pass& pass = it->second;
+  if (pass.used) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pass_id: pass '", pass_id, "' was already used by a Backward (one per pass)"));
+  }
+  if (!grad_output.defined() || grad_output.scalar_type() != at::kFloat ||
+      grad_output.sizes() != pass.output.sizes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grad_output: expected ", Describe(pass.output), " (the pass's output), got ",
+        grad_output.defined() ? Describe(grad_output) : "nothing"));
+  }
+  try {
+    at::Tensor g = grad_output.to(device_);
+    if (!AllFinite(g)) {
+      return absl::InvalidArgumentError("grad_output: expected finite values, got NaN or Inf");
+    }
+    std::vector<at::Tensor> inputs = pass.weights;
+    if (want_grad_input) inputs.push_back(pass.input);
+    std::vector<at::Tensor> grads;
+    {
+      at::AutoGradMode grad_mode(true);
+      grads = torch::autograd::grad({pass.output}, inputs, {g}, /*retain_graph=*/false,
+                                    /*create_graph=*/false, /*allow_unused=*/true);
+    }
+    // The graph is spent whatever follows; the pass is used.
+    pass.used = true;
+    pass.input.reset();
+    pass.output.reset();
+    pass.weights.clear();
+    pending_bytes_ -= pass.bytes;
+    --pending_passes_;
+    for (size_t i = 0; i < linears_.size(); ++i) {
+      at::Tensor& sum = linears_[i].grad_sum;
+      if (!grads[i].defined()) continue;
+      sum = sum.defined() ? sum + grads[i] : grads[i];
+    }
+    ++backwards_;
+    if (!want_grad_input) return at::Tensor();
+    at::Tensor gi = grads.back();
+    return gi.defined() ? gi : at::zeros({g.size(0), summary_.in_features}, g.options());
+  } catch (const c10::Error& e) {
+    return TorchError(e, "backward");
+  }
+}
+
+absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step) {
+  absl::MutexLock lock(&mu_);
+  if (expected_step != step_) {
+    if (last_update_.has_value() && expected_step == step_ - 1) {
+      UpdateResult replay = *last_update_;
+      replay.replayed = true;
+      return replay;
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_step: expected ", step_, " (the model's step), got ", expected_step));
+  }
+  if (backwards_ == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "update: no Backward since step ", step_, " began; nothing to apply"));
+  }
+  try {
+    // Compute everything first, then commit: an error leaves the state as it was.
+    std::vector<at::Tensor> scores;
+    for (const Linear& l : linears_) scores.push_back(l.layer->Scores(l.grad_sum));
+    std::vector<at::Tensor> stats;
+    for (size_t i = 0; i < linears_.size(); ++i) {
+      const at::Tensor after = linears_[i].layer->state().corr_accum() - scores[i];
+      stats.push_back(scores[i].sum());
+      stats.push_back(after.abs().sum());
+    }
+    const at::Tensor host =
+        stats.empty() ? at::Tensor() : at::stack(stats).to(at::kCPU).contiguous();
+
+    UpdateResult result;
+    result.step = step_ + 1;
+    for (size_t i = 0; i < linears_.size(); ++i) {
+      Linear& l = linears_[i];
+      l.layer->Apply(scores[i]);
+      l.grad_sum.reset();
+      const TernaryState& st = l.layer->state();
+      const int64_t* v = host.data_ptr<int64_t>() + 2 * i;
+      // |drift| = 4 |corr_accum| / (step gs), averaged over the groups.
+      const double denom =
+          static_cast<double>(st.step_counter()) * st.group_size() * st.groups();
+      result.layers.push_back({l.name, v[0], 4.0 * static_cast<double>(v[1]) / denom});
+    }
+    step_ = result.step;
+    passes_.clear();
+    pending_passes_ = 0;
+    pending_bytes_ = 0;
+    backwards_ = 0;
+    last_update_ = result;
+    return result;
+  } catch (const c10::Error& e) {
+    return TorchError(e, "update");
+  }
+}
+
+// ---------------------------------------------------------------- state
+
+StateSnapshot Model::ExportState() const {
+  absl::MutexLock lock(&mu_);
+  StateSnapshot snap;
+  snap.step = step_;
+  struct Exporter {
+    StateDict* out;
+    void Nodes(const std::vector<std::unique_ptr<Node>>& nodes,
+               const std::vector<LayerSpec>& layers, const std::string& prefix) {
+      for (size_t i = 0; i < nodes.size(); ++i) {
+        const std::string name =
+            prefix.empty() ? layers[i].name : absl::StrCat(prefix, ".", layers[i].name);
+        if (auto* l = dynamic_cast<const LinearNode*>(nodes[i].get())) {
+          l->layer.Export(name, out);
+        } else if (auto* n = dynamic_cast<const NormNode*>(nodes[i].get())) {
+          n->layer.Export(name, out);
+        } else if (auto* r = dynamic_cast<const ResidualNode*>(nodes[i].get())) {
+          Nodes(r->children, std::get<ResidualSpec>(layers[i].kind).layers, name);
+        }
+      }
+    }
+  };
+  Exporter{&snap.tensors}.Nodes(nodes_, spec_.layers, "");
+  return snap;
+}
+
+int64_t Model::step() const {
+  absl::MutexLock lock(&mu_);
+  return step_;
+}
+
+int64_t Model::pending_passes() const {
+  absl::MutexLock lock(&mu_);
+  return pending_passes_;
+}
+
+int64_t Model::pending_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return pending_bytes_;
+}
+
+}  // namespace tscale::core
