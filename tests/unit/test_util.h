@@ -3,7 +3,6 @@
 #define TSCALE_TESTS_UNIT_TEST_UTIL_H_
 
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -14,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "server/checkpoint/safetensors.h"
+#include "server/checkpoint/state_file.h"
 #include "server/core/layers.h"
 #include "server/core/spec.h"
 
@@ -41,23 +41,8 @@ inline std::string TestData(const std::string& rel) {
   return std::string(dir ? dir : "tests/data") + "/" + rel;
 }
 
-inline at::ScalarType ToScalarType(checkpoint::DType d) {
-  switch (d) {
-    case checkpoint::DType::kU8: return at::kByte;
-    case checkpoint::DType::kI8: return at::kChar;
-    case checkpoint::DType::kI32: return at::kInt;
-    case checkpoint::DType::kI64: return at::kLong;
-    case checkpoint::DType::kF32: return at::kFloat;
-    case checkpoint::DType::kBF16: return at::kBFloat16;
-    case checkpoint::DType::kF16: return at::kHalf;
-  }
-  return at::kByte;
-}
-
 inline at::Tensor ToTensor(const checkpoint::TensorView& v) {
-  at::Tensor t = at::empty(v.shape, ToScalarType(v.dtype));
-  if (!v.data.empty()) std::memcpy(t.data_ptr(), v.data.data(), v.data.size());
-  return t;
+  return checkpoint::TensorFromView(v);
 }
 
 // The tensors whose names start with `prefix`, with the prefix removed.
