@@ -3,7 +3,7 @@
 #include <charconv>
 
 #include <ATen/Context.h>
-#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/cuda.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -12,7 +12,7 @@ namespace tscale::core {
 
 int CudaDeviceCount() {
   if (!at::globalContext().hasCUDA()) return 0;
-  return at::detail::getCUDAHooks().getNumGPUs();
+  return static_cast<int>(torch::cuda::device_count());
 }
 
 absl::StatusOr<c10::Device> ParseDevice(absl::string_view name) {
