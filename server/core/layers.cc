@@ -5,6 +5,8 @@
 #include <limits>
 #include <vector>
 
+#include <c10/core/GradMode.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/core/trits.h"
@@ -209,7 +211,7 @@ int64_t TernaryLinear::persistent_bytes() const {
 
 const at::Tensor& TernaryLinear::WeightLeaf() {
   if (!w_eff_.defined()) {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     w_eff_ = state_.EffectiveWeight();
     w_eff_.requires_grad_(true);
   }

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "absl/strings/numbers.h"
@@ -214,7 +215,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
   try {
     at::Tensor x = input.to(device_);
     if (!train) {
-      at::NoGradGuard no_grad;
+      c10::NoGradGuard no_grad;
       int64_t bytes = 0;
       return ForwardResult{Run(x, &bytes), "", step_};
     }
@@ -226,7 +227,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
     if (!AllFinite(x)) {
       return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
     }
-    at::AutoGradMode grad_mode(true);
+    c10::AutoGradMode grad_mode(true);
     Pass pass;
     pass.step = step_;
     pass.input = x.detach().requires_grad_(true);
@@ -288,7 +289,7 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
     if (want_grad_input) inputs.push_back(pass.input);
     std::vector<at::Tensor> grads;
     {
-      at::AutoGradMode grad_mode(true);
+      c10::AutoGradMode grad_mode(true);
       grads = torch::autograd::grad({pass.output}, inputs, {g}, /*retain_graph=*/false,
                                     /*create_graph=*/false, /*allow_unused=*/true);
     }
