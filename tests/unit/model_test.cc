@@ -415,3 +415,19 @@ TEST(DeviceTest, ParsesDeviceNames) {
 
 }  // namespace
 }  // namespace tscale
+
+namespace tscale {
+namespace {
+
+TEST(ModelTest, ModelTooLargeForMemoryIsResourceExhausted) {
+  // 2^39 weights pass validation but need terabytes for initialisation.
+  const core::ModelSpec spec{{core::LayerSpec{
+      "fc", core::TernaryLinearSpec{int64_t{1} << 8, (int64_t{1} << 31) - 1, 0, 0.0f, false}}}};
+  EXPECT_THAT(core::Model::Create(spec, 1, c10::Device(c10::kCPU)),
+              testing::StatusIs(absl::StatusCode::kResourceExhausted,
+                                ::testing::HasSubstr("allocating a model of 549755813632 weights "
+                                                     "on cpu: out of memory")));
+}
+
+}  // namespace
+}  // namespace tscale
