@@ -4,6 +4,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace tscale::core {
 
@@ -15,6 +16,11 @@ absl::Status TorchError(const c10::Error& e, absl::string_view what) {
                    absl::StrContains(msg, "Out of memory");
   if (oom) return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory: ", msg));
   return absl::InternalError(absl::StrCat(what, ": ", msg));
+}
+
+std::string DescribeTensor(const at::Tensor& t) {
+  return absl::StrCat(std::string(c10::toString(t.scalar_type())), " [",
+                      absl::StrJoin(t.sizes(), ", "), "]");
 }
 
 }  // namespace tscale::core

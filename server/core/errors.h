@@ -1,7 +1,10 @@
-// Converting LibTorch's exceptions into statuses, at the boundary of the core.
+// Converting LibTorch's exceptions into statuses, and describing tensors in error messages.
 #ifndef TSCALE_SERVER_CORE_ERRORS_H_
 #define TSCALE_SERVER_CORE_ERRORS_H_
 
+#include <string>
+
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "absl/status/status.h"
@@ -12,6 +15,9 @@ namespace tscale::core {
 // ResourceExhausted for an allocation that failed (host or device memory), Internal otherwise;
 // the message starts with `what` and keeps LibTorch's first line.
 absl::Status TorchError(const c10::Error& e, absl::string_view what);
+
+// "Float [2, 64]": a tensor's dtype and shape, as error messages give them.
+std::string DescribeTensor(const at::Tensor& t);
 
 }  // namespace tscale::core
 

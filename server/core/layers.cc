@@ -9,15 +9,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/errors.h"
 #include "server/core/trits.h"
 
 namespace tscale::core {
 namespace {
-
-std::string Describe(const at::Tensor& t) {
-  return absl::StrCat(std::string(c10::toString(t.scalar_type())), " [",
-                      absl::StrJoin(t.sizes(), ", "), "]");
-}
 
 std::string Describe(at::ScalarType dtype, const std::vector<int64_t>& shape) {
   return absl::StrCat(std::string(c10::toString(dtype)), " [", absl::StrJoin(shape, ", "), "]");
@@ -34,7 +30,7 @@ absl::StatusOr<at::Tensor> Expect(const StateDict& state, const std::string& key
   const at::Tensor& t = it->second;
   if (t.scalar_type() != dtype || t.sizes() != at::IntArrayRef(shape)) {
     return absl::InvalidArgumentError(
-        absl::StrCat(key, ": expected ", Describe(dtype, shape), ", got ", Describe(t)));
+        absl::StrCat(key, ": expected ", Describe(dtype, shape), ", got ", DescribeTensor(t)));
   }
   return t.to(at::kCPU).contiguous();
 }
@@ -193,7 +189,7 @@ absl::StatusOr<TernaryLinear> TernaryLinear::Import(const TernaryLinearSpec& spe
   } else if (state.count(bias_key) != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(bias_key, ": expected no bias (the spec's bias is false), got ",
-                     Describe(state.at(bias_key))));
+                     DescribeTensor(state.at(bias_key))));
   }
   return layer;
 }

@@ -71,11 +71,6 @@ class ResidualNode : public Node {
   std::vector<std::unique_ptr<Node>> children;
 };
 
-std::string Describe(const at::Tensor& t) {
-  return absl::StrCat(std::string(c10::toString(t.scalar_type())), " [",
-                      absl::StrJoin(t.sizes(), ", "), "]");
-}
-
 bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
 uint64_t RandomNonce() {
@@ -209,7 +204,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
       input.size(0) < 1 || input.size(1) != summary_.in_features) {
     return absl::InvalidArgumentError(absl::StrCat(
         "input: expected Float [batch >= 1, ", summary_.in_features, "], got ",
-        input.defined() ? Describe(input) : "nothing"));
+        input.defined() ? DescribeTensor(input) : "nothing"));
   }
   absl::MutexLock lock(&mu_);
   try {
@@ -277,8 +272,8 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
   if (!grad_output.defined() || grad_output.scalar_type() != at::kFloat ||
       grad_output.sizes() != pass.output.sizes()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "grad_output: expected ", Describe(pass.output), " (the pass's output), got ",
-        grad_output.defined() ? Describe(grad_output) : "nothing"));
+        "grad_output: expected ", DescribeTensor(pass.output), " (the pass's output), got ",
+        grad_output.defined() ? DescribeTensor(grad_output) : "nothing"));
   }
   try {
     at::Tensor g = grad_output.to(device_);
