@@ -18,9 +18,30 @@ absl::Status TorchError(const c10::Error& e, absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", msg));
 }
 
+std::string DTypeName(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return "FP32";
+    case at::kBFloat16:
+      return "BF16";
+    case at::kHalf:
+      return "FP16";
+    case at::kChar:
+      return "INT8";
+    case at::kByte:
+      return "UINT8";
+    case at::kInt:
+      return "INT32";
+    case at::kLong:
+      return "INT64";
+    default:
+      break;
+  }
+  return std::string(c10::toString(type));
+}
+
 std::string DescribeTensor(const at::Tensor& t) {
-  return absl::StrCat(std::string(c10::toString(t.scalar_type())), " [",
-                      absl::StrJoin(t.sizes(), ", "), "]");
+  return absl::StrCat(DTypeName(t.scalar_type()), " [", absl::StrJoin(t.sizes(), ", "), "]");
 }
 
 }  // namespace tscale::core

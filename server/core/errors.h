@@ -16,7 +16,10 @@ namespace tscale::core {
 // the message starts with `what` and keeps LibTorch's first line.
 absl::Status TorchError(const c10::Error& e, absl::string_view what);
 
-// "Float [2, 64]": a tensor's dtype and shape, as error messages give them.
+// The API's name of a dtype ("FP32", "INT64", ...); LibTorch's for a dtype the API lacks.
+std::string DTypeName(at::ScalarType type);
+
+// "FP32 [2, 64]": a tensor's dtype and shape, as error messages give them.
 std::string DescribeTensor(const at::Tensor& t);
 
 }  // namespace tscale::core

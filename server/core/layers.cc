@@ -16,7 +16,7 @@ namespace tscale::core {
 namespace {
 
 std::string Describe(at::ScalarType dtype, const std::vector<int64_t>& shape) {
-  return absl::StrCat(std::string(c10::toString(dtype)), " [", absl::StrJoin(shape, ", "), "]");
+  return absl::StrCat(DTypeName(dtype), " [", absl::StrJoin(shape, ", "), "]");
 }
 
 // The tensor `key` of `state`, checked to have exactly this dtype and shape.
@@ -118,14 +118,14 @@ int64_t TernaryState::persistent_bytes() const {
   return packed_.numel() + 2 * 8 + 8 + groups() + groups() * 8 + 8;
 }
 
-at::Tensor TernaryState::Scale() const {
+at::Tensor TernaryState::Log2Scale() const {
   at::Tensor e = e_.to(at::kFloat);
   if (step_counter_ > 0) {
     const int64_t denom = std::max<int64_t>(step_counter_ * group_size_, 1);
     at::Tensor mean_corr = corr_accum_.to(at::kFloat) / denom;
     e = e + mean_corr * 4.0;
   }
-  return at::exp2(e);
+  return e;
 }
 
 at::Tensor TernaryState::EffectiveWeight() const {

@@ -43,12 +43,15 @@ class TernaryState {
   int64_t step_counter() const { return step_counter_; }
   const at::Tensor& trits() const { return trits_; }
   const at::Tensor& corr_accum() const { return corr_accum_; }
+  const at::Tensor& e() const { return e_; }
   // Bytes of the persistent tensors, as exported.
   int64_t persistent_bytes() const;
 
-  // S per group, float32, computed in the reference's order: corr_accum.float() / max(step*gs, 1),
-  // * 4.0, + E.float(), exp2 (E alone at step 0).
-  at::Tensor Scale() const;
+  // log2 S per group, float32, computed in the reference's order: corr_accum.float() /
+  // max(step*gs, 1), * 4.0, + E.float() (E alone at step 0).
+  at::Tensor Log2Scale() const;
+  // S = exp2(Log2Scale()).
+  at::Tensor Scale() const { return at::exp2(Log2Scale()); }
   // S * T as float32 [rows, cols].
   at::Tensor EffectiveWeight() const;
   // Per-group score of a weight gradient: sum over the group's columns of sign(grad) * T, int64.

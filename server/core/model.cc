@@ -1,5 +1,6 @@
 #include "server/core/model.h"
 
+#include <cmath>
 #include <random>
 #include <utility>
 
@@ -73,12 +74,31 @@ class ResidualNode : public Node {
 
 bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
+absl::Status CheckCompute(ComputeType compute) {
+  if (compute == ComputeType::kFp32) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat("compute: expected COMPUTE_FP32 (the only compute ",
+                                               "type this server offers), got ",
+                                               ComputeName(compute)));
+}
+
 uint64_t RandomNonce() {
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd();
 }
 
 }  // namespace
+
+absl::string_view ComputeName(ComputeType compute) {
+  switch (compute) {
+    case ComputeType::kFp32:
+      return "COMPUTE_FP32";
+    case ComputeType::kTf32:
+      return "COMPUTE_TF32";
+    case ComputeType::kBf16:
+      return "COMPUTE_BF16";
+  }
+  return "COMPUTE_TYPE_UNSPECIFIED";
+}
 
 // ---------------------------------------------------------------- construction
 
@@ -109,6 +129,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
           auto node = std::make_unique<LinearNode>(*std::move(layer));
           model->persistent_bytes_ += node->layer.persistent_bytes();
           model->linears_.push_back({name, &node->layer, at::Tensor()});
+          model->stateful_.push_back({name, &node->layer.state()});
           out->push_back(std::move(node));
         } else if (const auto* n = std::get_if<TernaryRMSNormSpec>(&spec.kind)) {
           auto layer = state ? TernaryRMSNorm::Import(*n, *state, name, model->device_)
@@ -116,6 +137,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
           if (!layer.ok()) return layer.status();
           auto node = std::make_unique<NormNode>(*std::move(layer));
           model->persistent_bytes_ += node->layer.persistent_bytes();
+          model->stateful_.push_back({name, &node->layer.state()});
           out->push_back(std::move(node));
         } else if (const auto* a = std::get_if<ActivationSpec>(&spec.kind)) {
           out->push_back(std::make_unique<ActivationNode>(a->kind));
@@ -147,6 +169,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelSpec& spec, uint
                                                      c10::Device device, ModelOptions options) {
   auto summary = ValidateSpec(spec);
   if (!summary.ok()) return summary.status();
+  if (absl::Status s = CheckCompute(options.compute); !s.ok()) return s;
   std::unique_ptr<Model> model(new Model(NormalizeSpec(spec), *summary, device, options));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   absl::Status s = model->Build(nullptr, &gen);
@@ -160,6 +183,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec,
                                                      c10::Device device, ModelOptions options) {
   auto summary = ValidateSpec(spec);
   if (!summary.ok()) return summary.status();
+  if (absl::Status s = CheckCompute(options.compute); !s.ok()) return s;
   if (step.has_value() && *step < 0) {
     return absl::InvalidArgumentError(absl::StrCat("step: expected >= 0, got ", *step));
   }
@@ -199,13 +223,18 @@ std::string Model::NewPassId(int64_t step) {
   return absl::StrFormat("%016x-%d-%d", nonce_, step, next_pass_++);
 }
 
-absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train) {
+absl::Status Model::CheckInput(const at::Tensor& input) const {
   if (!input.defined() || input.scalar_type() != at::kFloat || input.dim() != 2 ||
       input.size(0) < 1 || input.size(1) != summary_.in_features) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "input: expected Float [batch >= 1, ", summary_.in_features, "], got ",
+        "input: expected FP32 [batch >= 1, ", summary_.in_features, "], got ",
         input.defined() ? DescribeTensor(input) : "nothing"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train) {
+  if (absl::Status s = CheckInput(input); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
   try {
     at::Tensor x = input.to(device_);
@@ -324,10 +353,20 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step) {
     return absl::FailedPreconditionError(absl::StrCat(
         "update: no Backward since step ", step_, " began; nothing to apply"));
   }
+  auto result = ApplyUpdate({});
+  if (result.ok()) last_train_loss_.reset();
+  return result;
+}
+
+absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra) {
   try {
     // Compute everything first, then commit: an error leaves the state as it was.
     std::vector<at::Tensor> scores;
-    for (const Linear& l : linears_) scores.push_back(l.layer->Scores(l.grad_sum));
+    for (size_t i = 0; i < linears_.size(); ++i) {
+      at::Tensor sum = linears_[i].grad_sum;
+      if (i < extra.size() && extra[i].defined()) sum = sum.defined() ? sum + extra[i] : extra[i];
+      scores.push_back(linears_[i].layer->Scores(sum));
+    }
     std::vector<at::Tensor> stats;
     for (size_t i = 0; i < linears_.size(); ++i) {
       const at::Tensor after = linears_[i].layer->state().corr_accum() - scores[i];
@@ -362,6 +401,90 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step) {
   }
 }
 
+absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const at::Tensor& target,
+                                                 Loss loss, int64_t expected_step) {
+  if (absl::Status s = CheckInput(input); !s.ok()) return s;
+  const int64_t batch = input.size(0);
+  const int64_t out = summary_.out_features;
+  if (loss == Loss::kMse) {
+    if (!target.defined() || target.scalar_type() != at::kFloat || target.dim() != 2 ||
+        target.size(0) != batch || target.size(1) != out) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "target: expected FP32 [", batch, ", ", out, "] for MSE, got ",
+          target.defined() ? DescribeTensor(target) : "nothing"));
+    }
+  } else if (loss == Loss::kCrossEntropy) {
+    if (!target.defined() || target.scalar_type() != at::kLong || target.dim() != 1 ||
+        target.size(0) != batch) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "target: expected INT64 [", batch, "] class indices for CROSS_ENTROPY, got ",
+          target.defined() ? DescribeTensor(target) : "nothing"));
+    }
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("loss: expected MSE or CROSS_ENTROPY, got ", static_cast<int>(loss)));
+  }
+  absl::MutexLock lock(&mu_);
+  if (expected_step != step_) {
+    if (last_update_.has_value() && last_train_loss_.has_value() && expected_step == step_ - 1) {
+      TrainStepResult replay;
+      replay.loss = *last_train_loss_;
+      replay.update = *last_update_;
+      replay.update.replayed = true;
+      return replay;
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_step: expected ", step_, " (the model's step), got ", expected_step));
+  }
+  try {
+    at::Tensor x = input.to(device_);
+    at::Tensor t = target.to(device_);
+    if (!AllFinite(x)) {
+      return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
+    }
+    if (loss == Loss::kMse && !AllFinite(t)) {
+      return absl::InvalidArgumentError("target: expected finite values, got NaN or Inf");
+    }
+    if (loss == Loss::kCrossEntropy) {
+      const at::Tensor range = at::stack({t.min(), t.max()}).to(at::kCPU);
+      const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+      if (lo < 0 || hi >= out) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "target: expected class indices in [0, ", out, "), got ", lo < 0 ? lo : hi));
+      }
+    }
+    TrainStepResult result;
+    std::vector<at::Tensor> weights;
+    std::vector<at::Tensor> grads;
+    {
+      c10::AutoGradMode grad_mode(true);
+      for (const Linear& l : linears_) weights.push_back(l.layer->WeightLeaf());
+      int64_t bytes = 0;
+      result.output = Run(x, &bytes);
+      const at::Tensor value = loss == Loss::kMse ? at::mse_loss(result.output, t)
+                                                  : at::cross_entropy_loss(result.output, t);
+      result.loss = value.item<double>();
+      if (!std::isfinite(result.loss)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "loss: the ", loss == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
+            " loss of this batch is not finite (", result.loss, "); nothing was applied"));
+      }
+      if (!weights.empty()) {
+        grads = torch::autograd::grad({value}, weights, {}, /*retain_graph=*/false,
+                                      /*create_graph=*/false, /*allow_unused=*/true);
+      }
+    }
+    result.output = result.output.detach();
+    auto update = ApplyUpdate(grads);
+    if (!update.ok()) return update.status();
+    result.update = *std::move(update);
+    last_train_loss_ = result.loss;
+    return result;
+  } catch (const c10::Error& e) {
+    return TorchError(e, "train step");
+  }
+}
+
 // ---------------------------------------------------------------- state
 
 StateSnapshot Model::ExportState() const {
@@ -387,6 +510,30 @@ StateSnapshot Model::ExportState() const {
   };
   Exporter{&snap.tensors}.Nodes(nodes_, spec_.layers, "");
   return snap;
+}
+
+ModelScaleStats Model::ScaleStats(bool per_group) const {
+  struct Copy {
+    const Stateful* layer;
+    at::Tensor corr_accum;
+    int64_t step;
+  };
+  std::vector<Copy> copies;
+  ModelScaleStats out;
+  {
+    absl::MutexLock lock(&mu_);
+    out.step = step_;
+    for (const Stateful& st : stateful_) {
+      copies.push_back({&st, st.state->corr_accum().clone(), st.state->step_counter()});
+    }
+  }
+  // E and the shapes never change after construction; only corr_accum needed the lock.
+  for (const Copy& c : copies) {
+    const TernaryState& st = *c.layer->state;
+    out.layers.push_back(ComputeScaleStats(c.layer->name, c.corr_accum, st.e(), c.step,
+                                           st.group_size(), per_group));
+  }
+  return out;
 }
 
 int64_t Model::step() const {

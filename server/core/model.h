@@ -22,11 +22,18 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "server/core/layers.h"
+#include "server/core/scale_stats.h"
 #include "server/core/spec.h"
 
 namespace tscale::core {
 
+// How a model computes. FP32 is the reference's arithmetic; the others are faster modes a model
+// opts into.
+enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
+absl::string_view ComputeName(ComputeType compute);  // "COMPUTE_FP32", ...
+
 struct ModelOptions {
+  ComputeType compute = ComputeType::kFp32;
   // Training passes held for a Backward at once; a Forward beyond it is RESOURCE_EXHAUSTED.
   int64_t max_pending_passes = 1024;
   // Bytes of activations those passes may hold (estimated as their inputs and layer outputs).
@@ -49,6 +56,23 @@ struct UpdateResult {
   int64_t step = 0;  // the model's step after the update
   bool replayed = false;
   std::vector<LayerUpdate> layers;  // one per ternary linear layer, in order
+};
+
+// TrainStep's losses (DESIGN.md §1), as PyTorch defines them by default.
+enum class Loss {
+  kMse = 1,           // mean over all elements of (y - target)^2; target float32 [batch, out]
+  kCrossEntropy = 2,  // mean over the batch of -log softmax(y)[target]; target int64 [batch]
+};
+
+struct TrainStepResult {
+  double loss = 0;
+  at::Tensor output;  // float32 [batch, out_features] on the model's device; undefined on replay
+  UpdateResult update;
+};
+
+struct ModelScaleStats {
+  int64_t step = 0;
+  std::vector<LayerScaleStats> layers;  // the ternary linear and RMSNorm layers, in spec order
 };
 
 // The persistent state at one step, on the CPU.
@@ -89,12 +113,23 @@ class Model {
   // Applies when expected_step equals the step; FailedPrecondition otherwise (or when no Backward
   // has run since the last update), except for the replay of the update just applied.
   absl::StatusOr<UpdateResult> UpdateCorrelation(int64_t expected_step);
+  // Forward, loss, backward and update in one call, holding the model throughout. The update
+  // takes the sign of this step's weight gradients summed with those of any Backward already run
+  // at this step. Exactly once like UpdateCorrelation: a retry of the TrainStep just applied
+  // returns its result again (replayed, without output).
+  absl::StatusOr<TrainStepResult> TrainStep(const at::Tensor& input, const at::Tensor& target,
+                                            Loss loss, int64_t expected_step);
+
+  // Drift statistics of every stateful layer. The model is held only to copy corr_accum; the
+  // statistics are computed after, so training is not held up.
+  ModelScaleStats ScaleStats(bool per_group) const;
 
   StateSnapshot ExportState() const;
 
   const ModelSpec& spec() const { return spec_; }  // defaults made explicit
   const SpecSummary& summary() const { return summary_; }
   c10::Device device() const { return device_; }
+  ComputeType compute() const { return options_.compute; }
   int64_t persistent_bytes() const { return persistent_bytes_; }
   int64_t step() const;
   int64_t pending_passes() const;
@@ -114,11 +149,20 @@ class Model {
     TernaryLinear* layer;
     at::Tensor grad_sum;  // float32 sum of this step's weight gradients
   };
+  struct Stateful {
+    std::string name;
+    const TernaryState* state;
+  };
 
   Model(ModelSpec spec, SpecSummary summary, c10::Device device, ModelOptions options);
   absl::Status Build(const StateDict* state, at::Generator* gen);
   at::Tensor Run(const at::Tensor& x, int64_t* activation_bytes);
   std::string NewPassId(int64_t step);
+  absl::Status CheckInput(const at::Tensor& input) const;
+  // The update from this step's gradient sums plus `extra` (one per linear layer, or empty);
+  // commits only when everything has been computed.
+  absl::StatusOr<UpdateResult> ApplyUpdate(const std::vector<at::Tensor>& extra)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UnknownPass(absl::string_view pass_id) const;
 
   const ModelSpec spec_;
@@ -127,6 +171,7 @@ class Model {
   const ModelOptions options_;
   const uint64_t nonce_;  // tells this model's pass ids from any other's
   std::vector<std::unique_ptr<Node>> nodes_;
+  std::vector<Stateful> stateful_;  // in spec order
   int64_t persistent_bytes_ = 0;
 
   mutable absl::Mutex mu_;
@@ -138,6 +183,8 @@ class Model {
   int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<std::string, Pass> passes_ ABSL_GUARDED_BY(mu_);
   std::optional<UpdateResult> last_update_ ABSL_GUARDED_BY(mu_);
+  // The loss of the last update when a TrainStep made it, for its replay.
+  std::optional<double> last_train_loss_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tscale::core

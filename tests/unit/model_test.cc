@@ -19,6 +19,7 @@ namespace {
 using core::Model;
 using core::ModelSpec;
 using ::testing::HasSubstr;
+using testing::SameState;
 using testing::StatusIs;
 
 const c10::Device kCpu(c10::kCPU);
@@ -45,16 +46,6 @@ std::unique_ptr<Model> NewModel(uint64_t seed = 1, core::ModelOptions options = 
 at::Tensor Input(int64_t batch, int64_t features, uint64_t seed) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   return at::randn({batch, features}, gen);
-}
-
-bool SameState(const core::StateDict& a, const core::StateDict& b) {
-  if (a.size() != b.size()) return false;
-  for (const auto& [k, v] : a) {
-    auto it = b.find(k);
-    if (it == b.end() || v.scalar_type() != it->second.scalar_type() || !at::equal(v, it->second))
-      return false;
-  }
-  return true;
 }
 
 // One step: a forward, a backward of a fixed gradient, an update.
@@ -198,13 +189,13 @@ TEST(ModelTest, BadTensorsAreRefusedAndChangeNothing) {
   const auto before = m->ExportState();
   EXPECT_THAT(m->Forward(Input(2, 11, 1), true),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("input: expected Float [batch >= 1, 12], got Float [2, 11]")));
+                       HasSubstr("input: expected FP32 [batch >= 1, 12], got FP32 [2, 11]")));
   EXPECT_THAT(m->Forward(at::zeros({2, 12}, at::kDouble), false),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got Double [2, 12]")));
   EXPECT_THAT(m->Forward(at::zeros({0, 12}), false),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got Float [0, 12]")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got FP32 [0, 12]")));
   EXPECT_THAT(m->Forward(at::zeros({12}), false),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got Float [12]")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got FP32 [12]")));
 
   at::Tensor x = Input(2, 12, 1);
   x[1][3] = std::numeric_limits<float>::quiet_NaN();
@@ -222,8 +213,8 @@ TEST(ModelTest, BadTensorsAreRefusedAndChangeNothing) {
                        HasSubstr("grad_output: expected finite values, got NaN or Inf")));
   EXPECT_THAT(m->Backward(f->pass_id, Input(3, 5, 2), false),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("grad_output: expected Float [2, 5] (the pass's output), got "
-                                 "Float [3, 5]")));
+                       HasSubstr("grad_output: expected FP32 [2, 5] (the pass's output), got "
+                                 "FP32 [3, 5]")));
   // The refused Backward left the pass usable and applied nothing.
   EXPECT_THAT(m->UpdateCorrelation(0),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("no Backward")));
@@ -329,13 +320,13 @@ TEST(ModelTest, ImportValidatesEveryTensor) {
   };
   EXPECT_THAT(import_with([](auto& s) { s.erase("fc2.E"); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("fc2.E: expected Char [5], got nothing (missing)")));
+                       HasSubstr("fc2.E: expected INT8 [5], got nothing (missing)")));
   EXPECT_THAT(import_with([](auto& s) { s["fc1.corr_accum"] = s["fc1.corr_accum"].to(at::kInt); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("fc1.corr_accum: expected Long [32], got Int [32]")));
+                       HasSubstr("fc1.corr_accum: expected INT64 [32], got INT32 [32]")));
   EXPECT_THAT(import_with([](auto& s) { s["block.up.E"] = at::zeros({15}, at::kChar); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("block.up.E: expected Char [16], got Char [15]")));
+                       HasSubstr("block.up.E: expected INT8 [16], got INT8 [15]")));
   EXPECT_THAT(import_with([](auto& s) { s["fc1.T_packed"][7] = 243; }),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("fc1.T_packed[7]: expected a byte <= 242, got 243")));
@@ -347,7 +338,7 @@ TEST(ModelTest, ImportValidatesEveryTensor) {
                        HasSubstr("fc2._T_pad: expected 0, got 3")));
   EXPECT_THAT(import_with([](auto& s) { s["block.up.bias"] = at::zeros({16}, at::kLong); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("block.up.bias: expected Int [16], got Long [16]")));
+                       HasSubstr("block.up.bias: expected INT32 [16], got INT64 [16]")));
   EXPECT_THAT(import_with([](auto& s) { s["fc1.bias"] = at::zeros({16}, at::kInt); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("fc1.bias: expected no bias (the spec's bias is false)")));

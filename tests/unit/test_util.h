@@ -45,6 +45,17 @@ inline at::Tensor ToTensor(const checkpoint::TensorView& v) {
   return checkpoint::TensorFromView(v);
 }
 
+// Same keys, dtypes and values.
+inline bool SameState(const core::StateDict& a, const core::StateDict& b) {
+  if (a.size() != b.size()) return false;
+  for (const auto& [k, v] : a) {
+    auto it = b.find(k);
+    if (it == b.end() || v.scalar_type() != it->second.scalar_type() || !at::equal(v, it->second))
+      return false;
+  }
+  return true;
+}
+
 // The tensors whose names start with `prefix`, with the prefix removed.
 inline core::StateDict StateWithPrefix(const checkpoint::SafetensorsFile& f,
                                        const std::string& prefix) {

@@ -1,0 +1,145 @@
+// tscale-server: serves the TernaryTrainer API. Flags as DESIGN.md §3 names them (--listen,
+// --device, ...), given as `--flag value` or `--flag=value`.
+//
+// SIGTERM or SIGINT: the server stops accepting calls, finishes those in flight and exits 0.
+#include <pthread.h>
+
+#include <csignal>
+#include <cstdint>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "server/service/server.h"
+
+namespace {
+
+struct Flag {
+  std::string name;
+  std::string value_name;
+  std::string help;
+  std::function<bool(absl::string_view)> set;  // false: not a valid value
+};
+
+template <typename Int>
+std::function<bool(absl::string_view)> IntFlag(Int* out) {
+  return [out](absl::string_view v) { return absl::SimpleAtoi(v, out); };
+}
+
+std::function<bool(absl::string_view)> StringFlag(std::string* out) {
+  return [out](absl::string_view v) {
+    *out = std::string(v);
+    return true;
+  };
+}
+
+void Usage(const std::vector<Flag>& flags, std::ostream& os) {
+  os << "Usage: tscale-server [flags]\n"
+        "A gRPC training service for ternary-scale models.\n\nFlags:\n";
+  for (const Flag& f : flags) {
+    os << "  --" << f.name << " " << f.value_name << "\n      " << f.help << "\n";
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  tscale::service::ServerOptions options;
+  options.listen = "0.0.0.0:50051";
+  int grace_seconds = 30;
+  const std::vector<Flag> flags = {
+      {"listen", "HOST:PORT", "address to serve the API on; port 0 picks a free port (default "
+                              "0.0.0.0:50051)", StringFlag(&options.listen)},
+      {"device", "cpu|cuda|cuda:N",
+       "default device of models (default: cuda:0 when a GPU is usable, else cpu)",
+       StringFlag(&options.device)},
+      {"max-message-bytes", "N",
+       "largest request or response message; larger ones are RESOURCE_EXHAUSTED (default 256 MiB)",
+       IntFlag(&options.max_message_bytes)},
+      {"max-import-bytes", "N", "largest state file ImportState accepts (default 16 GiB)",
+       IntFlag(&options.max_import_bytes)},
+      {"max-pending-passes", "N",
+       "per model: training passes held for a Backward at once (default 1024)",
+       IntFlag(&options.max_pending_passes)},
+      {"max-pending-bytes", "N",
+       "per model: bytes of activations those passes may hold (default 4 GiB)",
+       IntFlag(&options.max_pending_bytes)},
+      {"worker-threads", "N", "threads running requests (default 0: max(4, hardware threads))",
+       IntFlag(&options.worker_threads)},
+      {"shutdown-grace-seconds", "N",
+       "on SIGTERM, how long in-flight calls may run before they are cancelled (default 30)",
+       IntFlag(&grace_seconds)},
+  };
+
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      Usage(flags, std::cout);
+      return 0;
+    }
+    const Flag* flag = nullptr;
+    absl::string_view value;
+    bool has_value = false;
+    if (arg.substr(0, 2) == "--") {
+      absl::string_view name = arg.substr(2);
+      if (const size_t eq = name.find('='); eq != absl::string_view::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+        has_value = true;
+      }
+      for (const Flag& f : flags) {
+        if (f.name == name) flag = &f;
+      }
+    }
+    if (flag == nullptr) {
+      std::cerr << "tscale-server: unknown argument '" << arg << "'\n";
+      Usage(flags, std::cerr);
+      return 2;
+    }
+    if (!has_value) {
+      if (i + 1 >= argc) {
+        std::cerr << "tscale-server: --" << flag->name << ": expected a value (" << flag->value_name
+                  << "), got none\n";
+        return 2;
+      }
+      value = argv[++i];
+    }
+    if (!flag->set(value)) {
+      std::cerr << "tscale-server: --" << flag->name << ": expected " << flag->value_name
+                << ", got '" << value << "'\n";
+      return 2;
+    }
+  }
+  if (grace_seconds < 0) {
+    std::cerr << "tscale-server: --shutdown-grace-seconds: expected >= 0, got " << grace_seconds
+              << "\n";
+    return 2;
+  }
+
+  // One thread takes the signals with sigwait, so they are blocked before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto server = tscale::service::Server::Start(options);
+  if (!server.ok()) {
+    std::cerr << "tscale-server: " << server.status().message() << std::endl;
+    return server.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  // Scripts and tests read this line to learn the port.
+  std::cout << "tscale-server: listening on " << (*server)->address() << std::endl;
+
+  int signal = 0;
+  sigwait(&signals, &signal);
+  std::cerr << "tscale-server: " << (signal == SIGTERM ? "SIGTERM" : "SIGINT")
+            << ": finishing the calls in flight, then exiting" << std::endl;
+  (*server)->Shutdown(std::chrono::seconds(grace_seconds));
+  std::cerr << "tscale-server: stopped" << std::endl;
+  return 0;
+}

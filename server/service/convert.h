@@ -1,0 +1,46 @@
+// Conversions between the API's messages and the core's types. Every error is InvalidArgument and
+// names the request field, what was expected and what came.
+#ifndef TSCALE_SERVER_SERVICE_CONVERT_H_
+#define TSCALE_SERVER_SERVICE_CONVERT_H_
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "server/core/model.h"
+#include "server/core/spec.h"
+#include "tscale/v1/trainer.pb.h"
+
+namespace tscale::service {
+
+// Bytes of one element of `dtype`; 0 for DATA_TYPE_UNSPECIFIED and unknown values.
+int64_t DataTypeSize(v1::DataType dtype);
+std::string DataTypeName(int dtype);  // "FP32", ..., or the number of an unknown value
+
+// A CPU tensor holding a copy of the message's data. Checks the dtype, the shape (dimensions >= 0,
+// at most 8 of them, no overflow) and that data holds exactly prod(shape) * size(dtype) bytes.
+// `field` names the tensor in errors, e.g. "input".
+absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field);
+// As above, and requires `dtype`.
+absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field,
+                                           v1::DataType dtype);
+// Writes a tensor of a dtype the API has (any device, any layout) as a dense message.
+void TensorToProto(const at::Tensor& tensor, v1::Tensor* out);
+
+absl::StatusOr<core::ModelSpec> SpecFromProto(const v1::ModelSpec& spec);
+void SpecToProto(const core::ModelSpec& spec, v1::ModelSpec* out);
+
+// UNSPECIFIED means FP32.
+absl::StatusOr<core::ComputeType> ComputeFromProto(int compute);
+v1::ComputeType ComputeToProto(core::ComputeType compute);
+
+void ModelInfoToProto(absl::string_view model_id, const core::Model& model, v1::ModelInfo* out);
+void UpdateToProto(const core::LayerUpdate& update, v1::LayerUpdate* out);
+void ScaleStatsToProto(const core::LayerScaleStats& stats, v1::LayerScaleStats* out);
+
+}  // namespace tscale::service
+
+#endif  // TSCALE_SERVER_SERVICE_CONVERT_H_

@@ -1,0 +1,131 @@
+#include "server/service/server.h"
+
+#include <algorithm>
+#include <climits>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "server/core/device.h"
+#include "server/service/trainer_service.h"
+#include "server/service/worker_pool.h"
+
+namespace tscale::service {
+namespace {
+
+constexpr char kServiceName[] = "tscale.v1.TernaryTrainer";
+constexpr int64_t kMaxMessageBytesLimit = int64_t{1} << 30;
+
+absl::Status Positive(int64_t value, absl::string_view flag) {
+  if (value > 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected > 0, got ", value));
+}
+
+}  // namespace
+
+struct Server::Impl {
+  std::unique_ptr<WorkerPool> pool;
+  std::unique_ptr<TrainerService> service;
+  std::unique_ptr<grpc::Server> server;
+  std::string host;
+  absl::Mutex mu;
+  bool shut_down ABSL_GUARDED_BY(mu) = false;
+  absl::Notification done;
+};
+
+Server::Server() : impl_(std::make_unique<Impl>()) {}
+
+Server::~Server() { Shutdown(std::chrono::milliseconds(0)); }
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  if (options.max_message_bytes < 1024 || options.max_message_bytes > kMaxMessageBytesLimit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-message-bytes: expected 1024 to ", kMaxMessageBytesLimit, ", got ",
+                     options.max_message_bytes));
+  }
+  for (auto [value, flag] : {std::pair<int64_t, const char*>{options.max_import_bytes,
+                                                             "max-import-bytes"},
+                             {options.max_pending_passes, "max-pending-passes"},
+                             {options.max_pending_bytes, "max-pending-bytes"}}) {
+    if (absl::Status s = Positive(value, flag); !s.ok()) return s;
+  }
+  if (options.worker_threads < 0 || options.worker_threads > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--worker-threads: expected 0 (automatic) to 1024, got ", options.worker_threads));
+  }
+  const size_t colon = options.listen.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == options.listen.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen: expected HOST:PORT, got '", options.listen, "'"));
+  }
+  TrainerOptions trainer;
+  if (options.device.empty()) {
+    trainer.default_device = core::DefaultDevice();
+  } else {
+    auto device = core::ParseDevice(options.device);
+    if (!device.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--device: ", device.status().message()));
+    }
+    trainer.default_device = *device;
+  }
+  trainer.max_message_bytes = options.max_message_bytes;
+  trainer.max_import_bytes = options.max_import_bytes;
+  trainer.model.max_pending_passes = options.max_pending_passes;
+  trainer.model.max_pending_bytes = options.max_pending_bytes;
+
+  std::unique_ptr<Server> server(new Server());
+  Impl& impl = *server->impl_;
+  const int threads = options.worker_threads > 0
+                          ? options.worker_threads
+                          : std::max(4, static_cast<int>(std::thread::hardware_concurrency()));
+  impl.pool = std::make_unique<WorkerPool>(threads);
+  impl.service = std::make_unique<TrainerService>(trainer, impl.pool.get());
+  impl.host = options.listen.substr(0, colon);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &server->port_);
+  builder.RegisterService(impl.service.get());
+  // gRPC refuses messages far beyond the limit on its own; the handlers refuse those just beyond
+  // it with a message that names the flag.
+  const int64_t hard_limit = std::min<int64_t>(2 * options.max_message_bytes, INT_MAX);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(hard_limit));
+  builder.SetMaxSendMessageSize(static_cast<int>(hard_limit));
+  impl.server = builder.BuildAndStart();
+  if (impl.server == nullptr || server->port_ == 0) {
+    impl.pool->Stop();
+    return absl::UnavailableError(
+        absl::StrCat("--listen: cannot listen on ", options.listen,
+                     " (address in use, or not an address of this machine)"));
+  }
+  grpc::HealthCheckServiceInterface* health = impl.server->GetHealthCheckService();
+  health->SetServingStatus(kServiceName, true);
+  health->SetServingStatus(true);
+  return server;
+}
+
+std::string Server::address() const { return absl::StrCat(impl_->host, ":", port_); }
+
+void Server::Shutdown(std::chrono::milliseconds grace) {
+  {
+    absl::MutexLock lock(&impl_->mu);
+    if (impl_->shut_down) return;
+    impl_->shut_down = true;
+  }
+  if (impl_->server != nullptr) {
+    impl_->server->GetHealthCheckService()->SetServingStatus(false);
+    impl_->server->Shutdown(std::chrono::system_clock::now() + grace);
+  }
+  if (impl_->pool != nullptr) impl_->pool->Stop();
+  impl_->done.Notify();
+}
+
+void Server::Wait() { impl_->done.WaitForNotification(); }
+
+}  // namespace tscale::service

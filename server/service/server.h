@@ -1,0 +1,63 @@
+// The tscale gRPC server: the TernaryTrainer service, standard health checking and reflection,
+// on one listening address. Used by server/main.cc and, in-process, by the tests.
+#ifndef TSCALE_SERVER_SERVICE_SERVER_H_
+#define TSCALE_SERVER_SERVICE_SERVER_H_
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace tscale::service {
+
+struct ServerOptions {
+  // HOST:PORT; port 0 picks a free port (see Server::port()).
+  std::string listen = "127.0.0.1:50051";
+  // Where models go when a request names no device: "cpu", "cuda", "cuda:N"; empty: cuda:0 when a
+  // GPU is usable, else cpu.
+  std::string device;
+  // The largest request or response message (--max-message-bytes). Larger ones are
+  // RESOURCE_EXHAUSTED, with a message naming the flag. At most 1 GiB.
+  int64_t max_message_bytes = int64_t{256} << 20;
+  // The largest state file ImportState accepts (--max-import-bytes).
+  int64_t max_import_bytes = int64_t{16} << 30;
+  // Per model: training passes awaiting Backward, and the activation bytes they hold.
+  int64_t max_pending_passes = 1024;
+  int64_t max_pending_bytes = int64_t{4} << 30;
+  // Threads running requests; 0: max(4, hardware threads).
+  int worker_threads = 0;
+};
+
+class TrainerService;
+class WorkerPool;
+
+class Server {
+ public:
+  // Validates the options, binds the address and starts serving. InvalidArgument for a bad
+  // option (naming its flag); Unavailable when the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  ~Server();  // Shutdown with no grace, if not done
+
+  // The port bound (useful with port 0).
+  int port() const { return port_; }
+  // "127.0.0.1:<port>" style address clients can use.
+  std::string address() const;
+
+  // Marks the service NOT_SERVING, stops accepting calls, lets in-flight calls finish until
+  // `grace` has passed (then cancels them), and stops the workers. Idempotent.
+  void Shutdown(std::chrono::milliseconds grace);
+  // Blocks until Shutdown has completed.
+  void Wait();
+
+ private:
+  Server();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
+}  // namespace tscale::service
+
+#endif  // TSCALE_SERVER_SERVICE_SERVER_H_

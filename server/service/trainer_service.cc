@@ -1,0 +1,500 @@
+#include "server/service/trainer_service.h"
+
+#include <algorithm>
+#include <utility>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+#include "server/checkpoint/state_file.h"
+#include "server/core/device.h"
+#include "server/service/convert.h"
+#include "server/service/status.h"
+
+#ifndef TSCALE_VERSION
+#define TSCALE_VERSION "unknown"
+#endif
+
+namespace tscale::service {
+namespace {
+
+// ExportState's chunks: large enough to stream fast, far below any message limit.
+constexpr int64_t kChunkBytes = int64_t{1} << 20;
+// What a response carries besides its tensors, generously.
+constexpr int64_t kEnvelopeBytes = 4096;
+
+}  // namespace
+
+TrainerService::TrainerService(TrainerOptions options, WorkerPool* pool)
+    : options_(std::move(options)), pool_(pool) {}
+
+// ---------------------------------------------------------------- plumbing
+
+template <typename Fn>
+grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* ctx,
+                                                   absl::string_view method,
+                                                   const google::protobuf::Message& request,
+                                                   Fn fn) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status size = CheckSize(static_cast<int64_t>(request.ByteSizeLong()), "request");
+  if (!size.ok()) {
+    reactor->Finish(ToGrpcStatus(size, method));
+    return reactor;
+  }
+  const bool queued = pool_->Submit([reactor, method, fn = std::move(fn)]() mutable {
+    reactor->Finish(ToGrpcStatus(fn(), method));
+  });
+  if (!queued) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+  }
+  return reactor;
+}
+
+absl::Status TrainerService::CheckSize(int64_t bytes, absl::string_view what) const {
+  if (bytes <= options_.max_message_bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      what, ": ", bytes, " bytes, beyond the server's limit of ", options_.max_message_bytes,
+      " bytes per message (--max-message-bytes); send smaller batches"));
+}
+
+absl::StatusOr<c10::Device> TrainerService::DeviceFor(const std::string& name) const {
+  if (name.empty()) return options_.default_device;
+  return core::ParseDevice(name);
+}
+
+absl::StatusOr<std::shared_ptr<core::Model>> TrainerService::Find(
+    const std::string& model_id) const {
+  if (absl::Status s = core::ValidateModelId(model_id); !s.ok()) return s;
+  return registry_.Get(model_id);
+}
+
+// ---------------------------------------------------------------- models
+
+absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
+                                           v1::ModelInfo* resp) {
+  if (absl::Status s = core::ValidateModelId(req.model_id()); !s.ok()) return s;
+  auto spec = SpecFromProto(req.spec());
+  if (!spec.ok()) return spec.status();
+  auto device = DeviceFor(req.device());
+  if (!device.ok()) return device.status();
+  auto compute = ComputeFromProto(req.compute());
+  if (!compute.ok()) return compute.status();
+  // Refuse a taken id before spending memory on the model; Add checks again.
+  if (absl::Status s = registry_.CheckFree(req.model_id()); !s.ok()) return s;
+  core::ModelOptions options = options_.model;
+  options.compute = *compute;
+  auto model = core::Model::Create(*spec, req.seed(), *device, options);
+  if (!model.ok()) return model.status();
+  std::shared_ptr<core::Model> shared = *std::move(model);
+  if (absl::Status s = registry_.Add(req.model_id(), shared); !s.ok()) return s;
+  ModelInfoToProto(req.model_id(), *shared, resp);
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContext* ctx,
+                                                      const v1::CreateModelRequest* req,
+                                                      v1::ModelInfo* resp) {
+  return Dispatch(ctx, "CreateModel", *req, [this, req, resp] { return DoCreateModel(*req, resp); });
+}
+
+grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* ctx,
+                                                   const v1::GetModelRequest* req,
+                                                   v1::ModelInfo* resp) {
+  return Dispatch(ctx, "GetModel", *req, [this, req, resp]() -> absl::Status {
+    auto model = Find(req->model_id());
+    if (!model.ok()) return model.status();
+    ModelInfoToProto(req->model_id(), **model, resp);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext* ctx,
+                                                     const v1::ListModelsRequest* req,
+                                                     v1::ListModelsResponse* resp) {
+  return Dispatch(ctx, "ListModels", *req, [this, resp] {
+    for (const auto& [id, model] : registry_.List()) ModelInfoToProto(id, *model, resp->add_models());
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContext* ctx,
+                                                      const v1::DeleteModelRequest* req,
+                                                      v1::DeleteModelResponse*) {
+  return Dispatch(ctx, "DeleteModel", *req, [this, req]() -> absl::Status {
+    if (absl::Status s = core::ValidateModelId(req->model_id()); !s.ok()) return s;
+    return registry_.Remove(req->model_id());
+  });
+}
+
+// ---------------------------------------------------------------- training
+
+absl::Status TrainerService::DoForward(const v1::ForwardRequest& req, v1::ForwardResponse* resp) {
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  auto input = TensorFromProto(req.input(), "input", v1::FP32);
+  if (!input.ok()) return input.status();
+  // Refuse an answer too large to send before the pass exists.
+  const int64_t batch = input->dim() > 0 ? input->size(0) : 0;
+  if (absl::Status s = CheckSize(batch * (*model)->summary().out_features * 4 + kEnvelopeBytes,
+                                 "the response's output");
+      !s.ok()) {
+    return s;
+  }
+  auto result = (*model)->Forward(*input, req.train());
+  if (!result.ok()) return result.status();
+  TensorToProto(result->output, resp->mutable_output());
+  resp->set_pass_id(result->pass_id);
+  resp->set_step(result->step);
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* ctx,
+                                                  const v1::ForwardRequest* req,
+                                                  v1::ForwardResponse* resp) {
+  return Dispatch(ctx, "Forward", *req, [this, req, resp] { return DoForward(*req, resp); });
+}
+
+absl::Status TrainerService::DoBackward(const v1::BackwardRequest& req,
+                                        v1::BackwardResponse* resp) {
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  auto grad = TensorFromProto(req.grad_output(), "grad_output", v1::FP32);
+  if (!grad.ok()) return grad.status();
+  if (req.want_grad_input()) {
+    const int64_t batch = grad->dim() > 0 ? grad->size(0) : 0;
+    if (absl::Status s = CheckSize(batch * (*model)->summary().in_features * 4 + kEnvelopeBytes,
+                                   "the response's grad_input");
+        !s.ok()) {
+      return s;
+    }
+  }
+  auto grad_input = (*model)->Backward(req.pass_id(), *grad, req.want_grad_input());
+  if (!grad_input.ok()) return grad_input.status();
+  if (req.want_grad_input()) TensorToProto(*grad_input, resp->mutable_grad_input());
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* ctx,
+                                                   const v1::BackwardRequest* req,
+                                                   v1::BackwardResponse* resp) {
+  return Dispatch(ctx, "Backward", *req, [this, req, resp] { return DoBackward(*req, resp); });
+}
+
+grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
+    grpc::CallbackServerContext* ctx, const v1::UpdateCorrelationRequest* req,
+    v1::UpdateCorrelationResponse* resp) {
+  return Dispatch(ctx, "UpdateCorrelation", *req, [this, req, resp]() -> absl::Status {
+    auto model = Find(req->model_id());
+    if (!model.ok()) return model.status();
+    auto result = (*model)->UpdateCorrelation(req->expected_step());
+    if (!result.ok()) return result.status();
+    resp->set_step(result->step);
+    resp->set_replayed(result->replayed);
+    for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
+    return absl::OkStatus();
+  });
+}
+
+absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
+                                         v1::TrainStepResponse* resp) {
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  core::Loss loss;
+  v1::DataType target_dtype;
+  switch (req.loss()) {
+    case v1::TrainStepRequest::MSE:
+      loss = core::Loss::kMse;
+      target_dtype = v1::FP32;
+      break;
+    case v1::TrainStepRequest::CROSS_ENTROPY:
+      loss = core::Loss::kCrossEntropy;
+      target_dtype = v1::INT64;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "loss: expected MSE or CROSS_ENTROPY, got ",
+          v1::TrainStepRequest::Loss_IsValid(req.loss())
+              ? v1::TrainStepRequest::Loss_Name(req.loss())
+              : absl::StrCat(static_cast<int>(req.loss()))));
+  }
+  auto input = TensorFromProto(req.input(), "input", v1::FP32);
+  if (!input.ok()) return input.status();
+  auto target = TensorFromProto(req.target(), "target", target_dtype);
+  if (!target.ok()) return target.status();
+  if (req.want_output()) {
+    const int64_t batch = input->dim() > 0 ? input->size(0) : 0;
+    if (absl::Status s = CheckSize(batch * (*model)->summary().out_features * 4 + kEnvelopeBytes,
+                                   "the response's output");
+        !s.ok()) {
+      return s;
+    }
+  }
+  auto result = (*model)->TrainStep(*input, *target, loss, req.expected_step());
+  if (!result.ok()) return result.status();
+  resp->set_loss(result->loss);
+  resp->set_step(result->update.step);
+  resp->set_replayed(result->update.replayed);
+  for (const core::LayerUpdate& u : result->update.layers) UpdateToProto(u, resp->add_layers());
+  if (req.want_output() && result->output.defined()) {
+    TensorToProto(result->output, resp->mutable_output());
+  }
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext* ctx,
+                                                    const v1::TrainStepRequest* req,
+                                                    v1::TrainStepResponse* resp) {
+  return Dispatch(ctx, "TrainStep", *req, [this, req, resp] { return DoTrainStep(*req, resp); });
+}
+
+// ---------------------------------------------------------------- state
+
+absl::StatusOr<std::string> TrainerService::DoExportState(const v1::ExportStateRequest& req) {
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  core::StateSnapshot snapshot = (*model)->ExportState();
+  return checkpoint::EncodeState(
+      snapshot, (*model)->spec(),
+      {{"compute", std::string(core::ComputeName((*model)->compute()))},
+       {"model_id", req.model_id()},
+       {"server_version", TSCALE_VERSION}});
+}
+
+// Encodes the state on a worker, then writes it in chunks, one at a time.
+class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::StateChunk> {
+ public:
+  ExportReactor(TrainerService* service, const v1::ExportStateRequest& req) {
+    const bool queued = service->pool_->Submit([this, service, req] {
+      auto bytes = service->DoExportState(req);
+      if (!bytes.ok()) {
+        Finish(ToGrpcStatus(bytes.status(), "ExportState"));
+        return;
+      }
+      bytes_ = *std::move(bytes);
+      WriteNext();
+    });
+    if (!queued) Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      return;
+    }
+    WriteNext();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void WriteNext() {
+    if (offset_ >= bytes_.size()) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    const size_t n = std::min<size_t>(kChunkBytes, bytes_.size() - offset_);
+    chunk_.set_data(bytes_.data() + offset_, n);
+    offset_ += n;
+    StartWrite(&chunk_);
+  }
+
+  std::string bytes_;
+  size_t offset_ = 0;
+  v1::StateChunk chunk_;
+};
+
+grpc::ServerWriteReactor<v1::StateChunk>* TrainerService::ExportState(
+    grpc::CallbackServerContext*, const v1::ExportStateRequest* req) {
+  return new ExportReactor(this, *req);
+}
+
+absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::string data,
+                                           v1::ModelInfo* resp) {
+  auto device = DeviceFor(header.device());
+  if (!device.ok()) return device.status();
+  auto compute = ComputeFromProto(header.compute());
+  if (!compute.ok()) return compute.status();
+  auto decoded = checkpoint::DecodeState(std::move(data));
+  if (!decoded.ok()) return decoded.status();
+  core::ModelSpec spec;
+  if (header.has_spec()) {
+    auto s = SpecFromProto(header.spec());
+    if (!s.ok()) return s.status();
+    spec = *std::move(s);
+  } else if (decoded->spec.has_value()) {
+    spec = *decoded->spec;
+  } else {
+    return absl::InvalidArgumentError(
+        "header.spec: expected a spec, in the header or in the file's __metadata__.spec; got "
+        "neither");
+  }
+  core::ModelOptions options = options_.model;
+  options.compute = *compute;
+  auto model = core::Model::Import(spec, decoded->tensors, decoded->step, *device, options);
+  if (!model.ok()) return model.status();
+  std::shared_ptr<core::Model> shared = *std::move(model);
+  if (absl::Status s = registry_.Add(header.model_id(), shared, header.replace()); !s.ok()) {
+    return s;
+  }
+  ModelInfoToProto(header.model_id(), *shared, resp);
+  return absl::OkStatus();
+}
+
+// Reads the header, then the file's chunks up to --max-import-bytes, then imports on a worker.
+class TrainerService::ImportReactor final
+    : public grpc::ServerReadReactor<v1::ImportStateRequest> {
+ public:
+  ImportReactor(TrainerService* service, v1::ModelInfo* resp) : service_(service), resp_(resp) {
+    StartRead(&message_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Complete();
+      return;
+    }
+    absl::Status s = Take();
+    if (!s.ok()) {
+      Finish(ToGrpcStatus(s, "ImportState"));
+      return;
+    }
+    StartRead(&message_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Take() {
+    const int64_t index = messages_++;
+    if (absl::Status s = service_->CheckSize(static_cast<int64_t>(message_.ByteSizeLong()),
+                                             absl::StrCat("ImportStateRequest[", index, "]"));
+        !s.ok()) {
+      return s;
+    }
+    if (index == 0) {
+      if (message_.part_case() != v1::ImportStateRequest::kHeader) {
+        return absl::InvalidArgumentError(
+            "header: expected the first message to hold the header, got data");
+      }
+      header_ = message_.header();
+      if (absl::Status s = core::ValidateModelId(header_.model_id(), "header.model_id"); !s.ok()) {
+        return s;
+      }
+      // A taken id is refused before the file is sent, unless it is to be replaced.
+      if (!header_.replace()) return service_->registry_.CheckFree(header_.model_id());
+      return absl::OkStatus();
+    }
+    if (message_.part_case() != v1::ImportStateRequest::kData) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ImportStateRequest[", index, "]: expected data, got a second header"));
+    }
+    if (static_cast<int64_t>(data_.size() + message_.data().size()) >
+        service_->options_.max_import_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "data: the state file exceeds the server's limit of ",
+          service_->options_.max_import_bytes, " bytes (--max-import-bytes)"));
+    }
+    data_.append(message_.data());
+    return absl::OkStatus();
+  }
+
+  void Complete() {
+    if (messages_ == 0) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "header: expected a first message holding the header, got no message"));
+      return;
+    }
+    const bool queued = service_->pool_->Submit([this] {
+      Finish(ToGrpcStatus(service_->DoImportState(header_, std::move(data_), resp_),
+                          "ImportState"));
+    });
+    if (!queued) Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+  }
+
+  TrainerService* const service_;
+  v1::ModelInfo* const resp_;
+  v1::ImportStateRequest message_;
+  v1::ImportHeader header_;
+  std::string data_;
+  int64_t messages_ = 0;
+};
+
+grpc::ServerReadReactor<v1::ImportStateRequest>* TrainerService::ImportState(
+    grpc::CallbackServerContext*, v1::ModelInfo* resp) {
+  return new ImportReactor(this, resp);
+}
+
+// ---------------------------------------------------------------- statistics, server
+
+absl::Status TrainerService::DoGetScaleStats(const v1::GetScaleStatsRequest& req,
+                                             v1::ScaleStats* resp) {
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  if (req.include_per_group()) {
+    if (absl::Status s = CheckSize((*model)->summary().groups * 4 + kEnvelopeBytes,
+                                   "the response's per-group scales");
+        !s.ok()) {
+      return s;
+    }
+  }
+  core::ModelScaleStats stats = (*model)->ScaleStats(req.include_per_group());
+  resp->set_model_id(req.model_id());
+  resp->set_step(stats.step);
+  for (const core::LayerScaleStats& l : stats.layers) ScaleStatsToProto(l, resp->add_layers());
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* TrainerService::GetScaleStats(grpc::CallbackServerContext* ctx,
+                                                        const v1::GetScaleStatsRequest* req,
+                                                        v1::ScaleStats* resp) {
+  return Dispatch(ctx, "GetScaleStats", *req,
+                  [this, req, resp] { return DoGetScaleStats(*req, resp); });
+}
+
+namespace {
+
+grpc::ServerUnaryReactor* NoCheckpoints(grpc::CallbackServerContext* ctx,
+                                        absl::string_view method) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status(
+      grpc::StatusCode::UNIMPLEMENTED,
+      absl::StrCat(method, ": this server keeps no checkpoints on its disk; ExportState and "
+                           "ImportState save and restore a model's state as a file")));
+  return reactor;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* TrainerService::SaveCheckpoint(grpc::CallbackServerContext* ctx,
+                                                         const v1::SaveCheckpointRequest*,
+                                                         v1::CheckpointInfo*) {
+  return NoCheckpoints(ctx, "SaveCheckpoint");
+}
+
+grpc::ServerUnaryReactor* TrainerService::ListCheckpoints(grpc::CallbackServerContext* ctx,
+                                                          const v1::ListCheckpointsRequest*,
+                                                          v1::ListCheckpointsResponse*) {
+  return NoCheckpoints(ctx, "ListCheckpoints");
+}
+
+grpc::ServerUnaryReactor* TrainerService::RestoreCheckpoint(grpc::CallbackServerContext* ctx,
+                                                            const v1::RestoreCheckpointRequest*,
+                                                            v1::ModelInfo*) {
+  return NoCheckpoints(ctx, "RestoreCheckpoint");
+}
+
+grpc::ServerUnaryReactor* TrainerService::GetServerInfo(grpc::CallbackServerContext* ctx,
+                                                        const v1::GetServerInfoRequest* req,
+                                                        v1::ServerInfo* resp) {
+  return Dispatch(ctx, "GetServerInfo", *req, [this, resp] {
+    resp->set_version(TSCALE_VERSION);
+    resp->set_default_device(core::DeviceName(options_.default_device));
+    resp->add_devices("cpu");
+    for (int i = 0; i < core::CudaDeviceCount(); ++i) resp->add_devices(absl::StrCat("cuda:", i));
+    resp->set_max_message_bytes(options_.max_message_bytes);
+    resp->set_max_pending_passes(options_.model.max_pending_passes);
+    resp->set_max_pending_bytes(options_.model.max_pending_bytes);
+    resp->set_models(static_cast<int32_t>(registry_.size()));
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace tscale::service

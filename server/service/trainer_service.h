@@ -1,0 +1,107 @@
+// The TernaryTrainer service: thin handlers that convert a request, call the core on a worker
+// thread, convert the result and map the status in one place.
+#ifndef TSCALE_SERVER_SERVICE_TRAINER_SERVICE_H_
+#define TSCALE_SERVER_SERVICE_TRAINER_SERVICE_H_
+
+#include <cstdint>
+#include <string>
+
+#include <c10/core/Device.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "server/core/registry.h"
+#include "server/service/worker_pool.h"
+#include "tscale/v1/trainer.grpc.pb.h"
+
+namespace tscale::service {
+
+struct TrainerOptions {
+  c10::Device default_device = c10::Device(c10::kCPU);
+  int64_t max_message_bytes = int64_t{256} << 20;
+  int64_t max_import_bytes = int64_t{16} << 30;
+  core::ModelOptions model;  // pending-pass limits of every model
+};
+
+class TrainerService final : public v1::TernaryTrainer::CallbackService {
+ public:
+  TrainerService(TrainerOptions options, WorkerPool* pool);
+
+  grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
+                                        const v1::CreateModelRequest* req,
+                                        v1::ModelInfo* resp) override;
+  grpc::ServerUnaryReactor* GetModel(grpc::CallbackServerContext* ctx,
+                                     const v1::GetModelRequest* req, v1::ModelInfo* resp) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* ctx,
+                                       const v1::ListModelsRequest* req,
+                                       v1::ListModelsResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteModel(grpc::CallbackServerContext* ctx,
+                                        const v1::DeleteModelRequest* req,
+                                        v1::DeleteModelResponse* resp) override;
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* ctx,
+                                    const v1::ForwardRequest* req,
+                                    v1::ForwardResponse* resp) override;
+  grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx,
+                                     const v1::BackwardRequest* req,
+                                     v1::BackwardResponse* resp) override;
+  grpc::ServerUnaryReactor* UpdateCorrelation(grpc::CallbackServerContext* ctx,
+                                              const v1::UpdateCorrelationRequest* req,
+                                              v1::UpdateCorrelationResponse* resp) override;
+  grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
+                                      const v1::TrainStepRequest* req,
+                                      v1::TrainStepResponse* resp) override;
+  grpc::ServerWriteReactor<v1::StateChunk>* ExportState(
+      grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* req) override;
+  grpc::ServerReadReactor<v1::ImportStateRequest>* ImportState(grpc::CallbackServerContext* ctx,
+                                                               v1::ModelInfo* resp) override;
+  grpc::ServerUnaryReactor* GetScaleStats(grpc::CallbackServerContext* ctx,
+                                          const v1::GetScaleStatsRequest* req,
+                                          v1::ScaleStats* resp) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
+                                          const v1::GetServerInfoRequest* req,
+                                          v1::ServerInfo* resp) override;
+  // Checkpoints on the server's disk are not offered yet: UNIMPLEMENTED, pointing to
+  // ExportState / ImportState.
+  grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* ctx,
+                                           const v1::SaveCheckpointRequest* req,
+                                           v1::CheckpointInfo* resp) override;
+  grpc::ServerUnaryReactor* ListCheckpoints(grpc::CallbackServerContext* ctx,
+                                            const v1::ListCheckpointsRequest* req,
+                                            v1::ListCheckpointsResponse* resp) override;
+  grpc::ServerUnaryReactor* RestoreCheckpoint(grpc::CallbackServerContext* ctx,
+                                              const v1::RestoreCheckpointRequest* req,
+                                              v1::ModelInfo* resp) override;
+
+  const core::ModelRegistry& registry() const { return registry_; }
+
+ private:
+  class ExportReactor;
+  class ImportReactor;
+
+  // Runs `fn` on a worker and finishes the call with its status.
+  template <typename Fn>
+  grpc::ServerUnaryReactor* Dispatch(grpc::CallbackServerContext* ctx, absl::string_view method,
+                                     const google::protobuf::Message& request, Fn fn);
+
+  absl::Status CheckSize(int64_t bytes, absl::string_view what) const;
+  absl::StatusOr<c10::Device> DeviceFor(const std::string& name) const;
+  absl::StatusOr<std::shared_ptr<core::Model>> Find(const std::string& model_id) const;
+
+  absl::Status DoCreateModel(const v1::CreateModelRequest& req, v1::ModelInfo* resp);
+  absl::Status DoForward(const v1::ForwardRequest& req, v1::ForwardResponse* resp);
+  absl::Status DoBackward(const v1::BackwardRequest& req, v1::BackwardResponse* resp);
+  absl::Status DoTrainStep(const v1::TrainStepRequest& req, v1::TrainStepResponse* resp);
+  absl::StatusOr<std::string> DoExportState(const v1::ExportStateRequest& req);
+  absl::Status DoImportState(const v1::ImportHeader& header, std::string data,
+                             v1::ModelInfo* resp);
+  absl::Status DoGetScaleStats(const v1::GetScaleStatsRequest& req, v1::ScaleStats* resp);
+
+  const TrainerOptions options_;
+  WorkerPool* const pool_;
+  core::ModelRegistry registry_;
+};
+
+}  // namespace tscale::service
+
+#endif  // TSCALE_SERVER_SERVICE_TRAINER_SERVICE_H_

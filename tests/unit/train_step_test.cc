@@ -1,0 +1,291 @@
+// TrainStep, drift statistics and the model registry.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "server/core/model.h"
+#include "server/core/registry.h"
+#include "server/core/scale_stats.h"
+#include "tests/unit/test_util.h"
+
+namespace tscale {
+namespace {
+
+using core::Loss;
+using core::Model;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using testing::SameState;
+using testing::StatusIs;
+
+const c10::Device kCpu(c10::kCPU);
+
+core::ModelSpec MlpSpec() {
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc1", "ternary_linear": {"in_features": 12, "out_features": 16, "group_size": 8}},
+    {"name": "norm", "ternary_rms_norm": {"dim": 16, "group_size": 8}},
+    {"name": "act", "activation": {"kind": "RELU"}},
+    {"name": "fc2", "ternary_linear": {"in_features": 16, "out_features": 5, "bias": true}}]})");
+  EXPECT_TRUE(spec.ok()) << spec.status();
+  return *spec;
+}
+
+std::unique_ptr<Model> NewModel(uint64_t seed = 3) {
+  auto m = Model::Create(MlpSpec(), seed, kCpu);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return *std::move(m);
+}
+
+at::Tensor Randn(std::vector<int64_t> shape, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen);
+}
+
+at::Tensor Classes(int64_t batch, int64_t classes, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randint(classes, {batch}, gen, at::kLong);
+}
+
+// The loss's gradient w.r.t. y, as a client would compute it for Backward.
+at::Tensor LossGrad(const at::Tensor& y, const at::Tensor& target, Loss loss) {
+  c10::AutoGradMode grad_mode(true);
+  at::Tensor leaf = y.detach().requires_grad_(true);
+  at::Tensor value = loss == Loss::kMse ? at::mse_loss(leaf, target)
+                                        : at::cross_entropy_loss(leaf, target);
+  return torch::autograd::grad({value}, {leaf})[0];
+}
+
+class TrainStepLossTest : public ::testing::TestWithParam<Loss> {};
+
+// TrainStep is Forward + Backward of the loss's gradient + UpdateCorrelation, exactly.
+TEST_P(TrainStepLossTest, EqualsTheThreeCalls) {
+  const Loss loss = GetParam();
+  auto fused = NewModel();
+  auto steps = NewModel();
+  for (int s = 0; s < 4; ++s) {
+    const at::Tensor x = Randn({6, 12}, 100 + s);
+    const at::Tensor t = loss == Loss::kMse ? Randn({6, 5}, 200 + s) : Classes(6, 5, 200 + s);
+    auto r = fused->TrainStep(x, t, loss, s);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_FALSE(r->update.replayed);
+    EXPECT_EQ(r->update.step, s + 1);
+
+    auto f = steps->Forward(x, true);
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_TRUE(at::equal(r->output, f->output));
+    const at::Tensor expected_loss =
+        loss == Loss::kMse ? at::mse_loss(f->output, t) : at::cross_entropy_loss(f->output, t);
+    EXPECT_EQ(r->loss, expected_loss.item<double>());
+    ASSERT_TRUE(steps->Backward(f->pass_id, LossGrad(f->output, t, loss), false).ok());
+    auto u = steps->UpdateCorrelation(s);
+    ASSERT_TRUE(u.ok()) << u.status();
+    ASSERT_EQ(u->layers.size(), r->update.layers.size());
+    for (size_t i = 0; i < u->layers.size(); ++i) {
+      EXPECT_EQ(u->layers[i].layer, r->update.layers[i].layer);
+      EXPECT_EQ(u->layers[i].score_sum, r->update.layers[i].score_sum);
+      EXPECT_EQ(u->layers[i].mean_abs_drift, r->update.layers[i].mean_abs_drift);
+    }
+  }
+  EXPECT_TRUE(SameState(fused->ExportState().tensors, steps->ExportState().tensors));
+}
+
+INSTANTIATE_TEST_SUITE_P(Losses, TrainStepLossTest,
+                         ::testing::Values(Loss::kMse, Loss::kCrossEntropy));
+
+TEST(TrainStepTest, RetryIsReplayedAndChangesNothing) {
+  auto m = NewModel();
+  const at::Tensor x = Randn({4, 12}, 1), t = Classes(4, 5, 2);
+  auto first = m->TrainStep(x, t, Loss::kCrossEntropy, 0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const auto state = m->ExportState();
+  auto again = m->TrainStep(x, t, Loss::kCrossEntropy, 0);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->update.replayed);
+  EXPECT_EQ(again->loss, first->loss);
+  EXPECT_EQ(again->update.step, 1);
+  EXPECT_FALSE(again->output.defined());
+  EXPECT_EQ(m->step(), 1);
+  EXPECT_TRUE(SameState(m->ExportState().tensors, state.tensors));
+  // Older steps are not replayed.
+  ASSERT_TRUE(m->TrainStep(x, t, Loss::kCrossEntropy, 1).ok());
+  EXPECT_THAT(m->TrainStep(x, t, Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("expected_step: expected 2 (the model's step), got 0")));
+}
+
+TEST(TrainStepTest, AnUpdateCorrelationIsNotReplayedAsATrainStep) {
+  auto m = NewModel();
+  auto f = m->Forward(Randn({2, 12}, 1), true);
+  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE(m->Backward(f->pass_id, at::ones({2, 5}), false).ok());
+  ASSERT_TRUE(m->UpdateCorrelation(0).ok());
+  EXPECT_THAT(m->TrainStep(Randn({2, 12}, 1), Classes(2, 5, 1), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected_step")));
+}
+
+TEST(TrainStepTest, IncludesTheGradientsOfEarlierBackwardsOfTheStep) {
+  const at::Tensor x1 = Randn({3, 12}, 5), g1 = Randn({3, 5}, 6);
+  const at::Tensor x2 = Randn({3, 12}, 7), t2 = Randn({3, 5}, 8);
+  auto a = NewModel();
+  auto fa = a->Forward(x1, true);
+  ASSERT_TRUE(a->Backward(fa->pass_id, g1, false).ok());
+  ASSERT_TRUE(a->TrainStep(x2, t2, Loss::kMse, 0).ok());
+
+  auto b = NewModel();
+  auto fb1 = b->Forward(x1, true);
+  ASSERT_TRUE(b->Backward(fb1->pass_id, g1, false).ok());
+  auto fb2 = b->Forward(x2, true);
+  ASSERT_TRUE(b->Backward(fb2->pass_id, LossGrad(fb2->output, t2, Loss::kMse), false).ok());
+  ASSERT_TRUE(b->UpdateCorrelation(0).ok());
+  EXPECT_TRUE(SameState(a->ExportState().tensors, b->ExportState().tensors));
+}
+
+TEST(TrainStepTest, BadRequestsChangeNothing) {
+  auto m = NewModel();
+  const auto before = m->ExportState();
+  const at::Tensor x = Randn({4, 12}, 1);
+  EXPECT_THAT(m->TrainStep(x, Randn({4, 4}, 1), Loss::kMse, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("target: expected FP32 [4, 5] for MSE, got FP32 [4, 4]")));
+  EXPECT_THAT(m->TrainStep(x, Randn({4}, 1), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("target: expected INT64 [4] class indices for CROSS_ENTROPY, "
+                                 "got FP32 [4]")));
+  EXPECT_THAT(m->TrainStep(x, at::tensor({0, 1, 5, 2}, at::kLong), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("target: expected class indices in [0, 5), got 5")));
+  EXPECT_THAT(m->TrainStep(x, at::tensor({0, -1, 1, 2}, at::kLong), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got -1")));
+  at::Tensor nan_x = x.clone();
+  nan_x[1][3] = NAN;
+  EXPECT_THAT(m->TrainStep(nan_x, Classes(4, 5, 1), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("input: expected finite")));
+  at::Tensor inf_t = Randn({4, 5}, 1);
+  inf_t[0][0] = INFINITY;
+  EXPECT_THAT(m->TrainStep(x, inf_t, Loss::kMse, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("target: expected finite")));
+  EXPECT_THAT(m->TrainStep(Randn({4, 11}, 1), Classes(4, 5, 1), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("input: expected FP32")));
+  EXPECT_THAT(m->TrainStep(x, Classes(4, 5, 1), Loss::kCrossEntropy, 3),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected_step")));
+  EXPECT_EQ(m->step(), 0);
+  EXPECT_TRUE(SameState(m->ExportState().tensors, before.tensors));
+}
+
+// ---------------------------------------------------------------- drift statistics
+
+TEST(ScaleStatsTest, ExactForAKnownState) {
+  // One linear layer of 2 rows x 64 columns, group size 32: four groups.
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc", "ternary_linear": {"in_features": 64, "out_features": 2}}]})");
+  ASSERT_TRUE(spec.ok());
+  auto fresh = Model::Create(*spec, 1, kCpu);
+  ASSERT_TRUE(fresh.ok());
+  core::StateDict state = (*fresh)->ExportState().tensors;
+  // At step 4, groups of 32: ratio = corr / 128 -> -1, 0, 0.15625, 0.9921875; drift = 4 ratio.
+  state["fc.corr_accum"] = at::tensor({-128, 0, 20, 127}, at::kLong);
+  state["fc.step_counter"] = at::tensor({4}, at::kLong);
+  auto m = Model::Import(*spec, state, std::nullopt, kCpu);
+  ASSERT_TRUE(m.ok()) << m.status();
+
+  core::ModelScaleStats stats = (*m)->ScaleStats(/*per_group=*/true);
+  EXPECT_EQ(stats.step, 4);
+  ASSERT_EQ(stats.layers.size(), 1u);
+  const core::LayerScaleStats& l = stats.layers[0];
+  EXPECT_EQ(l.layer, "fc");
+  EXPECT_EQ(l.groups, 4);
+  EXPECT_DOUBLE_EQ(l.drift_min, -4.0);
+  EXPECT_DOUBLE_EQ(l.drift_max, 3.96875);
+  EXPECT_DOUBLE_EQ(l.drift_mean, (-4.0 + 0 + 0.625 + 3.96875) / 4);
+  EXPECT_DOUBLE_EQ(l.drift_abs_mean, (4.0 + 0 + 0.625 + 3.96875) / 4);
+  EXPECT_DOUBLE_EQ(l.saturated_fraction, 0.5);  // -1 and 0.9921875 are >= 0.99 in magnitude
+  // Bounds: -3.96 -3 -2 -1 -0.5 -0.25 -0.125 0 0.125 0.25 0.5 1 2 3 3.96 (+Inf).
+  EXPECT_THAT(l.bucket_count, ElementsAre(1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1));
+  ASSERT_TRUE(l.log2_scale.defined());
+  const at::Tensor e = state["fc.E"].to(at::kFloat);
+  const at::Tensor expected = e + at::tensor({-4.0f, 0.0f, 0.625f, 3.96875f});
+  EXPECT_TRUE(at::equal(l.log2_scale, expected)) << l.log2_scale << expected;
+}
+
+TEST(ScaleStatsTest, FreshModelHasNoDrift) {
+  auto m = NewModel();
+  core::ModelScaleStats stats = m->ScaleStats(false);
+  ASSERT_EQ(stats.layers.size(), 3u);  // fc1, norm, fc2 in spec order
+  EXPECT_EQ(stats.layers[0].layer, "fc1");
+  EXPECT_EQ(stats.layers[1].layer, "norm");
+  EXPECT_EQ(stats.layers[2].layer, "fc2");
+  for (const auto& l : stats.layers) {
+    EXPECT_EQ(l.drift_abs_mean, 0);
+    EXPECT_EQ(l.saturated_fraction, 0);
+    EXPECT_FALSE(l.log2_scale.defined());
+    // Drift 0 lands in the bucket whose upper bound is 0.
+    EXPECT_EQ(l.bucket_count[7], l.groups);
+  }
+}
+
+TEST(ScaleStatsTest, MatchesTheUpdatesDrift) {
+  auto m = NewModel();
+  auto r = m->TrainStep(Randn({8, 12}, 1), Classes(8, 5, 1), Loss::kCrossEntropy, 0);
+  ASSERT_TRUE(r.ok());
+  core::ModelScaleStats stats = m->ScaleStats(false);
+  EXPECT_DOUBLE_EQ(stats.layers[0].drift_abs_mean, r->update.layers[0].mean_abs_drift);
+  EXPECT_DOUBLE_EQ(stats.layers[2].drift_abs_mean, r->update.layers[1].mean_abs_drift);
+}
+
+// ---------------------------------------------------------------- registry
+
+TEST(RegistryTest, ModelIds) {
+  EXPECT_TRUE(core::ValidateModelId("model-1.v2_a").ok());
+  EXPECT_TRUE(core::ValidateModelId(std::string(64, 'a')).ok());
+  EXPECT_THAT(core::ValidateModelId(""),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("model_id: expected 1-64 characters of [A-Za-z0-9_.-], got ''")));
+  EXPECT_THAT(core::ValidateModelId(std::string(65, 'a')),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("65 characters")));
+  EXPECT_THAT(core::ValidateModelId("a/b", "header.model_id"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("header.model_id")));
+}
+
+TEST(RegistryTest, AddGetReplaceRemove) {
+  core::ModelRegistry r;
+  std::shared_ptr<Model> a = NewModel(1), b = NewModel(2);
+  EXPECT_THAT(r.Get("a"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("no model 'a'")));
+  ASSERT_TRUE(r.Add("a", a).ok());
+  EXPECT_THAT(r.Add("a", b), StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("'a'")));
+  EXPECT_THAT(r.CheckFree("a"), StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("'a'")));
+  EXPECT_EQ(*r.Get("a"), a);
+  ASSERT_TRUE(r.Add("a", b, /*replace=*/true).ok());
+  EXPECT_EQ(*r.Get("a"), b);
+  ASSERT_TRUE(r.Add("0", a).ok());
+  auto list = r.List();
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].first, "0");
+  EXPECT_EQ(list[1].first, "a");
+  list.clear();
+  ASSERT_TRUE(r.Remove("a").ok());
+  EXPECT_THAT(r.Remove("a"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("'a'")));
+  EXPECT_EQ(r.size(), 1u);
+  // A request holding the model keeps it alive after removal; the registry's reference is gone.
+  std::weak_ptr<Model> weak = b;
+  b.reset();
+  EXPECT_TRUE(weak.expired());
+}
+
+TEST(ComputeTest, OnlyFp32IsOffered) {
+  core::ModelOptions options;
+  options.compute = core::ComputeType::kBf16;
+  EXPECT_THAT(Model::Create(MlpSpec(), 1, kCpu, options),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       HasSubstr("compute: expected COMPUTE_FP32 (the only compute type this "
+                                 "server offers), got COMPUTE_BF16")));
+  options.compute = core::ComputeType::kTf32;
+  EXPECT_THAT(Model::Import(MlpSpec(), NewModel()->ExportState().tensors, std::nullopt, kCpu,
+                            options),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("COMPUTE_TF32")));
+}
+
+}  // namespace
+}  // namespace tscale
