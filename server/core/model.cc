@@ -8,6 +8,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -79,6 +80,16 @@ absl::Status CheckCompute(ComputeType compute) {
   return absl::UnimplementedError(absl::StrCat("compute: expected COMPUTE_FP32 (the only compute ",
                                                "type this server offers), got ",
                                                ComputeName(compute)));
+}
+
+// Tells a retried TrainStep from another request: the bytes of its tensors and its loss.
+size_t Fingerprint(const at::Tensor& input, const at::Tensor& target, Loss loss) {
+  const at::Tensor x = input.to(at::kCPU).contiguous();
+  const at::Tensor t = target.to(at::kCPU).contiguous();
+  return absl::HashOf(
+      absl::string_view(static_cast<const char*>(x.data_ptr()), x.nbytes()), x.sizes().vec(),
+      absl::string_view(static_cast<const char*>(t.data_ptr()), t.nbytes()), t.sizes().vec(),
+      static_cast<int>(loss));
 }
 
 uint64_t RandomNonce() {
@@ -354,7 +365,7 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step) {
         "update: no Backward since step ", step_, " began; nothing to apply"));
   }
   auto result = ApplyUpdate({});
-  if (result.ok()) last_train_loss_.reset();
+  if (result.ok()) last_train_.reset();
   return result;
 }
 
@@ -426,9 +437,10 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
   }
   absl::MutexLock lock(&mu_);
   if (expected_step != step_) {
-    if (last_update_.has_value() && last_train_loss_.has_value() && expected_step == step_ - 1) {
+    if (last_update_.has_value() && last_train_.has_value() && expected_step == step_ - 1 &&
+        last_train_->fingerprint == Fingerprint(input, target, loss)) {
       TrainStepResult replay;
-      replay.loss = *last_train_loss_;
+      replay.loss = last_train_->loss;
       replay.update = *last_update_;
       replay.update.replayed = true;
       return replay;
@@ -478,7 +490,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     auto update = ApplyUpdate(grads);
     if (!update.ok()) return update.status();
     result.update = *std::move(update);
-    last_train_loss_ = result.loss;
+    last_train_ = LastTrainStep{result.loss, Fingerprint(input, target, loss)};
     return result;
   } catch (const c10::Error& e) {
     return TorchError(e, "train step");

@@ -115,8 +115,9 @@ class Model {
   absl::StatusOr<UpdateResult> UpdateCorrelation(int64_t expected_step);
   // Forward, loss, backward and update in one call, holding the model throughout. The update
   // takes the sign of this step's weight gradients summed with those of any Backward already run
-  // at this step. Exactly once like UpdateCorrelation: a retry of the TrainStep just applied
-  // returns its result again (replayed, without output).
+  // at this step. Exactly once like UpdateCorrelation: a retry of the TrainStep just applied (same
+  // expected_step, input, target and loss) returns its result again (replayed, without output);
+  // another request with that stale expected_step is FailedPrecondition.
   absl::StatusOr<TrainStepResult> TrainStep(const at::Tensor& input, const at::Tensor& target,
                                             Loss loss, int64_t expected_step);
 
@@ -183,8 +184,13 @@ class Model {
   int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<std::string, Pass> passes_ ABSL_GUARDED_BY(mu_);
   std::optional<UpdateResult> last_update_ ABSL_GUARDED_BY(mu_);
-  // The loss of the last update when a TrainStep made it, for its replay.
-  std::optional<double> last_train_loss_ ABSL_GUARDED_BY(mu_);
+  // When a TrainStep made the last update: its loss, and a fingerprint of its request (input,
+  // target, loss), so that only a retry of that same request is replayed.
+  struct LastTrainStep {
+    double loss = 0;
+    size_t fingerprint = 0;
+  };
+  std::optional<LastTrainStep> last_train_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tscale::core

@@ -116,6 +116,21 @@ TEST(TrainStepTest, RetryIsReplayedAndChangesNothing) {
                        HasSubstr("expected_step: expected 2 (the model's step), got 0")));
 }
 
+TEST(TrainStepTest, OnlyTheSameRequestIsReplayed) {
+  auto m = NewModel();
+  const at::Tensor x = Randn({4, 12}, 1), t = Classes(4, 5, 2);
+  ASSERT_TRUE(m->TrainStep(x, t, Loss::kCrossEntropy, 0).ok());
+  // Another client's step with the same, now stale, expected_step: refused, not replayed.
+  EXPECT_THAT(m->TrainStep(Randn({4, 12}, 9), t, Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("expected_step: expected 1 (the model's step), got 0")));
+  EXPECT_THAT(m->TrainStep(x, Classes(4, 5, 3), Loss::kCrossEntropy, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected_step")));
+  EXPECT_THAT(m->TrainStep(x, at::one_hot(t, 5).to(at::kFloat), Loss::kMse, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected_step")));
+  EXPECT_EQ(m->step(), 1);
+}
+
 TEST(TrainStepTest, AnUpdateCorrelationIsNotReplayedAsATrainStep) {
   auto m = NewModel();
   auto f = m->Forward(Randn({2, 12}, 1), true);
