@@ -2,9 +2,11 @@
 // --device, ...), given as `--flag value` or `--flag=value`.
 //
 // SIGTERM or SIGINT: the server stops accepting calls, finishes those in flight and exits 0.
-#include <pthread.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstdint>
 #include <functional>
 #include <iostream>
@@ -17,6 +19,15 @@
 #include "server/service/server.h"
 
 namespace {
+
+int g_signal_pipe[2] = {-1, -1};
+
+extern "C" void OnSignal(int signal) {
+  const unsigned char byte = static_cast<unsigned char>(signal);
+  const int saved = errno;
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &byte, 1);
+  errno = saved;
+}
 
 struct Flag {
   std::string name;
@@ -120,12 +131,19 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  // One thread takes the signals with sigwait, so they are blocked before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A handler, not a signal mask: threads that libraries start before main (a BLAS pool) would
+  // not block the signals, and one of them taking SIGTERM would kill the process. The handler
+  // only writes the signal's number to a pipe, which this thread waits on.
+  if (pipe(g_signal_pipe) != 0) {
+    std::perror("tscale-server: pipe");
+    return 1;
+  }
+  struct sigaction action = {};
+  action.sa_handler = OnSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
 
   auto server = tscale::service::Server::Start(options);
   if (!server.ok()) {
@@ -135,8 +153,13 @@ int main(int argc, char** argv) {
   // Scripts and tests read this line to learn the port.
   std::cout << "tscale-server: listening on " << (*server)->address() << std::endl;
 
-  int signal = 0;
-  sigwait(&signals, &signal);
+  unsigned char signal = 0;
+  while (read(g_signal_pipe[0], &signal, 1) != 1) {
+    if (errno != EINTR) {
+      std::perror("tscale-server: waiting for a signal");
+      return 1;
+    }
+  }
   std::cerr << "tscale-server: " << (signal == SIGTERM ? "SIGTERM" : "SIGINT")
             << ": finishing the calls in flight, then exiting" << std::endl;
   (*server)->Shutdown(std::chrono::seconds(grace_seconds));

@@ -95,6 +95,25 @@ absl::StatusOr<TernaryState> TernaryState::Import(const StateDict& state, const 
     return absl::InvalidArgumentError(
         absl::StrCat(name, ".step_counter: expected a value >= 0, got ", step_counter));
   }
+  // States the update rule cannot reach are refused: each step moves a group's corr_accum by at
+  // most group_size, and E is set at initialisation within [kMinE, kMaxE] and never changes.
+  const int64_t bound = step_counter > std::numeric_limits<int64_t>::max() / group_size
+                            ? std::numeric_limits<int64_t>::max()
+                            : step_counter * group_size;
+  const int64_t worst = corr->numel() > 0 ? corr->abs().argmax().item<int64_t>() : 0;
+  if (corr->numel() > 0 && std::abs(corr->data_ptr<int64_t>()[worst]) > bound) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ".corr_accum: expected values within ±step_counter * group_size = ±", bound,
+        ", got ", corr->data_ptr<int64_t>()[worst], " at group ", worst));
+  }
+  if (e->numel() > 0) {
+    const int64_t lo = e->min().item<int64_t>(), hi = e->max().item<int64_t>();
+    if (lo < kMinE || hi > kMaxE) {
+      return absl::InvalidArgumentError(absl::StrCat(name, ".E: expected values within [", kMinE,
+                                                     ", ", kMaxE, "], got ",
+                                                     lo < kMinE ? lo : hi));
+    }
+  }
 
   s.packed_ = packed->clone();
   s.trits_ = trits->view({rows, cols}).to(device);
@@ -162,7 +181,7 @@ absl::StatusOr<TernaryLinear> TernaryLinear::Init(const TernaryLinearSpec& spec,
   // Python's round() rounds half to even, as nearbyint does in the default rounding mode.
   const double target = 0.5 * std::pow(static_cast<double>(in), -0.5);
   const double e_real = std::nearbyint(std::log2(std::max(target, std::ldexp(1.0, -8))));
-  const int8_t e_init = static_cast<int8_t>(std::clamp(e_real, -8.0, 0.0));
+  const int8_t e_init = static_cast<int8_t>(std::clamp<double>(e_real, kMinE, kMaxE));
 
   at::Tensor w = at::randn({out, in}, gen) * init_std;
   auto state = TernaryState::FromWeights(w, threshold, spec.group_size, e_init, device);

@@ -20,6 +20,10 @@ namespace tscale::core {
 // name, e.g. "fc1.corr_accum".
 using StateDict = std::map<std::string, at::Tensor>;
 
+// E, the integer part of log2 S, as initialisation sets it (linear: [-8, 0]; RMSNorm: -4).
+inline constexpr int kMinE = -8;
+inline constexpr int kMaxE = 0;
+
 // The state both ternary layers share: T (rows x cols trits), E and corr_accum per group,
 // step_counter. Groups cover `group_size` consecutive columns of a row.
 class TernaryState {
@@ -29,7 +33,9 @@ class TernaryState {
                                                   int64_t group_size, int8_t e_init,
                                                   at::Device device);
   // Reads and validates `<name>.T_packed`, `_T_shape`, `_T_pad`, `E`, `corr_accum`,
-  // `step_counter` (dtypes, shapes, trit bytes). InvalidArgument names the key.
+  // `step_counter` (dtypes, shapes, trit bytes, and values the update rule can reach:
+  // |corr_accum| <= step_counter * group_size, E within [kMinE, kMaxE]). InvalidArgument names
+  // the key.
   static absl::StatusOr<TernaryState> Import(const StateDict& state, const std::string& name,
                                              int64_t rows, int64_t cols, int64_t group_size,
                                              at::Device device);

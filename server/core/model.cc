@@ -323,7 +323,8 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
     std::vector<at::Tensor> inputs = pass.weights;
     if (want_grad_input) inputs.push_back(pass.input);
     std::vector<at::Tensor> grads;
-    {
+    // A model without linear layers has no weight gradient to take; autograd needs an input.
+    if (!inputs.empty()) {
       c10::AutoGradMode grad_mode(true);
       grads = torch::autograd::grad({pass.output}, inputs, {g}, /*retain_graph=*/false,
                                     /*create_graph=*/false, /*allow_unused=*/true);

@@ -263,7 +263,8 @@ absl::StatusOr<std::string> TrainerService::DoExportState(const v1::ExportStateR
 // Encodes the state on a worker, then writes it in chunks, one at a time.
 class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::StateChunk> {
  public:
-  ExportReactor(TrainerService* service, const v1::ExportStateRequest& req) {
+  ExportReactor(TrainerService* service, const v1::ExportStateRequest& req)
+      : chunk_bytes_(std::min(kChunkBytes, service->options_.max_message_bytes - 64)) {
     const bool queued = service->pool_->Submit([this, service, req] {
       auto bytes = service->DoExportState(req);
       if (!bytes.ok()) {
@@ -291,12 +292,14 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
       Finish(grpc::Status::OK);
       return;
     }
-    const size_t n = std::min<size_t>(kChunkBytes, bytes_.size() - offset_);
+    const size_t n = std::min<size_t>(chunk_bytes_, bytes_.size() - offset_);
     chunk_.set_data(bytes_.data() + offset_, n);
     offset_ += n;
     StartWrite(&chunk_);
   }
 
+  // Within the message limit, with room for the message's own few bytes.
+  const int64_t chunk_bytes_;
   std::string bytes_;
   size_t offset_ = 0;
   v1::StateChunk chunk_;
@@ -364,8 +367,12 @@ class TrainerService::ImportReactor final
  private:
   absl::Status Take() {
     const int64_t index = messages_++;
-    if (absl::Status s = service_->CheckSize(static_cast<int64_t>(message_.ByteSizeLong()),
-                                             absl::StrCat("ImportStateRequest[", index, "]"));
+    // A data message is judged by its payload, so that chunks of exactly the limit pass.
+    const int64_t size = message_.part_case() == v1::ImportStateRequest::kData
+                             ? static_cast<int64_t>(message_.data().size())
+                             : static_cast<int64_t>(message_.ByteSizeLong());
+    if (absl::Status s =
+            service_->CheckSize(size, absl::StrCat("ImportStateRequest[", index, "]"));
         !s.ok()) {
       return s;
     }
@@ -400,6 +407,11 @@ class TrainerService::ImportReactor final
     if (messages_ == 0) {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           "header: expected a first message holding the header, got no message"));
+      return;
+    }
+    if (data_.empty()) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "data: expected a state file after the header, got no data"));
       return;
     }
     const bool queued = service_->pool_->Submit([this] {

@@ -432,6 +432,48 @@ TEST_F(ServiceTest, TrainingErrors) {
   EXPECT_THAT(Update("m", 5, &u), GrpcIs(grpc::StatusCode::FAILED_PRECONDITION, HasSubstr("got 5")));
 }
 
+// Only RMSNorm and activations: no weight gradient to take, the input gradient still flows.
+TEST_F(ServiceTest, ModelWithoutLinearLayers) {
+  v1::ModelSpec spec;
+  auto* norm = spec.add_layers();
+  norm->set_name("norm");
+  norm->mutable_ternary_rms_norm()->set_dim(8);
+  auto* act = spec.add_layers();
+  act->set_name("act");
+  act->mutable_activation()->set_kind(v1::Activation::SILU);
+  ASSERT_TRUE(Create("n", spec).ok());
+  for (bool want_gi : {false, true}) {
+    v1::ForwardResponse f;
+    ASSERT_TRUE(Forward("n", Floats({2, 8}), true, &f).ok());
+    v1::BackwardResponse b;
+    ASSERT_TRUE(Backward("n", f.pass_id(), Floats({2, 8}), want_gi, &b).ok());
+    EXPECT_EQ(b.has_grad_input(), want_gi);
+  }
+  v1::UpdateCorrelationResponse u;
+  ASSERT_TRUE(Update("n", 0, &u).ok());
+  EXPECT_EQ(u.step(), 1);
+  EXPECT_EQ(u.layers_size(), 0);
+}
+
+TEST_F(ServiceTest, ImportChunksOfExactlyTheMessageLimit) {
+  service::ServerOptions options;
+  options.max_message_bytes = 2048;
+  Start(options);
+  ASSERT_TRUE(Create("m", Spec(12, 64, 5), 3).ok());
+  std::string bytes;
+  ASSERT_TRUE(Export("m", &bytes).ok());
+  ASSERT_GT(bytes.size(), 2 * 2048u);
+  v1::ImportHeader header;
+  header.set_model_id("copy");
+  v1::ModelInfo info;
+  ASSERT_TRUE(Import(header, bytes, &info, 2048).ok());
+  header.set_model_id("copy2");
+  EXPECT_THAT(Import(header, bytes, &info, 2049),
+              GrpcIs(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                     AllOf(HasSubstr("ImportStateRequest[1]: 2049 bytes"),
+                           HasSubstr("--max-message-bytes"))));
+}
+
 TEST_F(ServiceTest, PendingPassLimit) {
   service::ServerOptions options;
   options.max_pending_passes = 2;
@@ -601,7 +643,9 @@ TEST_F(ServiceTest, ImportErrors) {
   EXPECT_THAT(Import(header, flipped, &info), GrpcIs(grpc::StatusCode::DATA_LOSS, HasSubstr("crc32c")));
   EXPECT_THAT(Import(header, bytes.substr(0, bytes.size() / 2), &info),
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, ::testing::_));
-  EXPECT_THAT(Import(header, "", &info), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, ::testing::_));
+  EXPECT_THAT(Import(header, "", &info),
+              GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
+                     HasSubstr("data: expected a state file after the header, got no data")));
   // Messages out of order.
   std::vector<v1::ImportStateRequest> data_first(1);
   data_first[0].set_data(bytes);

@@ -342,6 +342,23 @@ TEST(ModelTest, ImportValidatesEveryTensor) {
   EXPECT_THAT(import_with([](auto& s) { s["fc1.bias"] = at::zeros({16}, at::kInt); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("fc1.bias: expected no bias (the spec's bias is false)")));
+  // Values the update rule cannot reach: after 1 step, |corr_accum| <= 1 * group_size (8).
+  EXPECT_THAT(import_with([](auto& s) { s["fc1.corr_accum"][5] = 9; }),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("fc1.corr_accum: expected values within ±step_counter * "
+                                 "group_size = ±8, got 9 at group 5")));
+  EXPECT_THAT(import_with([](auto& s) { s["fc1.corr_accum"][0] = -9; }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got -9 at group 0")));
+  EXPECT_TRUE(import_with([](auto& s) { s["fc1.corr_accum"][5] = -8; }).ok());
+  EXPECT_THAT(import_with([](auto& s) { s["norm.corr_accum"][1] = 1; }),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("norm.corr_accum: expected values within ±step_counter * "
+                                 "group_size = ±0, got 1 at group 1")));
+  EXPECT_THAT(import_with([](auto& s) { s["fc2.E"][2] = 1; }),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("fc2.E: expected values within [-8, 0], got 1")));
+  EXPECT_THAT(import_with([](auto& s) { s["fc2.E"][0] = -100; }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("got -100")));
   EXPECT_THAT(import_with([](auto& s) { s["fc2.step_counter"].fill_(4); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("fc2.step_counter: expected 1 (fc1.step_counter), got 4")));
