@@ -1,0 +1,250 @@
+// tscale: the command line client. Parses the global options and the command's arguments by
+// hand (options may come before or after the command; `--name value` or `--name=value`), then
+// runs the command.
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "client/cpp/cli/cli.h"
+
+namespace tscale::cli {
+namespace {
+
+constexpr char kDefaultServer[] = "127.0.0.1:50051";
+
+const std::vector<OptionSpec>& GlobalOptions() {
+  static const std::vector<OptionSpec> options = {
+      {"--server", "HOST:PORT",
+       absl::StrCat("the server (default: $TSCALE_SERVER, else ", kDefaultServer, ")")},
+      {"--timeout", "SECONDS", "deadline of each call, retries included (default 60)"},
+      {"--auth-token-file", "FILE", "send the token in FILE as `authorization: Bearer <token>`"},
+      {"--tls", "", "use TLS, trusting the system's root certificates"},
+      {"--tls-ca", "FILE", "use TLS, trusting the root certificates in FILE (PEM)"},
+      {"--tls-cert", "FILE", "client certificate chain for mutual TLS (PEM; with --tls-key)"},
+      {"--tls-key", "FILE", "the client certificate's private key (PEM)"},
+  };
+  return options;
+}
+
+const OptionSpec* FindOption(const std::vector<OptionSpec>& options, absl::string_view name) {
+  for (const OptionSpec& o : options) {
+    if (o.name == name) return &o;
+  }
+  return nullptr;
+}
+
+void PrintOptions(std::ostream& out, const std::vector<OptionSpec>& options) {
+  size_t width = 0;
+  std::vector<std::string> heads;
+  for (const OptionSpec& o : options) {
+    heads.push_back(o.value.empty() ? o.name : absl::StrCat(o.name, " ", o.value));
+    width = std::max(width, heads.back().size());
+  }
+  for (size_t i = 0; i < options.size(); ++i) {
+    out << "  " << heads[i] << std::string(width - heads[i].size() + 2, ' ') << options[i].help
+        << "\n";
+  }
+}
+
+void PrintMainUsage(std::ostream& out) {
+  out << "usage: tscale [--server HOST:PORT] [--timeout SECONDS] <command> [arguments]\n\n"
+         "A command line client of the tscale training service.\n\ncommands:\n";
+  size_t width = 0;
+  for (const Command& c : Commands()) width = std::max(width, c.name.size());
+  for (const Command& c : Commands()) {
+    out << "  " << c.name << std::string(width - c.name.size() + 2, ' ') << c.summary << "\n";
+  }
+  out << "\nglobal options (before or after the command):\n";
+  std::vector<OptionSpec> options = GlobalOptions();
+  options.push_back({"--help, -h", "", "print this help, or with a command its own"});
+  PrintOptions(out, options);
+  out << "\nRun 'tscale <command> --help' for a command's arguments and options.\n"
+         "Exit status: 0 success, 1 a failed call (the error is printed as\n"
+         "'tscale: <command>: <CODE>: <message>'), 2 a usage error.\n";
+}
+
+void PrintCommandUsage(std::ostream& out, const Command& c) {
+  out << "usage: tscale [global options] " << c.name
+      << (c.synopsis.empty() ? "" : " ") << c.synopsis << "\n\n"
+      << c.summary << "\n";
+  if (!c.details.empty()) out << "\n" << c.details;
+  if (!c.options.empty()) {
+    out << "\noptions:\n";
+    PrintOptions(out, c.options);
+  }
+  out << "\nglobal options: --server, --timeout, --auth-token-file, --tls... (see 'tscale "
+         "--help')\n";
+}
+
+int UsageError(absl::string_view where, absl::string_view message) {
+  std::cerr << "tscale: " << where << (where.empty() ? "" : ": ") << message << "\n";
+  return kExitUsage;
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& option, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(option, ": cannot open ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return absl::DataLossError(absl::StrCat(option, ": reading ", path, " failed"));
+  return ss.str();
+}
+
+int Main(int argc, char** argv) {
+  std::vector<std::string> argList(argv + 1, argv + argc);
+  const Command* command = nullptr;
+  Args args;
+  std::map<std::string, std::string> globals;
+  bool help = false;
+  bool only_positional = false;
+
+  for (size_t i = 0; i < argList.size(); ++i) {
+    const std::string& arg = argList[i];
+    const std::string where = command ? command->name : "";
+    if (only_positional || arg == "-" || !absl::StartsWith(arg, "-")) {
+      if (command == nullptr && !only_positional) {
+        if (arg == "help") {  // `tscale help [command]`
+          help = true;
+          continue;
+        }
+        for (const Command& c : Commands()) {
+          if (c.name == arg) command = &c;
+        }
+        if (command == nullptr) {
+          return UsageError("", absl::StrCat("unknown command '", arg,
+                                             "' (see 'tscale --help' for the commands)"));
+        }
+        continue;
+      }
+      if (command == nullptr) {
+        return UsageError("", "expected a command (see 'tscale --help')");
+      }
+      args.positional.push_back(arg);
+      continue;
+    }
+    if (arg == "--") {
+      only_positional = true;
+      continue;
+    }
+    if (arg == "--help" || arg == "-h") {
+      help = true;
+      continue;
+    }
+    std::string name = arg;
+    std::optional<std::string> value;
+    if (const size_t eq = arg.find('='); eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+    }
+    const OptionSpec* spec = command ? FindOption(command->options, name) : nullptr;
+    const bool global = spec == nullptr && (spec = FindOption(GlobalOptions(), name)) != nullptr;
+    if (spec == nullptr) {
+      return UsageError(where, absl::StrCat("unknown option ", name, " (see 'tscale ",
+                                            command ? command->name + " " : "", "--help')"));
+    }
+    if (spec->value.empty() && value.has_value()) {
+      return UsageError(where, absl::StrCat("option ", name, " takes no value"));
+    }
+    if (!spec->value.empty() && !value.has_value()) {
+      if (i + 1 >= argList.size()) {
+        return UsageError(where, absl::StrCat("option ", name, " needs a value (", spec->value,
+                                              ")"));
+      }
+      value = argList[++i];
+    }
+    (global ? globals : args.options)[name] = value.value_or("");
+  }
+
+  if (help) {
+    if (command) {
+      PrintCommandUsage(std::cout, *command);
+    } else {
+      PrintMainUsage(std::cout);
+    }
+    return kExitOk;
+  }
+  if (command == nullptr) {
+    PrintMainUsage(std::cerr);
+    return kExitUsage;
+  }
+  const int n = static_cast<int>(args.positional.size());
+  if (n < command->min_positional || n > command->max_positional) {
+    std::string expected = command->synopsis.empty() ? "no arguments" : command->synopsis;
+    return UsageError(command->name,
+                      absl::StrCat(n < command->min_positional ? "missing arguments"
+                                                               : "too many arguments",
+                                   ": expected ", expected, " (see 'tscale ", command->name,
+                                   " --help')"));
+  }
+
+  client::ClientOptions options;
+  if (auto it = globals.find("--timeout"); it != globals.end()) {
+    double seconds = 0;
+    if (!absl::SimpleAtod(it->second, &seconds) || !(seconds > 0) || seconds > 1e9) {
+      return UsageError(command->name,
+                        absl::StrCat("--timeout: expected a number of seconds > 0, got '",
+                                     it->second, "'"));
+    }
+    options.timeout = absl::Seconds(seconds);
+  }
+  std::string server = kDefaultServer;
+  if (const char* env = std::getenv("TSCALE_SERVER"); env != nullptr && *env != '\0') {
+    server = env;
+  }
+  if (auto it = globals.find("--server"); it != globals.end()) server = it->second;
+  if (server.empty()) return UsageError(command->name, "--server: expected HOST:PORT, got ''");
+
+  Context context(command->name, server, options);
+  if (auto it = globals.find("--auth-token-file"); it != globals.end()) {
+    absl::StatusOr<std::string> token = ReadWholeFile("--auth-token-file", it->second);
+    if (!token.ok()) return context.Fail(token.status());
+    options.auth_token = std::string(absl::StripAsciiWhitespace(*token));
+  }
+  const bool tls = globals.count("--tls") || globals.count("--tls-ca") ||
+                   globals.count("--tls-cert") || globals.count("--tls-key");
+  if (tls) {
+    if (globals.count("--tls-cert") != globals.count("--tls-key")) {
+      return UsageError(command->name, "--tls-cert and --tls-key go together");
+    }
+    grpc::SslCredentialsOptions ssl;
+    const std::pair<const char*, std::string*> files[] = {
+        {"--tls-ca", &ssl.pem_root_certs},
+        {"--tls-cert", &ssl.pem_cert_chain},
+        {"--tls-key", &ssl.pem_private_key}};
+    for (const auto& [flag, field] : files) {
+      if (auto it = globals.find(flag); it != globals.end()) {
+        absl::StatusOr<std::string> pem = ReadWholeFile(flag, it->second);
+        if (!pem.ok()) return context.Fail(pem.status());
+        *field = *std::move(pem);
+      }
+    }
+    options.credentials = grpc::SslCredentials(ssl);
+  }
+  // Retries are worth a line: a slow command is then not a mystery.
+  const std::string name = command->name;
+  options.on_retry = [name](int attempt, const absl::Status& status, absl::Duration wait) {
+    std::cerr << "tscale: " << name << ": attempt " << attempt << " failed ("
+              << absl::StatusCodeToString(status.code()) << "); retrying in "
+              << absl::FormatDuration(absl::Trunc(wait, absl::Milliseconds(1))) << "\n";
+  };
+  Context ready(command->name, server, options);
+  return command->run(ready, args);
+}
+
+}  // namespace
+}  // namespace tscale::cli
+
+int main(int argc, char** argv) { return tscale::cli::Main(argc, argv); }

@@ -1,0 +1,464 @@
+#include "client/cpp/client.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <utility>
+
+#include <google/protobuf/unknown_field_set.h>
+#include <grpcpp/generic/generic_stub.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+
+namespace tscale::client {
+namespace {
+
+constexpr char kHealthCheckMethod[] = "/grpc.health.v1.Health/Check";
+
+// A wait of `backoff`, lengthened by a random 0-20%.
+absl::Duration Jittered(absl::Duration backoff) {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  std::uniform_real_distribution<double> extra(0.0, 0.2);
+  return backoff * (1.0 + extra(rng));
+}
+
+int ClampMs(absl::Duration d) {
+  return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, 3'600'000));
+}
+
+}  // namespace
+
+const char* ServingStatusName(ServingStatus status) {
+  switch (status) {
+    case ServingStatus::kServing:
+      return "SERVING";
+    case ServingStatus::kNotServing:
+      return "NOT_SERVING";
+    case ServingStatus::kServiceUnknown:
+      return "SERVICE_UNKNOWN";
+    case ServingStatus::kUnknown:
+      break;
+  }
+  return "UNKNOWN";
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  // gRPC's and Abseil's codes are both google.rpc.Code: the same numbers.
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           const ClientOptions& options) {
+  grpc::ChannelArguments args;
+  // No limit here: the server's own (ServerInfo.max_message_bytes) applies, with its message.
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  // Reconnect on the retry policy's schedule: with gRPC's default (1 s, growing to 120 s) a retry
+  // soon after the server comes back would still find the channel waiting to reconnect.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ClampMs(options.retry.initial_backoff));
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, ClampMs(options.retry.initial_backoff));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ClampMs(options.retry.max_backoff));
+  std::shared_ptr<grpc::ChannelCredentials> credentials =
+      options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
+  return grpc::CreateCustomChannel(address, credentials, args);
+}
+
+Client::Client(const std::string& address, ClientOptions options)
+    : Client(MakeChannel(address, options), options) {}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
+    : options_(std::move(options)),
+      channel_(std::move(channel)),
+      stub_(v1::TernaryTrainer::NewStub(channel_)) {}
+
+absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt& attempt) {
+  const RetryPolicy& retry = options_.retry;
+  absl::Time deadline = absl::Now() + call.timeout.value_or(options_.timeout);
+  if (call.deadline.has_value()) deadline = std::min(deadline, *call.deadline);
+  const int max_attempts = retryable ? std::max(1, retry.max_attempts) : 1;
+  absl::Duration backoff = retry.initial_backoff;
+  for (int n = 1;; ++n) {
+    // gRPC would send a call whose deadline is just now, and the server might answer it in time.
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError("deadline exceeded before the call could start");
+    }
+    grpc::ClientContext context;
+    absl::Time attempt_deadline = deadline;
+    bool cut_short = false;  // whether the attempt's deadline is earlier than the call's
+    if (retry.attempt_timeout > absl::ZeroDuration()) {
+      const absl::Time t = absl::Now() + retry.attempt_timeout;
+      if (t < deadline) {
+        attempt_deadline = t;
+        cut_short = true;
+      }
+    }
+    if (attempt_deadline != absl::InfiniteFuture()) {
+      context.set_deadline(absl::ToChronoTime(attempt_deadline));
+    }
+    if (!options_.auth_token.empty()) {
+      context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
+    }
+    const grpc::Status status = attempt(context);
+    if (status.ok()) return absl::OkStatus();
+
+    const bool transient = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                           (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && cut_short);
+    if (!transient || n >= max_attempts) return FromGrpcStatus(status);
+    const absl::Duration wait = Jittered(backoff);
+    // A retry that could not start before the deadline would only turn this error into
+    // DEADLINE_EXCEEDED; the real cause is more useful.
+    if (absl::Now() + wait >= deadline) return FromGrpcStatus(status);
+    if (options_.on_retry) options_.on_retry(n, FromGrpcStatus(status), wait);
+    absl::SleepFor(wait);
+    backoff = std::min(backoff * retry.multiplier, retry.max_backoff);
+  }
+}
+
+absl::StatusOr<ServingStatus> Client::Health(absl::string_view service, const CallOptions& call) {
+  // grpc.health.v1.HealthCheckRequest is {string service = 1}; Debian ships no C++ stubs of the
+  // health service, so the call goes through the generic stub with the bytes encoded here.
+  google::protobuf::UnknownFieldSet request_fields;
+  if (!service.empty()) request_fields.AddLengthDelimited(1, std::string(service));
+  std::string request_bytes;
+  request_fields.SerializeToString(&request_bytes);
+
+  grpc::GenericStub generic(channel_);
+  std::string response_bytes;
+  absl::Status status = Call(/*retryable=*/true, call, [&](grpc::ClientContext& context) {
+    grpc::Slice slice(request_bytes);
+    grpc::ByteBuffer request(&slice, 1);
+    grpc::ByteBuffer response;
+    grpc::Status result;
+    absl::Notification done;
+    generic.UnaryCall(&context, kHealthCheckMethod, grpc::StubOptions(), &request, &response,
+                      [&](grpc::Status s) {
+                        result = std::move(s);
+                        done.Notify();
+                      });
+    done.WaitForNotification();
+    if (result.ok()) {
+      std::vector<grpc::Slice> slices;
+      response_bytes.clear();
+      if (response.Dump(&slices).ok()) {
+        for (const grpc::Slice& s : slices) {
+          response_bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+        }
+      }
+    }
+    return result;
+  });
+  if (!status.ok()) return status;
+
+  // HealthCheckResponse is {ServingStatus status = 1}, an enum: a varint.
+  google::protobuf::UnknownFieldSet response_fields;
+  if (!response_fields.ParseFromString(response_bytes)) {
+    return absl::InternalError("health: the response does not parse as a HealthCheckResponse");
+  }
+  int64_t value = 0;  // absent: UNKNOWN
+  for (int i = 0; i < response_fields.field_count(); ++i) {
+    const google::protobuf::UnknownField& f = response_fields.field(i);
+    if (f.number() == 1 && f.type() == google::protobuf::UnknownField::TYPE_VARINT) {
+      value = static_cast<int64_t>(f.varint());
+    }
+  }
+  if (value < 0 || value > 3) return ServingStatus::kUnknown;
+  return static_cast<ServingStatus>(value);
+}
+
+absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(const CallOptions& call) {
+  v1::ServerInfo response;
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::ModelInfo> Client::CreateModel(const v1::CreateModelRequest& request,
+                                                  const CallOptions& call) {
+  v1::ModelInfo response;
+  absl::Status status = Call(false, call, [&](grpc::ClientContext& context) {
+    return stub_->CreateModel(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::ModelInfo> Client::GetModel(absl::string_view model_id,
+                                               const CallOptions& call) {
+  v1::GetModelRequest request;
+  request.set_model_id(std::string(model_id));
+  v1::ModelInfo response;
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->GetModel(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<std::vector<v1::ModelInfo>> Client::ListModels(const CallOptions& call) {
+  v1::ListModelsResponse response;
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->ListModels(&context, v1::ListModelsRequest(), &response);
+  });
+  if (!status.ok()) return status;
+  return std::vector<v1::ModelInfo>(response.models().begin(), response.models().end());
+}
+
+absl::Status Client::DeleteModel(absl::string_view model_id, const CallOptions& call) {
+  v1::DeleteModelRequest request;
+  request.set_model_id(std::string(model_id));
+  v1::DeleteModelResponse response;
+  return Call(false, call, [&](grpc::ClientContext& context) {
+    return stub_->DeleteModel(&context, request, &response);
+  });
+}
+
+absl::StatusOr<v1::ForwardResponse> Client::Forward(absl::string_view model_id,
+                                                    const v1::Tensor& input, bool train,
+                                                    const CallOptions& call) {
+  v1::ForwardRequest request;
+  request.set_model_id(std::string(model_id));
+  *request.mutable_input() = input;
+  request.set_train(train);
+  v1::ForwardResponse response;
+  absl::Status status = Call(!train, call, [&](grpc::ClientContext& context) {
+    return stub_->Forward(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view model_id,
+                                                      absl::string_view pass_id,
+                                                      const v1::Tensor& grad_output,
+                                                      bool want_grad_input,
+                                                      const CallOptions& call) {
+  v1::BackwardRequest request;
+  request.set_model_id(std::string(model_id));
+  request.set_pass_id(std::string(pass_id));
+  *request.mutable_grad_output() = grad_output;
+  request.set_want_grad_input(want_grad_input);
+  v1::BackwardResponse response;
+  absl::Status status = Call(false, call, [&](grpc::ClientContext& context) {
+    return stub_->Backward(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::UpdateCorrelationResponse> Client::UpdateCorrelation(
+    absl::string_view model_id, int64_t expected_step, const CallOptions& call) {
+  v1::UpdateCorrelationRequest request;
+  request.set_model_id(std::string(model_id));
+  request.set_expected_step(expected_step);
+  v1::UpdateCorrelationResponse response;
+  // Exactly once by expected_step: a retry of an applied update comes back replayed.
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->UpdateCorrelation(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::TrainStepResponse> Client::TrainStep(const v1::TrainStepRequest& request,
+                                                        const CallOptions& call) {
+  v1::TrainStepResponse response;
+  // Exactly once by expected_step, as UpdateCorrelation.
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->TrainStep(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::Status Client::Export(absl::string_view model_id, const CallOptions& call,
+                            const std::function<void()>& restart,
+                            const std::function<absl::Status(absl::string_view)>& sink) {
+  v1::ExportStateRequest request;
+  request.set_model_id(std::string(model_id));
+  absl::Status local;  // a failure of the sink, which ends the call
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    restart();
+    std::unique_ptr<grpc::ClientReader<v1::StateChunk>> reader =
+        stub_->ExportState(&context, request);
+    v1::StateChunk chunk;
+    while (reader->Read(&chunk)) {
+      local = sink(chunk.data());
+      if (!local.ok()) {
+        context.TryCancel();
+        break;
+      }
+    }
+    grpc::Status s = reader->Finish();
+    // Not retryable, whatever the cancelled stream reported.
+    if (!local.ok()) return grpc::Status(grpc::StatusCode::ABORTED, "export: stopped");
+    return s;
+  });
+  if (!local.ok()) return local;
+  return status;
+}
+
+absl::StatusOr<std::string> Client::ExportState(absl::string_view model_id,
+                                                const CallOptions& call) {
+  std::string out;
+  absl::Status status = Export(
+      model_id, call, [&] { out.clear(); },
+      [&](absl::string_view data) {
+        out.append(data.data(), data.size());
+        return absl::OkStatus();
+      });
+  if (!status.ok()) return status;
+  return out;
+}
+
+absl::StatusOr<int64_t> Client::ExportStateToFile(absl::string_view model_id,
+                                                  const std::string& path,
+                                                  const CallOptions& call) {
+  const std::string tmp = absl::StrCat(path, ".tmp-export");
+  std::ofstream file;
+  int64_t written = 0;
+  auto write_error = [&] {
+    return absl::InternalError(absl::StrCat("export: writing ", tmp, " failed"));
+  };
+  absl::Status status = Export(
+      model_id, call,
+      [&] {
+        if (file.is_open()) file.close();
+        file.clear();
+        file.open(tmp, std::ios::binary | std::ios::trunc);
+        written = 0;
+      },
+      [&](absl::string_view data) {
+        if (!file.is_open() || !file.write(data.data(), data.size())) return write_error();
+        written += static_cast<int64_t>(data.size());
+        return absl::OkStatus();
+      });
+  if (status.ok()) {
+    file.close();
+    if (!file) status = write_error();
+  }
+  if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    status = absl::InternalError(absl::StrCat("export: renaming ", tmp, " to ", path, " failed"));
+  }
+  if (!status.ok()) {
+    if (file.is_open()) file.close();
+    std::remove(tmp.c_str());
+    return status;
+  }
+  return written;
+}
+
+absl::StatusOr<v1::ModelInfo> Client::Import(
+    const v1::ImportHeader& header, const CallOptions& call,
+    const std::function<absl::StatusOr<std::string>()>& next) {
+  v1::ModelInfo response;
+  absl::Status local;  // a failure to read the input, which ends the call
+  absl::Status status = Call(false, call, [&](grpc::ClientContext& context) {
+    std::unique_ptr<grpc::ClientWriter<v1::ImportStateRequest>> writer =
+        stub_->ImportState(&context, &response);
+    v1::ImportStateRequest message;
+    *message.mutable_header() = header;
+    // A failed Write means the stream is over; Finish tells why.
+    bool open = writer->Write(message);
+    while (open) {
+      absl::StatusOr<std::string> chunk = next();
+      if (!chunk.ok()) {
+        local = chunk.status();
+        context.TryCancel();
+        break;
+      }
+      if (chunk->empty()) break;
+      message.set_data(*std::move(chunk));
+      open = writer->Write(message);
+    }
+    if (local.ok()) writer->WritesDone();
+    grpc::Status s = writer->Finish();
+    if (!local.ok()) return grpc::Status(grpc::StatusCode::ABORTED, "import: stopped");
+    return s;
+  });
+  if (!local.ok()) return local;
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::ModelInfo> Client::ImportState(const v1::ImportHeader& header,
+                                                  absl::string_view state,
+                                                  const CallOptions& call) {
+  const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, options_.import_chunk_bytes));
+  size_t offset = 0;
+  return Import(header, call, [&]() -> absl::StatusOr<std::string> {
+    const absl::string_view part = state.substr(offset, chunk);
+    offset += part.size();
+    return std::string(part);
+  });
+}
+
+absl::StatusOr<v1::ModelInfo> Client::ImportStateFromFile(const v1::ImportHeader& header,
+                                                          const std::string& path,
+                                                          const CallOptions& call) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat("import: cannot open ", path));
+  const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, options_.import_chunk_bytes));
+  return Import(header, call, [&]() -> absl::StatusOr<std::string> {
+    std::string buffer(chunk, '\0');
+    file.read(buffer.data(), static_cast<std::streamsize>(chunk));
+    if (file.bad()) return absl::DataLossError(absl::StrCat("import: reading ", path, " failed"));
+    buffer.resize(static_cast<size_t>(file.gcount()));
+    return buffer;
+  });
+}
+
+absl::StatusOr<v1::CheckpointInfo> Client::SaveCheckpoint(absl::string_view model_id,
+                                                          const CallOptions& call) {
+  v1::SaveCheckpointRequest request;
+  request.set_model_id(std::string(model_id));
+  v1::CheckpointInfo response;
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->SaveCheckpoint(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<std::vector<v1::CheckpointInfo>> Client::ListCheckpoints(
+    absl::string_view model_id, const CallOptions& call) {
+  v1::ListCheckpointsRequest request;
+  request.set_model_id(std::string(model_id));
+  v1::ListCheckpointsResponse response;
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->ListCheckpoints(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return std::vector<v1::CheckpointInfo>(response.checkpoints().begin(),
+                                         response.checkpoints().end());
+}
+
+absl::StatusOr<v1::ModelInfo> Client::RestoreCheckpoint(
+    const v1::RestoreCheckpointRequest& request, const CallOptions& call) {
+  v1::ModelInfo response;
+  absl::Status status = Call(false, call, [&](grpc::ClientContext& context) {
+    return stub_->RestoreCheckpoint(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::ScaleStats> Client::GetScaleStats(absl::string_view model_id,
+                                                     bool include_per_group,
+                                                     const CallOptions& call) {
+  v1::GetScaleStatsRequest request;
+  request.set_model_id(std::string(model_id));
+  request.set_include_per_group(include_per_group);
+  v1::ScaleStats response;
+  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
+    return stub_->GetScaleStats(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
+}  // namespace tscale::client

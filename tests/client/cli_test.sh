@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# The tscale CLI against a real tscale-server process: every command's exit status and key output.
+# usage: cli_test.sh PATH/TO/tscale PATH/TO/tscale-server
+set -u
+
+TSCALE=${1:?usage: cli_test.sh TSCALE TSCALE_SERVER}
+SERVER_BIN=${2:?usage: cli_test.sh TSCALE TSCALE_SERVER}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tscale-cli-test.XXXXXX")
+server_pid=
+cleanup() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null
+    # A server that ignores SIGTERM for long is a failure of its own; do not hang on it.
+    for _ in $(seq 1 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server_pid" 2>/dev/null
+    wait "$server_pid" 2>/dev/null
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+failures=0
+fail() {
+  echo "FAIL: $*"
+  failures=$((failures + 1))
+}
+
+# run EXPECTED_EXIT ARGS...: runs tscale, keeping its stdout and stderr in $work/out and $work/err.
+run() {
+  local expected=$1
+  shift
+  "$TSCALE" "$@" >"$work/out" 2>"$work/err"
+  local rc=$?
+  echo "--- tscale $* (exit $rc)"
+  if [ "$rc" -ne "$expected" ]; then
+    fail "tscale $*: exit $rc, expected $expected"
+    echo "stdout:"; cat "$work/out"
+    echo "stderr:"; cat "$work/err"
+  fi
+}
+# out_has / err_has REGEX: the last run's stdout / stderr has a line matching REGEX (grep -E).
+out_has() { grep -Eq -- "$1" "$work/out" || { fail "stdout lacks /$1/"; cat "$work/out"; }; }
+err_has() { grep -Eq -- "$1" "$work/err" || { fail "stderr lacks /$1/"; cat "$work/err"; }; }
+
+# ---------------------------------------------------------------- the server
+
+"$SERVER_BIN" --listen 127.0.0.1:0 --device cpu >"$work/server.out" 2>"$work/server.err" &
+server_pid=$!
+address=
+for _ in $(seq 1 600); do
+  address=$(sed -n 's/^tscale-server: listening on //p' "$work/server.out")
+  [ -n "$address" ] && break
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    echo "tscale-server exited before listening:"
+    cat "$work/server.out" "$work/server.err"
+    exit 1
+  fi
+  sleep 0.1
+done
+if [ -z "$address" ]; then
+  echo "tscale-server did not print its address within 60 s"
+  exit 1
+fi
+echo "server at $address"
+export TSCALE_SERVER=$address
+
+# ---------------------------------------------------------------- usage
+
+run 0 --help
+out_has '^usage: tscale '
+out_has '^  train '
+run 0 create --help
+out_has '^usage: tscale .*create ID --spec FILE.json'
+run 0 help train
+out_has '--loss mse.ce'
+run 2
+err_has '^usage: tscale '
+run 2 bogus
+err_has "^tscale: unknown command 'bogus'"
+run 2 models --bogus
+err_has '^tscale: models: unknown option --bogus'
+run 2 info
+err_has '^tscale: info: missing arguments'
+run 2 info a b
+err_has '^tscale: info: too many arguments'
+run 2 --timeout abc models
+err_has '--timeout: expected a number of seconds'
+run 2 train m --steps 0
+err_has '^tscale: train: --steps: expected an integer'
+run 2 train m --loss hinge
+err_has "--loss: expected mse or ce, got 'hinge'"
+run 2 create m
+err_has '--spec FILE.json is required'
+run 2 delete m --steps
+err_has 'unknown option --steps'
+
+# ---------------------------------------------------------------- server
+
+run 0 health
+out_has '^server: SERVING$'
+out_has '^tscale.v1.TernaryTrainer: SERVING$'
+run 0 server-info
+out_has '^default_device: +cpu$'
+out_has '^devices: +cpu'
+out_has '^max_message_bytes: +268435456$'
+
+# ---------------------------------------------------------------- models
+
+cat >"$work/spec.json" <<'JSON'
+{"layers": [
+  {"name": "fc1", "ternary_linear": {"in_features": 64, "out_features": 32}},
+  {"name": "act", "activation": {"kind": "RELU"}},
+  {"name": "fc2", "ternary_linear": {"in_features": 32, "out_features": 10}}
+]}
+JSON
+# lowerCamelCase field names parse too.
+cat >"$work/camel.json" <<'JSON'
+{"layers": [
+  {"name": "fc", "ternaryLinear": {"inFeatures": 16, "outFeatures": 4, "groupSize": 8}},
+  {"name": "norm", "ternaryRmsNorm": {"dim": 4}}
+]}
+JSON
+echo '{"layers": [{"name": "fc", "ternary_linear": {"in_features": 8, "out_features": 4}}' \
+  >"$work/broken.json"
+echo '{"layers": [{"name": "fc", "ternary_linear": {"in_features": 8, "out_features": 0}}]}' \
+  >"$work/invalid.json"
+
+run 0 create m1 --spec "$work/spec.json" --seed 7
+out_has '^model: +m1$'
+out_has '^step: +0$'
+out_has '^in_features: +64$'
+out_has '^out_features: +10$'
+out_has '^ternary_params: +2368$'
+run 0 create m2 --spec="$work/camel.json" --device cpu
+out_has '^groups: +9$'  # 4 rows x 2 groups, and the norm's one
+run 1 create m1 --spec "$work/spec.json"
+err_has '^tscale: create: ALREADY_EXISTS: .*m1'
+run 1 create m3 --spec "$work/broken.json"
+err_has '^tscale: create: INVALID_ARGUMENT: --spec: '
+run 1 create m3 --spec "$work/invalid.json"
+err_has '^tscale: create: INVALID_ARGUMENT: .*out_features'
+run 1 create m3 --spec "$work/missing.json"
+err_has '^tscale: create: NOT_FOUND: --spec: cannot open '
+
+run 0 models
+out_has '^ID +DEVICE +STEP +PARAMS +PERSISTENT_BYTES +PENDING_PASSES$'
+out_has '^m1 +cpu +0 +2368 +[0-9]+ +0$'
+out_has '^m2 +cpu +0 '
+# Global options may follow the command.
+run 0 models --server "$address" --timeout 30
+out_has '^m1 '
+
+run 0 info m1
+out_has '^spec: +\{"layers":\[\{"name":"fc1"'
+run 1 info nope
+err_has '^tscale: info: NOT_FOUND: '
+
+# ---------------------------------------------------------------- training
+
+run 0 train m1 --steps 5 --batch 8 --seed 3
+out_has '^trained m1: 5 steps \(step 0 -> 5\)'
+out_has '^loss \(mse\): first [0-9.e+-]+, last [0-9.e+-]+$'
+out_has '^  fc1 +[0-9.e+-]+$'
+out_has '^  fc2 +[0-9.e+-]+$'
+# Not a terminal: a progress line per 10% of the steps, the last one at 5/5.
+err_has '^train: 5/5  step 5  loss '
+run 0 info m1
+out_has '^step: +5$'
+run 0 train m1 --steps 2 --loss ce --batch 4
+out_has '^trained m1: 2 steps \(step 5 -> 7\)'
+out_has '^loss \(ce\): '
+run 0 train m2 --steps=3 --loss=ce
+out_has '\(step 0 -> 3\)'
+run 1 train nope --steps 1
+err_has '^tscale: train: NOT_FOUND: '
+
+run 0 stats m1
+out_has '^model m1 at step 7'
+out_has '^LAYER +GROUPS +DRIFT_MEAN +DRIFT_MIN +DRIFT_MAX +DRIFT_ABS_MEAN +SATURATED$'
+out_has '^fc1 +64 '
+out_has '^fc2 +10 '
+out_has '^LAYER .*<=\+inf$'
+run 0 stats m1 --per-group
+out_has '^fc1: log2 S per group \(64\)$'
+out_has '^fc2: log2 S per group \(10\)$'
+run 1 stats nope
+err_has '^tscale: stats: NOT_FOUND: '
+
+# ---------------------------------------------------------------- state
+
+run 0 export m1 "$work/m1.safetensors"
+out_has "^exported m1 to $work/m1.safetensors \\([0-9]+ bytes\\)$"
+[ -s "$work/m1.safetensors" ] || fail "export wrote no file"
+run 0 import "$work/m1.safetensors" --id copy
+out_has '^model: +copy$'
+out_has '^step: +7$'
+run 0 info copy
+out_has '^step: +7$'
+out_has '^ternary_params: +2368$'
+run 1 import "$work/m1.safetensors" --id copy
+err_has '^tscale: import: ALREADY_EXISTS: '
+run 0 train copy --steps 1
+run 0 import "$work/m1.safetensors" --id copy --replace --device cpu
+out_has '^step: +7$'
+run 2 import "$work/m1.safetensors"
+err_has '--id ID is required'
+run 1 import "$work/none.safetensors" --id x
+err_has '^tscale: import: NOT_FOUND: '
+run 1 export nope "$work/nope.safetensors"
+err_has '^tscale: export: NOT_FOUND: '
+[ ! -e "$work/nope.safetensors" ] || fail "a failed export left a file"
+
+run 0 delete copy
+out_has '^deleted copy$'
+run 1 info copy
+err_has '^tscale: info: NOT_FOUND: '
+run 1 delete copy
+err_has '^tscale: delete: NOT_FOUND: '
+
+# ---------------------------------------------------------------- unreachable server
+
+run 1 --server 127.0.0.1:1 --timeout 5 health
+err_has '^tscale: health: UNAVAILABLE: '
+err_has 'attempt 1 failed \(UNAVAILABLE\); retrying'
+
+echo
+if [ "$failures" -ne 0 ]; then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all CLI checks passed"
