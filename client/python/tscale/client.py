@@ -1,0 +1,361 @@
+"""The Python client of the tscale training service.
+
+    import numpy as np, tscale
+    with tscale.Client("127.0.0.1:50051") as c:
+        c.create_model("m", {"layers": [{"name": "fc", "ternary_linear":
+                                         {"in_features": 64, "out_features": 10}}]})
+        y, pass_id, step = c.forward("m", np.zeros((8, 64), np.float32), train=True)
+        c.backward("m", pass_id, np.ones_like(y))
+        c.update_correlation("m", expected_step=step)
+
+Return values, by one rule: calls whose result carries tensors return small named tuples holding
+numpy arrays (``ForwardResult``, ``TrainStepResult``; ``backward`` returns the array itself or
+None); every other call returns the API's protobuf message (``trainer_pb2.ModelInfo``,
+``ServerInfo``, ``UpdateCorrelationResponse``, ``ScaleStats``, ...), or a plain Python value where
+the message would only wrap one (``list_models`` -> list of ModelInfo, ``export_state`` -> bytes,
+``health`` -> status name, ``delete_model`` -> None). Tensors inside returned messages (e.g.
+``ScaleStats.layers[i].log2_scale``) convert with ``tscale.to_numpy``.
+
+Failures raise ``tscale.Error`` (``.code`` is the ``grpc.StatusCode``, ``.message`` the server's
+message); bad arguments detected locally (an unsupported dtype, an unknown loss name) raise
+ValueError before anything is sent.
+
+Retries: on UNAVAILABLE, and on DEADLINE_EXCEEDED of one attempt (each attempt has its own
+``timeout``), a call is retried up to ``retries`` times with exponential backoff, but only when a
+repeat cannot change the outcome: reads (health, server_info, get/list, export, scale stats),
+``forward(train=False)``, and the exactly-once ``update_correlation`` and ``train_step`` (a retry
+sends the same expected_step; the server answers a repeat of the update it just applied with the
+same response and ``replayed=True``, which counts as success). ``backward``,
+``forward(train=True)``, ``create_model``, ``delete_model``, ``import_state`` and the checkpoint
+writes are sent once.
+"""
+
+import collections
+import json
+import os
+import time
+
+import grpc
+from google.protobuf import json_format
+
+from tscale import _wire
+from tscale.errors import Error
+from tscale.tensors import to_numpy, to_tensor
+from tscale.v1 import trainer_pb2, trainer_pb2_grpc
+
+SERVICE_NAME = "tscale.v1.TernaryTrainer"
+CHUNK_BYTES = 1 << 20  # ImportState data chunks
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+ForwardResult = collections.namedtuple("ForwardResult", ["output", "pass_id", "step"])
+ForwardResult.__doc__ = """Forward's result: output (numpy [batch, out]), pass_id (str, empty
+unless train), step (the model's step the pass belongs to)."""
+
+TrainStepResult = collections.namedtuple(
+    "TrainStepResult", ["loss", "step", "output", "layers", "replayed"])
+TrainStepResult.__doc__ = """TrainStep's result: loss (float, of the step's forward), step (the
+model's step after it), output (numpy, when want_output and not replayed; else None), layers
+(list of trainer_pb2.LayerUpdate: layer, score_sum, mean_abs_drift), replayed (True when the
+server answered a retry of the step it had already applied)."""
+
+
+def _enum(enum_type, value, prefix, field):
+    """An enum value from an int, its full name or its short lower-case name ('fp32', 'mse')."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        name = value.upper()
+        for candidate in (name, prefix + name):
+            if candidate in enum_type.keys():
+                return enum_type.Value(candidate)
+    raise ValueError(f"{field}: expected one of {', '.join(enum_type.keys())}, got {value!r}")
+
+
+def to_spec(spec):
+    """A ``trainer_pb2.ModelSpec`` from a ModelSpec, a dict in the proto's JSON form
+    (``{"layers": [{"name": "fc1", "ternary_linear": {"in_features": 64, ...}}]}``) or that JSON
+    as a string (as in a state file's ``spec`` metadata)."""
+    if isinstance(spec, trainer_pb2.ModelSpec):
+        return spec
+    if isinstance(spec, (str, bytes)):
+        spec = json.loads(spec)
+    if isinstance(spec, dict):
+        try:
+            return json_format.ParseDict(spec, trainer_pb2.ModelSpec())
+        except json_format.ParseError as e:
+            raise ValueError(f"spec: {e}") from None
+    raise ValueError(f"spec: expected a ModelSpec, a dict or a JSON string, got "
+                     f"{type(spec).__name__}")
+
+
+class Client:
+    """A connection to one tscale server.
+
+    Args:
+        address: "HOST:PORT".
+        timeout: seconds allowed for each attempt of a call (per-call ``timeout=`` overrides).
+        retries: extra attempts for the calls that are safe to repeat (see the module docstring).
+        credentials: ``grpc.ChannelCredentials`` for TLS (e.g. ``grpc.ssl_channel_credentials``);
+            None: an insecure channel.
+        token: sent as ``authorization: Bearer <token>`` on every call (server --auth-token-file).
+        backoff: seconds before the first retry; doubles per retry, at most 2 s.
+        options: extra gRPC channel options, appended to the defaults.
+
+    Message size limits are lifted on the client side (-1) so that the server's
+    --max-message-bytes is the one that applies. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, address, timeout=60.0, retries=3, credentials=None, token=None,
+                 backoff=0.05, options=()):
+        self.address = address
+        self.timeout = timeout
+        self.retries = int(retries)
+        self.backoff = backoff
+        opts = [("grpc.max_send_message_length", -1),
+                ("grpc.max_receive_message_length", -1)] + list(options)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(address, credentials, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._stub = trainer_pb2_grpc.TernaryTrainerStub(self._channel)
+        # Raw-bytes methods: there are no Python modules for these services (see _wire).
+        self._health_check = self._channel.unary_unary(_wire.HEALTH_CHECK)
+        self._reflection = self._channel.stream_stream(_wire.REFLECTION_INFO)
+
+    # ------------------------------------------------------------ plumbing
+
+    def close(self):
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _call(self, name, fn, idempotent, timeout):
+        """Runs fn(timeout) with the retry policy; grpc errors become tscale.Error."""
+        attempts = 1 + (max(self.retries, 0) if idempotent else 0)
+        t = self.timeout if timeout is None else timeout
+        for attempt in range(attempts):
+            try:
+                return fn(t)
+            except grpc.RpcError as e:
+                if attempt + 1 < attempts and e.code() in _RETRYABLE:
+                    time.sleep(min(self.backoff * (2 ** attempt), 2.0))
+                    continue
+                raise Error.from_rpc_error(e, name) from None
+
+    def _unary(self, name, request, idempotent, timeout=None):
+        method = getattr(self._stub, name)
+        return self._call(name, lambda t: method(request, timeout=t, metadata=self._metadata),
+                          idempotent, timeout)
+
+    # ------------------------------------------------------------ server
+
+    def health(self, service="", timeout=None):
+        """The standard gRPC health check: "SERVING", "NOT_SERVING", ... for ``service`` ("" is
+        the whole server; "tscale.v1.TernaryTrainer" the API). An unknown service name raises
+        Error with code NOT_FOUND."""
+        req = _wire.health_request(service)
+        resp = self._call("Health.Check",
+                          lambda t: self._health_check(req, timeout=t, metadata=self._metadata),
+                          True, timeout)
+        return _wire.health_status(resp)
+
+    def wait_ready(self, timeout=30.0, service=""):
+        """Waits until health(service) is SERVING; raises Error(UNAVAILABLE) after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            try:
+                status = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                if status == "SERVING":
+                    return
+                last = f"health status {status}"
+            except Error as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                raise Error(grpc.StatusCode.UNAVAILABLE,
+                            f"server {self.address} not serving after {timeout} s ({last})")
+            time.sleep(0.1)
+
+    def list_services(self, timeout=None):
+        """The services the server offers, from gRPC server reflection (list of names)."""
+        req = _wire.list_services_request()
+
+        def fn(t):
+            names = []
+            for resp in self._reflection(iter([req]), timeout=t, metadata=self._metadata):
+                names.extend(_wire.list_services(resp))
+            return names
+        return self._call("ServerReflectionInfo", fn, True, timeout)
+
+    def server_info(self, timeout=None):
+        """trainer_pb2.ServerInfo: version, default_device, devices, limits, models."""
+        return self._unary("GetServerInfo", trainer_pb2.GetServerInfoRequest(), True, timeout)
+
+    # ------------------------------------------------------------ models
+
+    def create_model(self, model_id, spec, seed=0, device="", compute="COMPUTE_TYPE_UNSPECIFIED",
+                     timeout=None):
+        """Creates a model; returns its trainer_pb2.ModelInfo.
+
+        spec: a ModelSpec, a dict in the proto's JSON form or a JSON string (see ``to_spec``).
+        compute: a ComputeType value or name ("fp32", "tf32", "bf16", "COMPUTE_FP32", ...).
+        Not retried (a retry could meet its own model: ALREADY_EXISTS).
+        """
+        req = trainer_pb2.CreateModelRequest(
+            model_id=model_id, spec=to_spec(spec), seed=seed, device=device,
+            compute=_enum(trainer_pb2.ComputeType, compute, "COMPUTE_", "compute"))
+        return self._unary("CreateModel", req, False, timeout)
+
+    def get_model(self, model_id, timeout=None):
+        """trainer_pb2.ModelInfo of the model (step, device, sizes, pending passes)."""
+        return self._unary("GetModel", trainer_pb2.GetModelRequest(model_id=model_id), True,
+                           timeout)
+
+    def list_models(self, timeout=None):
+        """A list of trainer_pb2.ModelInfo, one per model."""
+        return list(self._unary("ListModels", trainer_pb2.ListModelsRequest(), True,
+                                timeout).models)
+
+    def delete_model(self, model_id, timeout=None):
+        """Deletes the model (and releases its passes). Returns None."""
+        self._unary("DeleteModel", trainer_pb2.DeleteModelRequest(model_id=model_id), False,
+                    timeout)
+
+    # ------------------------------------------------------------ training
+
+    def forward(self, model_id, x, train=False, timeout=None):
+        """Runs the model on x (numpy [batch, in_features], usually float32).
+
+        Returns ForwardResult(output, pass_id, step). With train=True the server keeps what
+        Backward needs under pass_id, until the next update of the model's step. Retried only
+        when train is False.
+        """
+        req = trainer_pb2.ForwardRequest(model_id=model_id, input=to_tensor(x, "input"),
+                                         train=train)
+        resp = self._unary("Forward", req, not train, timeout)
+        return ForwardResult(to_numpy(resp.output, "output"), resp.pass_id, resp.step)
+
+    def backward(self, model_id, pass_id, grad_output, want_grad_input=False, timeout=None):
+        """Backward of one training pass with grad_output (numpy, the pass's output shape).
+
+        Returns the gradient w.r.t. the input as a numpy array when want_grad_input, else None.
+        Never retried: a pass takes exactly one backward.
+        """
+        req = trainer_pb2.BackwardRequest(model_id=model_id, pass_id=pass_id,
+                                          grad_output=to_tensor(grad_output, "grad_output"),
+                                          want_grad_input=want_grad_input)
+        resp = self._unary("Backward", req, False, timeout)
+        if want_grad_input or resp.HasField("grad_input"):
+            return to_numpy(resp.grad_input, "grad_input")
+        return None
+
+    def update_correlation(self, model_id, expected_step, timeout=None):
+        """Applies the correlation update if the model's step is expected_step.
+
+        Returns trainer_pb2.UpdateCorrelationResponse (step, replayed, layers: LayerUpdate with
+        layer, score_sum, mean_abs_drift). Exactly once on the server, hence retried safely.
+        """
+        req = trainer_pb2.UpdateCorrelationRequest(model_id=model_id, expected_step=expected_step)
+        return self._unary("UpdateCorrelation", req, True, timeout)
+
+    def train_step(self, model_id, x, target, loss="mse", expected_step=None, want_output=False,
+                   timeout=None):
+        """Forward, loss, backward and update in one call.
+
+        target: float32 [batch, out] for "mse"; class indices [batch] for "cross_entropy" (any
+        integer dtype; sent as int64). expected_step: the model's current step; None reads it
+        with get_model first (then the call is exactly-once only against other retries of
+        itself). Returns TrainStepResult(loss, step, output, layers, replayed).
+        """
+        loss_value = _enum(trainer_pb2.TrainStepRequest.Loss, loss, "", "loss")
+        if loss_value == trainer_pb2.TrainStepRequest.CROSS_ENTROPY and \
+                hasattr(target, "dtype") and target.dtype.kind in "iu":
+            target = target.astype("int64", copy=False)
+        if expected_step is None:
+            expected_step = self.get_model(model_id, timeout=timeout).step
+        req = trainer_pb2.TrainStepRequest(
+            model_id=model_id, input=to_tensor(x, "input"), target=to_tensor(target, "target"),
+            loss=loss_value, expected_step=expected_step, want_output=want_output)
+        resp = self._unary("TrainStep", req, True, timeout)
+        output = to_numpy(resp.output, "output") if resp.HasField("output") else None
+        return TrainStepResult(resp.loss, resp.step, output, list(resp.layers), resp.replayed)
+
+    # ------------------------------------------------------------ state
+
+    def export_state(self, model_id, timeout=None):
+        """The model's whole persistent state as the bytes of one safetensors file (read it with
+        tscale.safetensors.loads)."""
+        req = trainer_pb2.ExportStateRequest(model_id=model_id)
+
+        def fn(t):
+            stream = self._stub.ExportState(req, timeout=t, metadata=self._metadata)
+            return b"".join(chunk.data for chunk in stream)
+        return self._call("ExportState", fn, True, timeout)
+
+    def import_state(self, model_id, data, spec=None, device="",
+                     compute="COMPUTE_TYPE_UNSPECIFIED", replace=False, timeout=None,
+                     chunk_bytes=CHUNK_BYTES):
+        """Creates (or with replace=True replaces) a model from a state file.
+
+        data: the file's bytes, or a path to it. spec: optional (dict/JSON/ModelSpec); without it
+        the file's ``__metadata__.spec`` is used. Sends a header, then the file in chunks of
+        chunk_bytes (1 MiB; at most the server's --max-message-bytes). Returns
+        trainer_pb2.ModelInfo. Never retried.
+        """
+        if isinstance(data, (str, os.PathLike)):
+            with open(data, "rb") as f:
+                data = f.read()
+        data = memoryview(data).cast("B")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes: expected >= 1, got {chunk_bytes}")
+        header = trainer_pb2.ImportHeader(
+            model_id=model_id, device=device, replace=replace,
+            compute=_enum(trainer_pb2.ComputeType, compute, "COMPUTE_", "compute"))
+        if spec is not None:
+            header.spec.CopyFrom(to_spec(spec))
+
+        def requests():
+            yield trainer_pb2.ImportStateRequest(header=header)
+            for off in range(0, len(data), chunk_bytes):
+                yield trainer_pb2.ImportStateRequest(data=bytes(data[off:off + chunk_bytes]))
+
+        return self._call(
+            "ImportState",
+            lambda t: self._stub.ImportState(requests(), timeout=t, metadata=self._metadata),
+            False, timeout)
+
+    def save_checkpoint(self, model_id, timeout=None):
+        """Writes a checkpoint (server --checkpoint-dir); returns trainer_pb2.CheckpointInfo."""
+        return self._unary("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(model_id=model_id),
+                           False, timeout)
+
+    def list_checkpoints(self, model_id, timeout=None):
+        """A list of trainer_pb2.CheckpointInfo of the model's checkpoints."""
+        return list(self._unary("ListCheckpoints",
+                                trainer_pb2.ListCheckpointsRequest(model_id=model_id), True,
+                                timeout).checkpoints)
+
+    def restore_checkpoint(self, model_id, name="", device="", compute="COMPUTE_TYPE_UNSPECIFIED",
+                           timeout=None):
+        """Loads a checkpoint (name "" = the newest valid one); returns trainer_pb2.ModelInfo."""
+        req = trainer_pb2.RestoreCheckpointRequest(
+            model_id=model_id, name=name, device=device,
+            compute=_enum(trainer_pb2.ComputeType, compute, "COMPUTE_", "compute"))
+        return self._unary("RestoreCheckpoint", req, False, timeout)
+
+    # ------------------------------------------------------------ statistics
+
+    def scale_stats(self, model_id, per_group=False, timeout=None):
+        """trainer_pb2.ScaleStats: per ternary layer the drift (log2 S - E) mean, min, max, mean
+        of |drift|, saturated fraction and a histogram; with per_group each layer's log2 S per
+        group as an FP32 Tensor (tscale.to_numpy(layer.log2_scale))."""
+        req = trainer_pb2.GetScaleStatsRequest(model_id=model_id, include_per_group=per_group)
+        return self._unary("GetScaleStats", req, True, timeout)

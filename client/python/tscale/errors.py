@@ -1,0 +1,29 @@
+"""The exception every failed tscale call raises."""
+
+import grpc
+
+
+class Error(Exception):
+    """A call to the tscale server failed.
+
+    Attributes:
+        code: the gRPC status code (a ``grpc.StatusCode``), e.g. ``grpc.StatusCode.NOT_FOUND``.
+        message: the server's message; it names the field, what was expected and what came,
+            e.g. ``"input: expected 64 features, got 63"``.
+        method: the API method that failed, e.g. ``"Forward"`` (empty when unknown).
+    """
+
+    def __init__(self, code, message, method=""):
+        self.code = code
+        self.message = message
+        self.method = method
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        where = f"{method}: " if method else ""
+        super().__init__(f"{where}{name}: {message}")
+
+    @classmethod
+    def from_rpc_error(cls, err, method=""):
+        """Wraps a ``grpc.RpcError`` (as raised by the generated stubs)."""
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code if code is not None else grpc.StatusCode.UNKNOWN, details or "", method)

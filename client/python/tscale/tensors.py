@@ -1,0 +1,84 @@
+"""numpy arrays <-> the API's ``tscale.v1.Tensor`` (row-major, little-endian, no padding).
+
+Supported: float32 (FP32), float16 (FP16), int8 (INT8), uint8 (UINT8), int32 (INT32),
+int64 (INT64). BF16 tensors coming from the server decode to float32 (numpy has no bfloat16).
+Any other dtype (float64, bool, object, ...) raises ValueError: convert explicitly, e.g.
+``x.astype(np.float32)``, so that no precision is lost or invented silently.
+"""
+
+import numpy as np
+
+from tscale.v1 import trainer_pb2
+
+# numpy dtype (native) -> proto DataType
+_TO_PROTO = {
+    np.dtype(np.float32): trainer_pb2.FP32,
+    np.dtype(np.float16): trainer_pb2.FP16,
+    np.dtype(np.int8): trainer_pb2.INT8,
+    np.dtype(np.uint8): trainer_pb2.UINT8,
+    np.dtype(np.int32): trainer_pb2.INT32,
+    np.dtype(np.int64): trainer_pb2.INT64,
+}
+# proto DataType -> little-endian numpy dtype
+_FROM_PROTO = {
+    trainer_pb2.FP32: np.dtype("<f4"),
+    trainer_pb2.FP16: np.dtype("<f2"),
+    trainer_pb2.INT8: np.dtype("i1"),
+    trainer_pb2.UINT8: np.dtype("u1"),
+    trainer_pb2.INT32: np.dtype("<i4"),
+    trainer_pb2.INT64: np.dtype("<i8"),
+}
+
+SUPPORTED_DTYPES = tuple(str(d) for d in _TO_PROTO)
+
+
+def to_tensor(array, field="tensor"):
+    """Returns a ``trainer_pb2.Tensor`` holding a copy of ``array``.
+
+    ``array`` must be a numpy array (or something ``np.asarray`` keeps at a supported dtype, such
+    as a numpy scalar) of one of SUPPORTED_DTYPES. Non-contiguous and big-endian arrays are
+    converted; the shape is kept as is (0-d included).
+    """
+    if not isinstance(array, np.ndarray):
+        if isinstance(array, np.generic):
+            array = np.asarray(array)
+        else:
+            raise ValueError(
+                f"{field}: expected a numpy array of one of {', '.join(SUPPORTED_DTYPES)}, "
+                f"got {type(array).__name__}")
+    native = array.dtype.newbyteorder("=")
+    if native not in _TO_PROTO:
+        raise ValueError(
+            f"{field}: expected dtype one of {', '.join(SUPPORTED_DTYPES)}, got {array.dtype} "
+            f"(convert explicitly, e.g. .astype(np.float32))")
+    little = native.newbyteorder("<")
+    data = np.ascontiguousarray(array, dtype=little).tobytes()
+    return trainer_pb2.Tensor(dtype=_TO_PROTO[native], shape=list(array.shape), data=data)
+
+
+def to_numpy(tensor, field="tensor"):
+    """Returns a writable numpy array (native byte order) with a copy of ``tensor``'s data.
+
+    Raises ValueError for an unknown dtype or a data size that does not match the shape.
+    """
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{field}: negative dimension in shape {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if tensor.dtype == trainer_pb2.BF16:
+        if len(tensor.data) != count * 2:
+            raise ValueError(f"{field}: expected {count * 2} bytes for BF16 {list(shape)}, "
+                             f"got {len(tensor.data)}")
+        bits = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    dtype = _FROM_PROTO.get(tensor.dtype)
+    if dtype is None:
+        name = trainer_pb2.DataType.Name(tensor.dtype) if tensor.dtype in \
+            trainer_pb2.DataType.values() else str(tensor.dtype)
+        raise ValueError(f"{field}: unsupported dtype {name}")
+    if len(tensor.data) != count * dtype.itemsize:
+        raise ValueError(f"{field}: expected {count * dtype.itemsize} bytes for "
+                         f"{trainer_pb2.DataType.Name(tensor.dtype)} {list(shape)}, "
+                         f"got {len(tensor.data)}")
+    out = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return out.astype(dtype.newbyteorder("="), copy=True)

@@ -1,0 +1,154 @@
+"""Runs the real tscale-server binary for end-to-end tests.
+
+Environment (set by tests/e2e/CMakeLists.txt; defaults for running by hand from tests/e2e):
+  TSCALE_SERVER_BIN  the server binary (default ../../build/bin/tscale-server)
+  TSCALE_TEST_DATA   tests/data (default ../data)
+  TSCALE_TEST_DEVICE the --device the servers get (default "cpu": the golden vectors are exact
+                     on the CPU; "" leaves the server's own default)
+"""
+
+import atexit
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+import tscale
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+SERVER_BIN = os.environ.get("TSCALE_SERVER_BIN") or os.path.join(REPO, "build", "bin",
+                                                                 "tscale-server")
+TEST_DATA = os.environ.get("TSCALE_TEST_DATA") or os.path.join(REPO, "tests", "data")
+DEVICE = os.environ.get("TSCALE_TEST_DEVICE", "cpu")
+
+_LISTENING = re.compile(r"tscale-server: listening on (\S+)")
+_live = set()
+
+
+@atexit.register
+def _kill_leftovers():
+    for proc in list(_live):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class ServerProcess:
+    """One tscale-server process on 127.0.0.1:0. start() waits for the listening line and for
+    health SERVING; stop() sends SIGTERM and returns the exit status; kill() is the last resort.
+    The server's stdout and stderr go to a log file (``log()`` reads it)."""
+
+    def __init__(self, *args, device=DEVICE, start_timeout=120.0):
+        self.args = list(args)
+        self.device = device
+        self.start_timeout = start_timeout
+        self.proc = None
+        self.address = None
+        self._log = None
+
+    def start(self):
+        if not os.path.exists(SERVER_BIN):
+            raise unittest.SkipTest(f"no server binary at {SERVER_BIN} (TSCALE_SERVER_BIN)")
+        cmd = [SERVER_BIN, "--listen", "127.0.0.1:0"]
+        if self.device:
+            cmd += ["--device", self.device]
+        cmd += self.args
+        self._log = tempfile.NamedTemporaryFile(prefix="tscale-server-", suffix=".log",
+                                                delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        _live.add(self.proc)
+        try:
+            self.address = self._wait_listening(cmd)
+            with tscale.Client(self.address, timeout=5) as client:
+                client.wait_ready(timeout=self.start_timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _wait_listening(self, cmd):
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            m = _LISTENING.search(self.log())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd)} exited with {self.proc.returncode} before "
+                                   f"listening; its log:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{' '.join(cmd)}: no listening line after {self.start_timeout} s; "
+                           f"its log:\n{self.log()}")
+
+    def client(self, **kwargs):
+        kwargs.setdefault("timeout", 120)
+        return tscale.Client(self.address, **kwargs)
+
+    def log(self):
+        if self._log is None:
+            return ""
+        with open(self._log.name, "r", errors="replace") as f:
+            return f.read()
+
+    def terminate(self):
+        """Sends SIGTERM (returns at once)."""
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout=60.0):
+        """The exit status; kills the process and raises AssertionError if it outlives timeout."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"tscale-server did not exit within {timeout} s of SIGTERM; "
+                                 f"its log:\n{self.log()}") from None
+
+    def stop(self, timeout=60.0):
+        """SIGTERM, then the exit status (None when it was not running)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.terminate()
+        try:
+            return self.wait(timeout)
+        finally:
+            self._cleanup()
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._cleanup()
+
+    def _cleanup(self):
+        if self.proc is not None:
+            _live.discard(self.proc)
+        if self._log is not None and self.proc is not None and self.proc.poll() is not None:
+            self._log.close()
+
+
+class ServerTestCase(unittest.TestCase):
+    """A test class sharing one server; ``server_args`` are extra flags. The server must exit 0
+    on SIGTERM at the end (tearDownClass fails otherwise)."""
+
+    server_args = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess(*cls.server_args).start()
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        log_name = cls.server._log.name if cls.server._log else None
+        status = cls.server.stop()
+        if status != 0:
+            raise AssertionError(f"tscale-server exited with {status}; its log:\n"
+                                 f"{cls.server.log()}")
+        if log_name and os.path.exists(log_name):
+            os.unlink(log_name)

@@ -1,0 +1,96 @@
+"""SIGTERM: the server stops accepting, finishes what is in flight, and exits 0."""
+
+import threading
+import time
+import unittest
+
+import grpc
+import numpy as np
+
+import tscale
+from server_process import ServerProcess
+
+# One slow request: a TrainStep on a 4096x4096 layer at batch 1024 (about 70 GFLOP of forward
+# and weight gradient; seconds on a small CPU).
+FEATURES = 4096
+BATCH = 1024
+SPEC = {"layers": [{"name": "big", "ternary_linear": {"in_features": FEATURES,
+                                                      "out_features": FEATURES}}]}
+EXIT_BOUND_S = 120.0
+
+
+class SigtermTest(unittest.TestCase):
+
+    def setUp(self):
+        self.server = ServerProcess().start()
+        self.addCleanup(self.server.kill)
+
+    def test_in_flight_request_completes(self):
+        x = np.random.RandomState(0).randn(BATCH, FEATURES).astype(np.float32)
+        target = np.zeros((BATCH, FEATURES), np.float32)
+        with self.server.client(timeout=300, retries=0) as client:
+            client.create_model("slow", SPEC, seed=1)
+            # Warm up and measure one step, to send the signal well inside the next one.
+            t0 = time.monotonic()
+            client.train_step("slow", x, target, expected_step=0)
+            one_step = time.monotonic() - t0
+
+            result, error = {}, {}
+
+            def slow_call():
+                try:
+                    result["r"] = client.train_step("slow", x, target, expected_step=1)
+                except Exception as e:  # reported below
+                    error["e"] = e
+                result["done"] = time.monotonic()
+
+            thread = threading.Thread(target=slow_call)
+            started = time.monotonic()
+            thread.start()
+            # The request (32 MiB) must have reached the server; then signal mid-computation.
+            time.sleep(min(max(0.3 * one_step, 0.2), 2.0))
+            signalled = time.monotonic()
+            self.server.terminate()
+
+            # While it drains, the server takes no new connection: a call on a new one fails with
+            # UNAVAILABLE. (Right after the signal it may still answer health, NOT_SERVING.)
+            refused = None
+            while thread.is_alive() and refused is None:
+                with tscale.Client(self.server.address, timeout=5, retries=0,
+                                   options=[("grpc.use_local_subchannel_pool", 1)]) as fresh:
+                    try:
+                        fresh.health()  # answered: the signal is not handled yet, or just
+                    except tscale.Error as e:
+                        refused = e
+                time.sleep(0.02)
+            if refused is not None:
+                self.assertEqual(refused.code, grpc.StatusCode.UNAVAILABLE, refused.message)
+
+            thread.join(timeout=EXIT_BOUND_S)
+            self.assertFalse(thread.is_alive(), "the in-flight TrainStep never returned")
+            self.assertNotIn("e", error, f"in-flight TrainStep failed: {error.get('e')}\n"
+                                         f"server log:\n{self.server.log()}")
+            self.assertEqual(result["r"].step, 2)
+            self.assertFalse(result["r"].replayed)
+            self.assertGreater(result["done"], signalled,
+                               f"the request finished before the signal (one step took "
+                               f"{one_step:.2f}s, signalled after {signalled - started:.2f}s)")
+
+            status = self.server.wait(timeout=EXIT_BOUND_S)
+            self.assertEqual(status, 0, self.server.log())
+
+            # Afterwards: nothing listens.
+            with self.assertRaises(tscale.Error) as cm:
+                client.get_model("slow")
+            self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
+
+    def test_idle_server_exits_zero(self):
+        with self.server.client(retries=0) as client:
+            self.assertEqual(client.health(), "SERVING")
+        started = time.monotonic()
+        self.assertEqual(self.server.stop(timeout=EXIT_BOUND_S), 0, self.server.log())
+        self.assertLess(time.monotonic() - started, 30.0)
+
+
+if __name__ == "__main__":
+    unittest.main()
