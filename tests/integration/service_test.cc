@@ -962,6 +962,32 @@ TEST_F(ServiceTest, ConcurrentClientsWithRetriedUpdates) {
             << " retries replayed, " << joined.load() << " updates joined another client's\n";
 }
 
+// A long request on one model does not hold up requests on another.
+TEST_F(ServiceTest, DifferentModelsRunInParallel) {
+  ASSERT_TRUE(Create("big", Spec(2048, 2048, 16), 1).ok());
+  ASSERT_TRUE(Create("small", Spec(), 1).ok());
+  std::atomic<bool> big_done{false};
+  bool small_finished_first = false;
+  std::thread big([&] {
+    v1::TrainStepRequest req;
+    req.set_model_id("big");
+    *req.mutable_input() = Floats({1024, 2048});
+    *req.mutable_target() = Floats({1024, 16});
+    req.set_loss(v1::TrainStepRequest::MSE);
+    v1::TrainStepResponse resp;
+    grpc::ClientContext ctx;
+    EXPECT_TRUE(stub_->TrainStep(&ctx, req, &resp).ok());
+    big_done = true;
+  });
+  // Once the big step is surely running, a request on the small model is answered at once.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  v1::ForwardResponse f;
+  ASSERT_TRUE(Forward("small", Floats({2, 12}), false, &f).ok());
+  small_finished_first = !big_done;
+  big.join();
+  EXPECT_TRUE(small_finished_first) << "the small model's Forward waited for the big TrainStep";
+}
+
 // A request in flight when the server shuts down still completes.
 TEST_F(ServiceTest, ShutdownFinishesCallsInFlight) {
   ASSERT_TRUE(Create("big", Spec(2048, 2048, 16), 1).ok());
