@@ -197,6 +197,18 @@ class ServiceTest : public ::testing::Test {
     return ImportMessages(messages, info);
   }
 
+  // A TrainStep taking a while: model "big" (Spec(2048, 2048, 16)) at this batch.
+  grpc::Status BigTrainStep(int64_t batch) {
+    v1::TrainStepRequest req;
+    req.set_model_id("big");
+    *req.mutable_input() = Floats({batch, 2048});
+    *req.mutable_target() = Floats({batch, 16});
+    req.set_loss(v1::TrainStepRequest::MSE);
+    v1::TrainStepResponse resp;
+    grpc::ClientContext ctx;
+    return stub_->TrainStep(&ctx, req, &resp);
+  }
+
   // One Forward(train) + Backward + UpdateCorrelation at `step`.
   void TrainOnce(const std::string& id, int64_t step) {
     v1::ForwardResponse f;
@@ -969,14 +981,7 @@ TEST_F(ServiceTest, DifferentModelsRunInParallel) {
   std::atomic<bool> big_done{false};
   bool small_finished_first = false;
   std::thread big([&] {
-    v1::TrainStepRequest req;
-    req.set_model_id("big");
-    *req.mutable_input() = Floats({1024, 2048});
-    *req.mutable_target() = Floats({1024, 16});
-    req.set_loss(v1::TrainStepRequest::MSE);
-    v1::TrainStepResponse resp;
-    grpc::ClientContext ctx;
-    EXPECT_TRUE(stub_->TrainStep(&ctx, req, &resp).ok());
+    EXPECT_TRUE(BigTrainStep(1024).ok());
     big_done = true;
   });
   // Once the big step is surely running, a request on the small model is answered at once.
@@ -994,14 +999,7 @@ TEST_F(ServiceTest, ShutdownFinishesCallsInFlight) {
   std::atomic<bool> done{false};
   grpc::Status status;
   std::thread caller([&] {
-    v1::TrainStepRequest req;
-    req.set_model_id("big");
-    *req.mutable_input() = Floats({512, 2048});
-    *req.mutable_target() = Floats({512, 16});
-    req.set_loss(v1::TrainStepRequest::MSE);
-    v1::TrainStepResponse resp;
-    grpc::ClientContext ctx;
-    status = stub_->TrainStep(&ctx, req, &resp);
+    status = BigTrainStep(512);
     done = true;
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
