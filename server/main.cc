@@ -41,6 +41,19 @@ std::function<bool(absl::string_view)> IntFlag(Int* out) {
   return [out](absl::string_view v) { return absl::SimpleAtoi(v, out); };
 }
 
+std::function<bool(absl::string_view)> BoolFlag(bool* out) {
+  return [out](absl::string_view v) {
+    if (v == "true" || v == "1") {
+      *out = true;
+    } else if (v == "false" || v == "0") {
+      *out = false;
+    } else {
+      return false;
+    }
+    return true;
+  };
+}
+
 std::function<bool(absl::string_view)> StringFlag(std::string* out) {
   return [out](absl::string_view v) {
     *out = std::string(v);
@@ -81,6 +94,21 @@ int main(int argc, char** argv) {
        IntFlag(&options.max_pending_bytes)},
       {"worker-threads", "N", "threads running requests (default 0: max(4, hardware threads))",
        IntFlag(&options.worker_threads)},
+      {"checkpoint-dir", "DIR",
+       "checkpoints: DIR/<model_id>/step-<step>.safetensors; models found there are restored at "
+       "start (default: none)",
+       StringFlag(&options.checkpoint_dir)},
+      {"checkpoint-every-steps", "N",
+       "checkpoint a model when an update brings its step to a multiple of N (default 0: off)",
+       IntFlag(&options.checkpoint_every_steps)},
+      {"checkpoint-every-seconds", "N",
+       "checkpoint each model whose step changed, every N seconds (default 0: off)",
+       IntFlag(&options.checkpoint_every_seconds)},
+      {"checkpoint-keep", "K", "checkpoints kept per model, newest first (default 5; 0: all)",
+       IntFlag(&options.checkpoint_keep)},
+      {"checkpoint-on-shutdown", "true|false",
+       "on SIGTERM, checkpoint every model that changed since its last checkpoint (default true)",
+       BoolFlag(&options.checkpoint_on_shutdown)},
       {"shutdown-grace-seconds", "N",
        "on SIGTERM, how long in-flight calls may run before they are cancelled (default 30)",
        IntFlag(&grace_seconds)},

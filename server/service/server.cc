@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <iostream>
+#include <map>
 #include <thread>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -11,9 +13,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "server/checkpoint/checkpointer.h"
+#include "server/checkpoint/store.h"
 #include "server/core/device.h"
 #include "server/service/trainer_service.h"
 #include "server/service/worker_pool.h"
+
+#ifndef TSCALE_VERSION
+#define TSCALE_VERSION "unknown"
+#endif
 
 namespace tscale::service {
 namespace {
@@ -29,6 +37,9 @@ absl::Status Positive(int64_t value, absl::string_view flag) {
 }  // namespace
 
 struct Server::Impl {
+  std::unique_ptr<checkpoint::CheckpointStore> store;
+  std::unique_ptr<checkpoint::Checkpointer> checkpointer;
+  bool checkpoint_on_shutdown = false;
   std::unique_ptr<WorkerPool> pool;
   std::unique_ptr<TrainerService> service;
   std::unique_ptr<grpc::Server> server;
@@ -53,6 +64,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                              {options.max_pending_passes, "max-pending-passes"},
                              {options.max_pending_bytes, "max-pending-bytes"}}) {
     if (absl::Status s = Positive(value, flag); !s.ok()) return s;
+  }
+  for (auto [value, flag] :
+       {std::pair<int64_t, const char*>{options.checkpoint_every_steps, "checkpoint-every-steps"},
+        {options.checkpoint_every_seconds, "checkpoint-every-seconds"},
+        {options.checkpoint_keep, "checkpoint-keep"}}) {
+    if (value < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected >= 0, got ", value));
+    }
   }
   if (options.worker_threads < 0 || options.worker_threads > 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -87,6 +106,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   impl.service = std::make_unique<TrainerService>(trainer, impl.pool.get());
   impl.host = options.listen.substr(0, colon);
 
+  if (!options.checkpoint_dir.empty()) {
+    auto log = [](const std::string& line) {
+      std::cerr << "tscale-server: checkpoint: " << line << std::endl;
+    };
+    auto store = checkpoint::CheckpointStore::Open(options.checkpoint_dir, log);
+    if (!store.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--checkpoint-dir: ", store.status().message()));
+    }
+    impl.store = *std::move(store);
+    checkpoint::CheckpointPolicy policy;
+    policy.every_steps = options.checkpoint_every_steps;
+    policy.every_seconds = options.checkpoint_every_seconds;
+    policy.keep = options.checkpoint_keep;
+    impl.checkpointer = std::make_unique<checkpoint::Checkpointer>(
+        impl.store.get(), &impl.service->registry(), policy,
+        std::map<std::string, std::string>{{"server_version", TSCALE_VERSION}}, log);
+    impl.checkpoint_on_shutdown = options.checkpoint_on_shutdown;
+    // Models come back before the server listens: no request sees them missing.
+    impl.checkpointer->RestoreAll(trainer.default_device, trainer.model);
+    impl.service->set_checkpointer(impl.checkpointer.get());
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -109,6 +151,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   grpc::HealthCheckServiceInterface* health = impl.server->GetHealthCheckService();
   health->SetServingStatus(kServiceName, true);
   health->SetServingStatus(true);
+  if (impl.checkpointer != nullptr) impl.checkpointer->Start();
   return server;
 }
 
@@ -123,6 +166,16 @@ void Server::Shutdown(std::chrono::milliseconds grace) {
   if (impl_->server != nullptr) {
     impl_->server->GetHealthCheckService()->SetServingStatus(false);
     impl_->server->Shutdown(std::chrono::system_clock::now() + grace);
+  }
+  if (impl_->checkpointer != nullptr) {
+    impl_->checkpointer->Stop();
+    if (impl_->checkpoint_on_shutdown) {
+      auto saved = impl_->checkpointer->SaveChanged();
+      std::cerr << "tscale-server: checkpoint: at shutdown, "
+                << (saved.ok() ? absl::StrCat("saved ", *saved, " changed model(s)")
+                               : absl::StrCat("saving failed: ", saved.status().ToString()))
+                << std::endl;
+    }
   }
   if (impl_->pool != nullptr) impl_->pool->Stop();
   impl_->done.Notify();

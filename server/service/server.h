@@ -28,6 +28,14 @@ struct ServerOptions {
   int64_t max_pending_bytes = int64_t{4} << 30;
   // Threads running requests; 0: max(4, hardware threads).
   int worker_threads = 0;
+
+  // Checkpoints (--checkpoint-dir); empty: none. At start every model found there is restored
+  // from its newest valid checkpoint before the server listens.
+  std::string checkpoint_dir;
+  int64_t checkpoint_every_steps = 0;    // --checkpoint-every-steps; 0: off
+  int64_t checkpoint_every_seconds = 0;  // --checkpoint-every-seconds; 0: off
+  int checkpoint_keep = 5;               // --checkpoint-keep; 0: all
+  bool checkpoint_on_shutdown = true;    // --checkpoint-on-shutdown
 };
 
 class TrainerService;
@@ -46,7 +54,9 @@ class Server {
   std::string address() const;
 
   // Marks the service NOT_SERVING, stops accepting calls, lets in-flight calls finish until
-  // `grace` has passed (then cancels them), and stops the workers. Idempotent.
+  // `grace` has passed (then cancels them), checkpoints every model that changed since its last
+  // checkpoint (when a checkpoint folder and checkpoint_on_shutdown are set), and stops the
+  // workers. Idempotent.
   void Shutdown(std::chrono::milliseconds grace);
   // Blocks until Shutdown has completed.
   void Wait();

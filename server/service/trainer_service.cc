@@ -81,6 +81,7 @@ absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
   if (!compute.ok()) return compute.status();
   // Refuse a taken id before spending memory on the model; Add checks again.
   if (absl::Status s = registry_.CheckFree(req.model_id()); !s.ok()) return s;
+  if (absl::Status s = CheckNoCheckpoints(req.model_id()); !s.ok()) return s;
   core::ModelOptions options = options_.model;
   options.compute = *compute;
   auto model = core::Model::Create(*spec, req.seed(), *device, options);
@@ -117,13 +118,27 @@ grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext
   });
 }
 
+absl::Status TrainerService::DoDeleteModel(const v1::DeleteModelRequest& req) {
+  if (absl::Status s = core::ValidateModelId(req.model_id()); !s.ok()) return s;
+  if (req.delete_checkpoints()) {
+    auto checkpoints = Checkpoints();
+    if (!checkpoints.ok()) return checkpoints.status();
+    absl::Status removed = registry_.Remove(req.model_id());
+    absl::Status files = (*checkpoints)->store().Remove(req.model_id());
+    (*checkpoints)->Forget(req.model_id());
+    if (removed.ok() || files.ok()) return absl::OkStatus();
+    return absl::NotFoundError(
+        absl::StrCat("model_id: no model '", req.model_id(), "', loaded or checkpointed"));
+  }
+  absl::Status removed = registry_.Remove(req.model_id());
+  if (removed.ok() && checkpointer_ != nullptr) checkpointer_->Forget(req.model_id());
+  return removed;
+}
+
 grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContext* ctx,
                                                       const v1::DeleteModelRequest* req,
                                                       v1::DeleteModelResponse*) {
-  return Dispatch(ctx, "DeleteModel", *req, [this, req]() -> absl::Status {
-    if (absl::Status s = core::ValidateModelId(req->model_id()); !s.ok()) return s;
-    return registry_.Remove(req->model_id());
-  });
+  return Dispatch(ctx, "DeleteModel", *req, [this, req] { return DoDeleteModel(*req); });
 }
 
 // ---------------------------------------------------------------- training
@@ -188,6 +203,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
     if (!model.ok()) return model.status();
     auto result = (*model)->UpdateCorrelation(req->expected_step());
     if (!result.ok()) return result.status();
+    Updated(req->model_id(), result->step, result->replayed);
     resp->set_step(result->step);
     resp->set_replayed(result->replayed);
     for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
@@ -231,6 +247,7 @@ absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
   }
   auto result = (*model)->TrainStep(*input, *target, loss, req.expected_step());
   if (!result.ok()) return result.status();
+  Updated(req.model_id(), result->update.step, result->update.replayed);
   resp->set_loss(result->loss);
   resp->set_step(result->update.step);
   resp->set_replayed(result->update.replayed);
@@ -330,6 +347,7 @@ absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::
         "header.spec: expected a spec, in the header or in the file's __metadata__.spec; got "
         "neither");
   }
+  if (absl::Status s = CheckNoCheckpoints(header.model_id()); !s.ok()) return s;
   core::ModelOptions options = options_.model;
   options.compute = *compute;
   auto model = core::Model::Import(spec, decoded->tensors, decoded->step, *device, options);
@@ -338,6 +356,7 @@ absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::
   if (absl::Status s = registry_.Add(header.model_id(), shared, header.replace()); !s.ok()) {
     return s;
   }
+  if (checkpointer_ != nullptr) checkpointer_->Forget(header.model_id());
   ModelInfoToProto(header.model_id(), *shared, resp);
   return absl::OkStatus();
 }
@@ -461,36 +480,107 @@ grpc::ServerUnaryReactor* TrainerService::GetScaleStats(grpc::CallbackServerCont
                   [this, req, resp] { return DoGetScaleStats(*req, resp); });
 }
 
+// ---------------------------------------------------------------- checkpoints
+
+absl::StatusOr<checkpoint::Checkpointer*> TrainerService::Checkpoints() const {
+  if (checkpointer_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "checkpoints: this server keeps none (start it with --checkpoint-dir); ExportState and "
+        "ImportState save and restore a model's state as a file");
+  }
+  return checkpointer_;
+}
+
+absl::Status TrainerService::CheckNoCheckpoints(const std::string& model_id) const {
+  if (checkpointer_ == nullptr) return absl::OkStatus();
+  auto list = checkpointer_->store().List(model_id);
+  if (!list.ok()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "model_id: checkpoints of a model '", model_id, "' are on disk (newest ", list->back().name,
+      "); RestoreCheckpoint brings that model back, DeleteModel with delete_checkpoints removes "
+      "them"));
+}
+
+void TrainerService::Updated(const std::string& model_id, int64_t step, bool replayed) {
+  if (checkpointer_ != nullptr && !replayed) checkpointer_->AfterUpdate(model_id, step);
+}
+
 namespace {
 
-grpc::ServerUnaryReactor* NoCheckpoints(grpc::CallbackServerContext* ctx,
-                                        absl::string_view method) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(grpc::Status(
-      grpc::StatusCode::UNIMPLEMENTED,
-      absl::StrCat(method, ": this server keeps no checkpoints on its disk; ExportState and "
-                           "ImportState save and restore a model's state as a file")));
-  return reactor;
+void CheckpointInfoToProto(const checkpoint::CheckpointInfo& info, v1::CheckpointInfo* out) {
+  out->set_model_id(info.model_id);
+  out->set_name(info.name);
+  out->set_step(info.step);
+  out->set_bytes(info.bytes);
+  out->set_crc32c(info.crc32c);
 }
 
 }  // namespace
 
+absl::Status TrainerService::DoSaveCheckpoint(const v1::SaveCheckpointRequest& req,
+                                              v1::CheckpointInfo* resp) {
+  auto checkpoints = Checkpoints();
+  if (!checkpoints.ok()) return checkpoints.status();
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  auto info = (*checkpoints)->Save(req.model_id());
+  if (!info.ok()) return info.status();
+  CheckpointInfoToProto(*info, resp);
+  return absl::OkStatus();
+}
+
+absl::Status TrainerService::DoListCheckpoints(const v1::ListCheckpointsRequest& req,
+                                               v1::ListCheckpointsResponse* resp) {
+  auto checkpoints = Checkpoints();
+  if (!checkpoints.ok()) return checkpoints.status();
+  if (absl::Status s = core::ValidateModelId(req.model_id()); !s.ok()) return s;
+  auto list = (*checkpoints)->store().List(req.model_id());
+  if (!list.ok()) return list.status();
+  for (const checkpoint::CheckpointInfo& info : *list) {
+    CheckpointInfoToProto(info, resp->add_checkpoints());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TrainerService::DoRestoreCheckpoint(const v1::RestoreCheckpointRequest& req,
+                                                 v1::ModelInfo* resp) {
+  auto checkpoints = Checkpoints();
+  if (!checkpoints.ok()) return checkpoints.status();
+  if (absl::Status s = core::ValidateModelId(req.model_id()); !s.ok()) return s;
+  auto device = DeviceFor(req.device());
+  if (!device.ok()) return device.status();
+  std::optional<core::ComputeType> compute;
+  if (req.compute() != v1::COMPUTE_TYPE_UNSPECIFIED) {
+    auto c = ComputeFromProto(req.compute());
+    if (!c.ok()) return c.status();
+    compute = *c;
+  }
+  auto model = (*checkpoints)->Restore(req.model_id(), req.name(), *device, options_.model,
+                                       compute, nullptr);
+  if (!model.ok()) return model.status();
+  ModelInfoToProto(req.model_id(), **model, resp);
+  return absl::OkStatus();
+}
+
 grpc::ServerUnaryReactor* TrainerService::SaveCheckpoint(grpc::CallbackServerContext* ctx,
-                                                         const v1::SaveCheckpointRequest*,
-                                                         v1::CheckpointInfo*) {
-  return NoCheckpoints(ctx, "SaveCheckpoint");
+                                                         const v1::SaveCheckpointRequest* req,
+                                                         v1::CheckpointInfo* resp) {
+  return Dispatch(ctx, "SaveCheckpoint", *req,
+                  [this, req, resp] { return DoSaveCheckpoint(*req, resp); });
 }
 
 grpc::ServerUnaryReactor* TrainerService::ListCheckpoints(grpc::CallbackServerContext* ctx,
-                                                          const v1::ListCheckpointsRequest*,
-                                                          v1::ListCheckpointsResponse*) {
-  return NoCheckpoints(ctx, "ListCheckpoints");
+                                                          const v1::ListCheckpointsRequest* req,
+                                                          v1::ListCheckpointsResponse* resp) {
+  return Dispatch(ctx, "ListCheckpoints", *req,
+                  [this, req, resp] { return DoListCheckpoints(*req, resp); });
 }
 
-grpc::ServerUnaryReactor* TrainerService::RestoreCheckpoint(grpc::CallbackServerContext* ctx,
-                                                            const v1::RestoreCheckpointRequest*,
-                                                            v1::ModelInfo*) {
-  return NoCheckpoints(ctx, "RestoreCheckpoint");
+grpc::ServerUnaryReactor* TrainerService::RestoreCheckpoint(
+    grpc::CallbackServerContext* ctx, const v1::RestoreCheckpointRequest* req,
+    v1::ModelInfo* resp) {
+  return Dispatch(ctx, "RestoreCheckpoint", *req,
+                  [this, req, resp] { return DoRestoreCheckpoint(*req, resp); });
 }
 
 grpc::ServerUnaryReactor* TrainerService::GetServerInfo(grpc::CallbackServerContext* ctx,

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "server/checkpoint/checkpointer.h"
 #include "server/core/registry.h"
 #include "server/service/worker_pool.h"
 #include "tscale/v1/trainer.grpc.pb.h"
@@ -27,6 +28,10 @@ struct TrainerOptions {
 class TrainerService final : public v1::TernaryTrainer::CallbackService {
  public:
   TrainerService(TrainerOptions options, WorkerPool* pool);
+
+  // Enables the checkpoint calls and policies; call before serving.
+  void set_checkpointer(checkpoint::Checkpointer* checkpointer) { checkpointer_ = checkpointer; }
+  core::ModelRegistry& registry() { return registry_; }
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
                                         const v1::CreateModelRequest* req,
@@ -61,8 +66,7 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* req,
                                           v1::ServerInfo* resp) override;
-  // Checkpoints on the server's disk are not offered yet: UNIMPLEMENTED, pointing to
-  // ExportState / ImportState.
+  // Checkpoints on the server's disk: FAILED_PRECONDITION without --checkpoint-dir.
   grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* ctx,
                                            const v1::SaveCheckpointRequest* req,
                                            v1::CheckpointInfo* resp) override;
@@ -73,7 +77,6 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
                                               const v1::RestoreCheckpointRequest* req,
                                               v1::ModelInfo* resp) override;
 
-  const core::ModelRegistry& registry() const { return registry_; }
 
  private:
   class ExportReactor;
@@ -96,10 +99,22 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   absl::Status DoImportState(const v1::ImportHeader& header, std::string data,
                              v1::ModelInfo* resp);
   absl::Status DoGetScaleStats(const v1::GetScaleStatsRequest& req, v1::ScaleStats* resp);
+  absl::Status DoDeleteModel(const v1::DeleteModelRequest& req);
+  absl::Status DoSaveCheckpoint(const v1::SaveCheckpointRequest& req, v1::CheckpointInfo* resp);
+  absl::Status DoListCheckpoints(const v1::ListCheckpointsRequest& req,
+                                 v1::ListCheckpointsResponse* resp);
+  absl::Status DoRestoreCheckpoint(const v1::RestoreCheckpointRequest& req, v1::ModelInfo* resp);
+  // FailedPrecondition without a checkpoint folder.
+  absl::StatusOr<checkpoint::Checkpointer*> Checkpoints() const;
+  // A new model may take `model_id` only when no checkpoints of another model hold it.
+  absl::Status CheckNoCheckpoints(const std::string& model_id) const;
+  // After an update that applied: the step policy.
+  void Updated(const std::string& model_id, int64_t step, bool replayed);
 
   const TrainerOptions options_;
   WorkerPool* const pool_;
   core::ModelRegistry registry_;
+  checkpoint::Checkpointer* checkpointer_ = nullptr;
 };
 
 }  // namespace tscale::service

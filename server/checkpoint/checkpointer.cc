@@ -1,0 +1,238 @@
+#include "server/checkpoint/checkpointer.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/core/device.h"
+
+namespace tscale::checkpoint {
+namespace {
+
+std::optional<core::ComputeType> ComputeFromName(const std::string& name) {
+  for (core::ComputeType c :
+       {core::ComputeType::kFp32, core::ComputeType::kTf32, core::ComputeType::kBf16}) {
+    if (core::ComputeName(c) == name) return c;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+Checkpointer::Checkpointer(CheckpointStore* store, core::ModelRegistry* registry,
+                           CheckpointPolicy policy, std::map<std::string, std::string> metadata,
+                           std::function<void(const std::string&)> log)
+    : store_(store),
+      registry_(registry),
+      policy_(policy),
+      metadata_(std::move(metadata)),
+      log_(log ? std::move(log) : [](const std::string&) {}) {}
+
+Checkpointer::~Checkpointer() { Stop(); }
+
+void Checkpointer::Record(const std::string& model_id, int64_t step) {
+  absl::MutexLock lock(&mu_);
+  Saved& s = saved_[model_id];
+  // Saves of one model may finish out of order; the newest step is what is on disk.
+  if (step >= s.step) s = Saved{step, absl::Now()};
+}
+
+void Checkpointer::Forget(const std::string& model_id) {
+  absl::MutexLock lock(&mu_);
+  saved_.erase(model_id);
+}
+
+std::shared_ptr<absl::Mutex> Checkpointer::ModelLock(const std::string& model_id) {
+  absl::MutexLock lock(&mu_);
+  std::shared_ptr<absl::Mutex>& m = model_locks_[model_id];
+  if (m == nullptr) m = std::make_shared<absl::Mutex>();
+  return m;
+}
+
+absl::StatusOr<CheckpointInfo> Checkpointer::Save(const std::string& model_id) {
+  // Saves of one model are serialised, so that its snapshots reach the disk in step order.
+  const std::shared_ptr<absl::Mutex> model_lock = ModelLock(model_id);
+  absl::MutexLock hold(model_lock.get());
+  auto model = registry_->Get(model_id);
+  if (!model.ok()) return model.status();
+  // The copy is taken under the model's lock; encoding and writing happen outside it.
+  const core::StateSnapshot snapshot = (*model)->ExportState();
+  std::map<std::string, std::string> extra = metadata_;
+  extra["compute"] = std::string(core::ComputeName((*model)->compute()));
+  extra["model_id"] = model_id;
+  extra["created"] = absl::FormatTime(absl::RFC3339_sec, absl::Now(), absl::UTCTimeZone());
+  const std::string file = EncodeState(snapshot, (*model)->spec(), extra);
+  auto info = store_->Save(model_id, snapshot.step, file);
+  if (!info.ok()) return info.status();
+  Record(model_id, snapshot.step);
+  if (absl::Status s = store_->RemoveAfter(model_id, snapshot.step); !s.ok()) {
+    log_(absl::StrCat("removing later checkpoints of '", model_id, "': ", s.ToString()));
+  }
+  if (absl::Status s = store_->Prune(model_id, policy_.keep); !s.ok()) {
+    log_(absl::StrCat("retention of '", model_id, "': ", s.ToString()));
+  }
+  return info;
+}
+
+absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
+    const std::string& model_id, const std::string& name, c10::Device device,
+    core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info) {
+  std::shared_ptr<core::Model> model;
+  auto build = [&](const DecodedState& state) -> absl::Status {
+    core::ModelOptions o = options;
+    if (compute.has_value()) {
+      o.compute = *compute;
+    } else if (auto it = state.metadata.find("compute"); it != state.metadata.end()) {
+      o.compute = ComputeFromName(it->second).value_or(core::ComputeType::kFp32);
+    }
+    auto built = core::Model::Import(*state.spec, state.tensors, state.step, device, o);
+    if (!built.ok()) {
+      // A request for a compute type or device this server lacks is not damage of the file.
+      if (built.status().code() == absl::StatusCode::kUnimplemented ||
+          built.status().code() == absl::StatusCode::kResourceExhausted) {
+        return built.status();
+      }
+      return absl::DataLossError(absl::StrCat("its state does not build a model: ",
+                                              built.status().message()));
+    }
+    model = *std::move(built);
+    return absl::OkStatus();
+  };
+  auto loaded = store_->Load(model_id, name, build);
+  if (!loaded.ok()) return loaded.status();
+  for (const std::string& s : loaded->skipped) log_(absl::StrCat("skipped ", s));
+  if (info != nullptr) *info = loaded->info;
+  return model;
+}
+
+absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Restore(
+    const std::string& model_id, const std::string& name, c10::Device device,
+    const core::ModelOptions& options, std::optional<core::ComputeType> compute,
+    CheckpointInfo* info) {
+  const std::shared_ptr<absl::Mutex> model_lock = ModelLock(model_id);
+  absl::MutexLock hold(model_lock.get());
+  CheckpointInfo loaded;
+  auto model = Load(model_id, name, device, options, compute, &loaded);
+  if (!model.ok()) return model.status();
+  if (absl::Status s = store_->RemoveAfter(model_id, loaded.step); !s.ok()) return s;
+  if (absl::Status s = registry_->Add(model_id, *model, /*replace=*/true); !s.ok()) return s;
+  Forget(model_id);
+  Record(model_id, loaded.step);
+  if (info != nullptr) *info = loaded;
+  return model;
+}
+
+void Checkpointer::RestoreAll(c10::Device device, const core::ModelOptions& options) {
+  for (const std::string& id : store_->ModelIds()) {
+    if (registry_->Get(id).ok()) continue;
+    CheckpointInfo info;
+    auto model = Load(id, "", device, options, std::nullopt, &info);
+    if (!model.ok()) {
+      if (model.status().code() != absl::StatusCode::kNotFound) {
+        log_(absl::StrCat("cannot restore model '", id, "': ", model.status().ToString()));
+      }
+      continue;
+    }
+    if (absl::Status s = registry_->Add(id, *model); !s.ok()) {
+      log_(absl::StrCat("cannot restore model '", id, "': ", s.ToString()));
+      continue;
+    }
+    Record(id, info.step);
+    log_(absl::StrCat("restored model '", id, "' from ", info.path, " (step ", info.step, ")"));
+  }
+}
+
+void Checkpointer::AfterUpdate(const std::string& model_id, int64_t step) {
+  if (policy_.every_steps <= 0 || step % policy_.every_steps != 0) return;
+  absl::MutexLock lock(&mu_);
+  if (std::find(queue_.begin(), queue_.end(), model_id) == queue_.end()) {
+    queue_.push_back(model_id);
+  }
+}
+
+absl::StatusOr<int> Checkpointer::SaveChanged() {
+  int saved = 0;
+  absl::Status first;
+  for (const auto& [id, model] : registry_->List()) {
+    int64_t last = -1;
+    {
+      absl::MutexLock lock(&mu_);
+      if (auto it = saved_.find(id); it != saved_.end()) last = it->second.step;
+    }
+    if (model->step() == last) continue;
+    auto info = Save(id);
+    if (info.ok()) {
+      ++saved;
+    } else {
+      log_(absl::StrCat("saving '", id, "': ", info.status().ToString()));
+      if (first.ok()) first = info.status();
+    }
+  }
+  if (!first.ok()) return first;
+  return saved;
+}
+
+void Checkpointer::Start() {
+  if (thread_.joinable()) return;
+  if (policy_.every_steps <= 0 && policy_.every_seconds <= 0) return;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void Checkpointer::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+void Checkpointer::Loop() {
+  const absl::Duration period = absl::Seconds(policy_.every_seconds);
+  // The time policy is checked at least this often (and never more than every 100 ms).
+  const absl::Duration tick =
+      policy_.every_seconds > 0 ? std::clamp(period / 4, absl::Milliseconds(100), absl::Seconds(1))
+                                : absl::Seconds(1);
+  for (;;) {
+    std::string next;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.AwaitWithTimeout(absl::Condition(
+                               +[](Checkpointer* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+                                 return c->stopping_ || !c->queue_.empty();
+                               },
+                               this),
+                           tick);
+      if (stopping_) return;
+      if (!queue_.empty()) {
+        next = queue_.front();
+        queue_.pop_front();
+      }
+    }
+    if (!next.empty()) {
+      auto info = Save(next);
+      if (!info.ok() && info.status().code() != absl::StatusCode::kNotFound) {
+        log_(absl::StrCat("automatic checkpoint of '", next, "': ", info.status().ToString()));
+      }
+      continue;
+    }
+    if (policy_.every_seconds <= 0) continue;
+    const absl::Time now = absl::Now();
+    for (const auto& [id, model] : registry_->List()) {
+      bool due = false;
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return;
+        auto it = saved_.find(id);
+        due = it == saved_.end() ||
+              (it->second.step != model->step() && now - it->second.when >= period);
+      }
+      if (!due) continue;
+      auto info = Save(id);
+      if (!info.ok() && info.status().code() != absl::StatusCode::kNotFound) {
+        log_(absl::StrCat("automatic checkpoint of '", id, "': ", info.status().ToString()));
+      }
+    }
+  }
+}
+
+}  // namespace tscale::checkpoint

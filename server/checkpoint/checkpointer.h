@@ -1,0 +1,115 @@
+// Checkpoints of the models a server holds: saving one now, the automatic policies (every N steps,
+// every T seconds, at shutdown), retention, and restoring models from the store.
+//
+// A save copies the model's integer state under the model's lock (small: a few bytes per group
+// and 1.6 bits per weight) and encodes and writes it outside, so the model trains on meanwhile and
+// other models are never held up. Automatic saves run on one background thread.
+#ifndef TSCALE_SERVER_CHECKPOINT_CHECKPOINTER_H_
+#define TSCALE_SERVER_CHECKPOINT_CHECKPOINTER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <c10/core/Device.h>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/checkpoint/store.h"
+#include "server/core/model.h"
+#include "server/core/registry.h"
+
+namespace tscale::checkpoint {
+
+struct CheckpointPolicy {
+  int64_t every_steps = 0;    // save when an update brings the step to a multiple; 0: off
+  int64_t every_seconds = 0;  // save each model whose step changed, this often; 0: off
+  int keep = 5;               // checkpoints kept per model, newest first; 0: all
+};
+
+class Checkpointer {
+ public:
+  // `metadata` is added to every file (e.g. server_version). `log` receives one line per event
+  // worth an operator's attention (restores, skipped files, failed automatic saves).
+  Checkpointer(CheckpointStore* store, core::ModelRegistry* registry, CheckpointPolicy policy,
+               std::map<std::string, std::string> metadata,
+               std::function<void(const std::string&)> log);
+  ~Checkpointer();  // Stop()
+
+  CheckpointStore& store() { return *store_; }
+
+  // Saves the model's state now, then applies retention. Checkpoints of later steps are removed:
+  // they belong to a history the model left when it was restored to an earlier step. NotFound
+  // for an unknown model.
+  absl::StatusOr<CheckpointInfo> Save(const std::string& model_id);
+
+  // Restores every model of the store from its newest checkpoint that verifies and builds,
+  // logging each file skipped and each model restored. Models already registered are left alone.
+  void RestoreAll(c10::Device device, const core::ModelOptions& options);
+
+  // Loads a checkpoint (newest valid when `name` is empty), builds its model (with the file's
+  // compute type unless `compute` is given) and registers it under `model_id`, replacing the
+  // model there. Checkpoints after the one loaded are removed, so that the model's history
+  // continues from it, also after a restart.
+  absl::StatusOr<std::shared_ptr<core::Model>> Restore(const std::string& model_id,
+                                                       const std::string& name,
+                                                       c10::Device device,
+                                                       const core::ModelOptions& options,
+                                                       std::optional<core::ComputeType> compute,
+                                                       CheckpointInfo* info);
+
+  // Call after an update brought `model_id` to `step`: queues a background save when the step
+  // policy asks for one.
+  void AfterUpdate(const std::string& model_id, int64_t step);
+  // Forget what was saved of a model (it was deleted or replaced by another).
+  void Forget(const std::string& model_id);
+
+  // Starts the background thread: queued saves and the time policy.
+  void Start();
+  // Stops it after the save in progress; queued saves are dropped. Idempotent.
+  void Stop();
+
+  // Saves every model whose step differs from its last checkpoint's. Returns the number saved;
+  // failures are logged, and the first is returned after trying every model.
+  absl::StatusOr<int> SaveChanged();
+
+ private:
+  void Loop();
+  void Record(const std::string& model_id, int64_t step);
+  absl::StatusOr<std::shared_ptr<core::Model>> Load(const std::string& model_id,
+                                                    const std::string& name, c10::Device device,
+                                                    core::ModelOptions options,
+                                                    std::optional<core::ComputeType> compute,
+                                                    CheckpointInfo* info);
+  // Held through a save or a restore of one model, so that its files change in step order.
+  std::shared_ptr<absl::Mutex> ModelLock(const std::string& model_id);
+
+  CheckpointStore* const store_;
+  core::ModelRegistry* const registry_;
+  const CheckpointPolicy policy_;
+  const std::map<std::string, std::string> metadata_;
+  const std::function<void(const std::string&)> log_;
+
+  absl::Mutex mu_;
+  // The step of each model's newest checkpoint, and when it was written.
+  struct Saved {
+    int64_t step = -1;
+    absl::Time when;
+  };
+  absl::flat_hash_map<std::string, Saved> saved_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::shared_ptr<absl::Mutex>> model_locks_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+}  // namespace tscale::checkpoint
+
+#endif  // TSCALE_SERVER_CHECKPOINT_CHECKPOINTER_H_

@@ -1,0 +1,91 @@
+// Checkpoints on disk (DESIGN.md §2): DIR/<model_id>/step-<8-digit step>.safetensors, each written
+// to a temporary file in the same folder, fsync'd, renamed into place and the folder fsync'd, so
+// that a crash at any moment leaves either the old set of files or the new one, plus at most a
+// temporary file that the next Open removes.
+#ifndef TSCALE_SERVER_CHECKPOINT_STORE_H_
+#define TSCALE_SERVER_CHECKPOINT_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "server/checkpoint/state_file.h"
+
+namespace tscale::checkpoint {
+
+struct CheckpointInfo {
+  std::string model_id;
+  std::string name;    // "step-00000042"
+  std::string path;
+  int64_t step = 0;
+  int64_t bytes = 0;
+  std::string crc32c;  // of the data section, as the file's metadata gives it
+};
+
+struct LoadedCheckpoint {
+  CheckpointInfo info;
+  DecodedState state;
+  // Newer files passed over because they failed to verify: "<path>: <reason>".
+  std::vector<std::string> skipped;
+};
+
+// "step-00000042"; more digits beyond 99999999.
+std::string CheckpointName(int64_t step);
+
+class CheckpointStore {
+ public:
+  // Creates `dir` when missing and removes stale temporary files of earlier runs, reporting each
+  // to `log`. InvalidArgument when `dir` cannot be created or is not a folder.
+  static absl::StatusOr<std::unique_ptr<CheckpointStore>> Open(
+      const std::string& dir, std::function<void(const std::string&)> log = nullptr);
+
+  const std::string& dir() const { return dir_; }
+
+  // Writes `file` (a state file's bytes) as the checkpoint of `model_id` at `step`, atomically,
+  // replacing one of the same step. Internal on an I/O error, naming the path and the error; the
+  // checkpoints already there stay as they were.
+  absl::StatusOr<CheckpointInfo> Save(absl::string_view model_id, int64_t step,
+                                      absl::string_view file);
+
+  // The model's checkpoints, oldest first, read from their headers (data not verified; files
+  // whose header does not parse are left out). NotFound when there are none.
+  absl::StatusOr<std::vector<CheckpointInfo>> List(absl::string_view model_id) const;
+
+  // The model ids that have a folder.
+  std::vector<std::string> ModelIds() const;
+
+  // Loads and verifies (parse, CRC) the checkpoint `name`, or with an empty name the newest that
+  // verifies, skipping damaged ones. `accept`, when given, is a further check of a decoded state
+  // (e.g. that a model can be built from it); a state it refuses counts as damaged.
+  // InvalidArgument for a malformed name; NotFound when there is no such checkpoint (or none at
+  // all); DataLoss when the named one, or every one, is damaged.
+  absl::StatusOr<LoadedCheckpoint> Load(
+      absl::string_view model_id, absl::string_view name,
+      const std::function<absl::Status(const DecodedState&)>& accept = nullptr) const;
+
+  // Removes the model's folder and every checkpoint in it. NotFound when it has none.
+  absl::Status Remove(absl::string_view model_id);
+
+  // Removes all but the newest `keep` checkpoints of the model (keep > 0).
+  absl::Status Prune(absl::string_view model_id, int keep);
+  // Removes the model's checkpoints of steps after `step`.
+  absl::Status RemoveAfter(absl::string_view model_id, int64_t step);
+
+ private:
+  explicit CheckpointStore(std::string dir) : dir_(std::move(dir)) {}
+  std::string ModelDir(absl::string_view model_id) const;
+
+  const std::string dir_;
+  // Serialises renames and removals within the store; writing the data happens outside it.
+  mutable absl::Mutex mu_;
+};
+
+}  // namespace tscale::checkpoint
+
+#endif  // TSCALE_SERVER_CHECKPOINT_STORE_H_
