@@ -3,6 +3,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -13,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "server/checkpoint/safetensors.h"
 #include "server/checkpoint/state_file.h"
@@ -778,13 +781,260 @@ TEST_F(ServiceTest, ServerInfo) {
   EXPECT_EQ(info.models(), 1);
 }
 
-TEST_F(ServiceTest, CheckpointCallsAreUnimplementedWithAReason) {
+TEST_F(ServiceTest, CheckpointCallsNeedACheckpointFolder) {
+  ASSERT_TRUE(Create("m", Spec()).ok());
   grpc::ClientContext ctx;
   v1::SaveCheckpointRequest req;
   req.set_model_id("m");
   v1::CheckpointInfo info;
   EXPECT_THAT(stub_->SaveCheckpoint(&ctx, req, &info),
-              GrpcIs(grpc::StatusCode::UNIMPLEMENTED, HasSubstr("ExportState")));
+              GrpcIs(grpc::StatusCode::FAILED_PRECONDITION, HasSubstr("--checkpoint-dir")));
+  grpc::ClientContext dctx;
+  v1::DeleteModelRequest del;
+  del.set_model_id("m");
+  del.set_delete_checkpoints(true);
+  v1::DeleteModelResponse dresp;
+  EXPECT_THAT(stub_->DeleteModel(&dctx, del, &dresp),
+              GrpcIs(grpc::StatusCode::FAILED_PRECONDITION, HasSubstr("--checkpoint-dir")));
+}
+
+// A temporary checkpoint folder, removed with its files.
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/tscale-test-XXXXXX";
+    path_ = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+class CheckpointServiceTest : public ServiceTest {
+ protected:
+  void SetUp() override { StartWith({}); }
+  void StartWith(service::ServerOptions options) {
+    options.checkpoint_dir = dir_.path();
+    Start(options);
+  }
+  grpc::Status Save(const std::string& id, v1::CheckpointInfo* info) {
+    grpc::ClientContext ctx;
+    v1::SaveCheckpointRequest req;
+    req.set_model_id(id);
+    return stub_->SaveCheckpoint(&ctx, req, info);
+  }
+  grpc::Status List(const std::string& id, v1::ListCheckpointsResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::ListCheckpointsRequest req;
+    req.set_model_id(id);
+    return stub_->ListCheckpoints(&ctx, req, resp);
+  }
+  grpc::Status Restore(const std::string& id, const std::string& name, v1::ModelInfo* info) {
+    grpc::ClientContext ctx;
+    v1::RestoreCheckpointRequest req;
+    req.set_model_id(id);
+    req.set_name(name);
+    return stub_->RestoreCheckpoint(&ctx, req, info);
+  }
+  grpc::Status Delete(const std::string& id, bool delete_checkpoints) {
+    grpc::ClientContext ctx;
+    v1::DeleteModelRequest req;
+    req.set_model_id(id);
+    req.set_delete_checkpoints(delete_checkpoints);
+    v1::DeleteModelResponse resp;
+    return stub_->DeleteModel(&ctx, req, &resp);
+  }
+  // The model's tensors, exported.
+  core::StateDict State(const std::string& id) {
+    std::string bytes;
+    EXPECT_TRUE(Export(id, &bytes).ok());
+    auto decoded = checkpoint::DecodeState(bytes);
+    EXPECT_TRUE(decoded.ok()) << decoded.status();
+    return decoded.ok() ? decoded->tensors : core::StateDict();
+  }
+  static bool Same(const core::StateDict& a, const core::StateDict& b) {
+    if (a.size() != b.size()) return false;
+    for (const auto& [k, v] : a) {
+      if (!b.count(k) || !v.equal(b.at(k))) return false;
+    }
+    return true;
+  }
+
+  TempDir dir_;
+};
+
+TEST_F(CheckpointServiceTest, SaveListRestore) {
+  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  std::vector<core::StateDict> states;
+  for (int s = 0; s < 3; ++s) {
+    TrainOnce("m", s);
+    v1::CheckpointInfo info;
+    ASSERT_TRUE(Save("m", &info).ok());
+    EXPECT_EQ(info.model_id(), "m");
+    EXPECT_EQ(info.step(), s + 1);
+    EXPECT_EQ(info.name(), absl::StrFormat("step-%08d", s + 1));
+    EXPECT_EQ(info.crc32c().size(), 8u);
+    EXPECT_EQ(info.bytes(), static_cast<int64_t>(std::filesystem::file_size(
+                                dir_.path() + "/m/" + info.name() + ".safetensors")));
+    states.push_back(State("m"));
+  }
+  v1::ListCheckpointsResponse list;
+  ASSERT_TRUE(List("m", &list).ok());
+  ASSERT_EQ(list.checkpoints_size(), 3);
+  EXPECT_EQ(list.checkpoints(0).step(), 1);
+  EXPECT_EQ(list.checkpoints(2).name(), "step-00000003");
+
+  // Into a new id: created, at the checkpoint's state.
+  v1::ModelInfo info;
+  ASSERT_TRUE(Restore("m", "step-00000003", &info).ok());
+  EXPECT_EQ(info.step(), 3);
+  EXPECT_TRUE(Same(State("m"), states[2]));
+  // Into the existing model, back to step 2: its later checkpoint is gone (history continues
+  // from the one restored), and training on from there replaces it.
+  ASSERT_TRUE(Restore("m", "step-00000002", &info).ok());
+  EXPECT_EQ(info.step(), 2);
+  EXPECT_TRUE(Same(State("m"), states[1]));
+  ASSERT_TRUE(List("m", &list).ok());
+  EXPECT_EQ(list.checkpoints_size(), 2);
+  // No name: the newest valid.
+  TrainOnce("m", 2);
+  ASSERT_TRUE(Restore("m", "", &info).ok());
+  EXPECT_EQ(info.step(), 2);
+
+  EXPECT_THAT(Restore("m", "step-00000009", &info),
+              GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("no checkpoint 'step-00000009'")));
+  EXPECT_THAT(Restore("m", "../../etc/passwd", &info),
+              GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("name: expected a checkpoint name")));
+  EXPECT_THAT(Restore("other", "", &info),
+              GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("no checkpoints of 'other'")));
+  EXPECT_THAT(List("other", &list), GrpcIs(grpc::StatusCode::NOT_FOUND, ::testing::_));
+  v1::CheckpointInfo ci;
+  EXPECT_THAT(Save("other", &ci), GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("'other'")));
+}
+
+TEST_F(CheckpointServiceTest, DamagedCheckpointIsDataLoss) {
+  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  for (int s = 0; s < 2; ++s) {
+    TrainOnce("m", s);
+    v1::CheckpointInfo info;
+    ASSERT_TRUE(Save("m", &info).ok());
+  }
+  const std::string newest = dir_.path() + "/m/step-00000002.safetensors";
+  {
+    std::fstream f(newest, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-5, std::ios::end);
+    char c;
+    f.read(&c, 1);
+    c ^= 0x10;
+    f.seekp(-5, std::ios::end);
+    f.write(&c, 1);
+  }
+  v1::ModelInfo info;
+  EXPECT_THAT(Restore("m", "step-00000002", &info),
+              GrpcIs(grpc::StatusCode::DATA_LOSS, AllOf(HasSubstr("step-00000002"), HasSubstr("crc32c"))));
+  // Without a name the damaged newest is skipped.
+  ASSERT_TRUE(Restore("m", "", &info).ok());
+  EXPECT_EQ(info.step(), 1);
+}
+
+TEST_F(CheckpointServiceTest, RestartRestoresEveryModelAndShutdownSavesTheLastSteps) {
+  ASSERT_TRUE(Create("a", Spec(), 1).ok());
+  ASSERT_TRUE(Create("b", Spec(), 2).ok());
+  for (int s = 0; s < 3; ++s) TrainOnce("a", s);
+  TrainOnce("b", 0);
+  const core::StateDict a = State("a"), b = State("b");
+  // A restart: the shutdown saves both, the new server restores both before it listens.
+  StartWith({});
+  v1::ModelInfo info;
+  ASSERT_TRUE(GetModel("a", &info).ok());
+  EXPECT_EQ(info.step(), 3);
+  ASSERT_TRUE(GetModel("b", &info).ok());
+  EXPECT_EQ(info.step(), 1);
+  EXPECT_TRUE(Same(State("a"), a));
+  EXPECT_TRUE(Same(State("b"), b));
+  // Nothing changed: the next shutdown writes nothing new.
+  const auto before = std::filesystem::last_write_time(dir_.path() + "/a/step-00000003.safetensors");
+  StartWith({});
+  EXPECT_EQ(std::filesystem::last_write_time(dir_.path() + "/a/step-00000003.safetensors"), before);
+}
+
+TEST_F(CheckpointServiceTest, NoShutdownSaveWhenTurnedOff) {
+  service::ServerOptions options;
+  options.checkpoint_on_shutdown = false;
+  StartWith(options);
+  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  TrainOnce("m", 0);
+  v1::CheckpointInfo ci;
+  ASSERT_TRUE(Save("m", &ci).ok());
+  TrainOnce("m", 1);
+  StartWith(options);
+  v1::ModelInfo info;
+  ASSERT_TRUE(GetModel("m", &info).ok());
+  EXPECT_EQ(info.step(), 1);
+}
+
+TEST_F(CheckpointServiceTest, StepPolicyAndRetention) {
+  service::ServerOptions options;
+  options.checkpoint_every_steps = 2;
+  options.checkpoint_keep = 2;
+  options.checkpoint_on_shutdown = false;
+  StartWith(options);
+  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  for (int s = 0; s < 7; ++s) TrainOnce("m", s);
+  // Saves run in the background; wait for the last one (step 6) and its retention.
+  v1::ListCheckpointsResponse list;
+  for (int i = 0; i < 100; ++i) {
+    list.Clear();
+    if (List("m", &list).ok() && list.checkpoints_size() == 2 &&
+        list.checkpoints(1).step() == 6) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(list.checkpoints_size(), 2);
+  EXPECT_EQ(list.checkpoints(0).step(), 4);
+  EXPECT_EQ(list.checkpoints(1).step(), 6);
+}
+
+TEST_F(CheckpointServiceTest, TimePolicySavesChangedModelsOnly) {
+  service::ServerOptions options;
+  options.checkpoint_every_seconds = 1;
+  options.checkpoint_on_shutdown = false;
+  StartWith(options);
+  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  TrainOnce("m", 0);
+  TrainOnce("m", 1);
+  v1::ListCheckpointsResponse list;
+  for (int i = 0; i < 60; ++i) {
+    if (List("m", &list).ok() && list.checkpoints(list.checkpoints_size() - 1).step() == 2) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_GT(list.checkpoints_size(), 0);
+  EXPECT_EQ(list.checkpoints(list.checkpoints_size() - 1).step(), 2);
+  const auto written =
+      std::filesystem::last_write_time(dir_.path() + "/m/step-00000002.safetensors");
+  std::this_thread::sleep_for(std::chrono::milliseconds(2200));
+  EXPECT_EQ(std::filesystem::last_write_time(dir_.path() + "/m/step-00000002.safetensors"),
+            written);
+}
+
+TEST_F(CheckpointServiceTest, CheckpointedIdsAreNotTakenByNewModels) {
+  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  v1::CheckpointInfo ci;
+  ASSERT_TRUE(Save("m", &ci).ok());
+  ASSERT_TRUE(Delete("m", false).ok());
+  // Its checkpoints remain: a new model may not take the id...
+  EXPECT_THAT(Create("m", Spec(), 2),
+              GrpcIs(grpc::StatusCode::FAILED_PRECONDITION,
+                     AllOf(HasSubstr("checkpoints of a model 'm' are on disk"),
+                           HasSubstr("delete_checkpoints"))));
+  // ...until they are deleted too (the model need not be loaded).
+  ASSERT_TRUE(Delete("m", true).ok());
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/m"));
+  EXPECT_TRUE(Create("m", Spec(), 2).ok());
+  EXPECT_THAT(Delete("ghost", true), GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("'ghost'")));
 }
 
 TEST_F(ServiceTest, MessageSizeLimitNamesTheFlag) {
