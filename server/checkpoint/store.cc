@@ -273,7 +273,8 @@ absl::StatusOr<LoadedCheckpoint> CheckpointStore::Load(
     if (!in.good() && !in.eof()) problem = absl::DataLossError("cannot be read");
     absl::StatusOr<DecodedState> decoded = DecodeState(bytes);
     const int64_t size = static_cast<int64_t>(bytes.size());
-    if (problem.ok() && !decoded.ok()) problem = decoded.status();
+    // A file of ours that does not parse is damaged, whatever the parser calls it.
+    if (problem.ok() && !decoded.ok()) problem = absl::DataLossError(decoded.status().message());
     if (problem.ok() && (!decoded->step.has_value() || *decoded->step != step)) {
       problem = absl::DataLossError(absl::StrCat(
           "the metadata's step (",
