@@ -211,6 +211,10 @@ absl::StatusOr<std::vector<v1::ModelInfo>> Client::ListModels(const CallOptions&
 absl::Status Client::DeleteModel(absl::string_view model_id, const CallOptions& call) {
   v1::DeleteModelRequest request;
   request.set_model_id(std::string(model_id));
+  return DeleteModel(request, call);
+}
+
+absl::Status Client::DeleteModel(const v1::DeleteModelRequest& request, const CallOptions& call) {
   v1::DeleteModelResponse response;
   return Call(false, call, [&](grpc::ClientContext& context) {
     return stub_->DeleteModel(&context, request, &response);

@@ -117,6 +117,8 @@ class Client {
                                          const CallOptions& call = {});
   absl::StatusOr<std::vector<v1::ModelInfo>> ListModels(const CallOptions& call = {});
   absl::Status DeleteModel(absl::string_view model_id, const CallOptions& call = {});
+  // With the request's options, e.g. delete_checkpoints.
+  absl::Status DeleteModel(const v1::DeleteModelRequest& request, const CallOptions& call = {});
 
   // Training. Forward is retried only when !train (see above).
   absl::StatusOr<v1::ForwardResponse> Forward(absl::string_view model_id, const v1::Tensor& input,

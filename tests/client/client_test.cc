@@ -209,6 +209,12 @@ TEST_F(ClientTest, CreateGetListDelete) {
   EXPECT_TRUE(client_->DeleteModel("crud").ok());
   EXPECT_THAT(client_->GetModel("crud"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("crud")));
   EXPECT_THAT(client_->DeleteModel("crud"), StatusIs(absl::StatusCode::kNotFound, _));
+  // Deleting checkpoints too needs a server that keeps them.
+  v1::DeleteModelRequest with_checkpoints;
+  with_checkpoints.set_model_id("crud");
+  with_checkpoints.set_delete_checkpoints(true);
+  EXPECT_THAT(client_->DeleteModel(with_checkpoints),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("--checkpoint-dir")));
 }
 
 TEST_F(ClientTest, CreateRefusesABadSpec) {
