@@ -121,8 +121,8 @@ int main(int argc, char** argv) {
   }
   const v1::Tensor x = Tensor({batch, in}, 1), g = Tensor({batch, out}, 2);
   v1::Tensor target = Tensor({batch, out}, 3);
-  Series fwd{"Forward(train)"}, bwd{"Backward"}, upd{"UpdateCorrelation"}, step{"TrainStep"},
-      inf{"Forward(infer)"};
+  Series fwd{"Forward(train)", {}}, bwd{"Backward", {}}, upd{"UpdateCorrelation", {}},
+      step{"TrainStep", {}}, inf{"Forward(infer)", {}};
   int64_t model_step = 0;
   auto timed = [](Series* s, bool record, const std::function<void()>& fn) {
     const auto t0 = Clock::now();

@@ -109,6 +109,11 @@ int main(int argc, char** argv) {
       {"checkpoint-on-shutdown", "true|false",
        "on SIGTERM, checkpoint every model that changed since its last checkpoint (default true)",
        BoolFlag(&options.checkpoint_on_shutdown)},
+      {"metrics-listen", "HOST:PORT",
+       "serve Prometheus metrics at http://HOST:PORT/metrics (default: none)",
+       StringFlag(&options.metrics_listen)},
+      {"metrics-max-layers", "N", "drift series exported per model (default 64)",
+       IntFlag(&options.metrics_max_layers)},
       {"shutdown-grace-seconds", "N",
        "on SIGTERM, how long in-flight calls may run before they are cancelled (default 30)",
        IntFlag(&grace_seconds)},
@@ -180,6 +185,11 @@ int main(int argc, char** argv) {
   }
   // Scripts and tests read this line to learn the port.
   std::cout << "tscale-server: listening on " << (*server)->address() << std::endl;
+  if ((*server)->metrics_port() != 0) {
+    const std::string& m = options.metrics_listen;
+    std::cout << "tscale-server: metrics on http://" << m.substr(0, m.rfind(':')) << ":"
+              << (*server)->metrics_port() << "/metrics" << std::endl;
+  }
 
   unsigned char signal = 0;
   while (read(g_signal_pipe[0], &signal, 1) != 1) {

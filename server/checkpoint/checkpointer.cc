@@ -49,10 +49,25 @@ std::shared_ptr<absl::Mutex> Checkpointer::ModelLock(const std::string& model_id
   return m;
 }
 
+void Checkpointer::Observe(const char* operation, const std::string& model_id, bool ok,
+                           absl::Time start) {
+  if (observer_) observer_(operation, model_id, ok, absl::ToDoubleSeconds(absl::Now() - start));
+}
+
 absl::StatusOr<CheckpointInfo> Checkpointer::Save(const std::string& model_id) {
   // Saves of one model are serialised, so that its snapshots reach the disk in step order.
   const std::shared_ptr<absl::Mutex> model_lock = ModelLock(model_id);
   absl::MutexLock hold(model_lock.get());
+  const absl::Time start = absl::Now();
+  auto info = SaveLocked(model_id);
+  // An unknown model is the caller's mistake, not a failed checkpoint.
+  if (info.status().code() != absl::StatusCode::kNotFound) {
+    Observe("save", model_id, info.ok(), start);
+  }
+  return info;
+}
+
+absl::StatusOr<CheckpointInfo> Checkpointer::SaveLocked(const std::string& model_id) {
   auto model = registry_->Get(model_id);
   if (!model.ok()) return model.status();
   // The copy is taken under the model's lock; encoding and writing happen outside it.
@@ -77,6 +92,7 @@ absl::StatusOr<CheckpointInfo> Checkpointer::Save(const std::string& model_id) {
 absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
     const std::string& model_id, const std::string& name, c10::Device device,
     core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info) {
+  const absl::Time start = absl::Now();
   std::shared_ptr<core::Model> model;
   auto build = [&](const DecodedState& state) -> absl::Status {
     core::ModelOptions o = options;
@@ -99,6 +115,9 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
     return absl::OkStatus();
   };
   auto loaded = store_->Load(model_id, name, build);
+  if (loaded.ok() || loaded.status().code() == absl::StatusCode::kDataLoss) {
+    Observe("restore", model_id, loaded.ok(), start);
+  }
   if (!loaded.ok()) return loaded.status();
   for (const std::string& s : loaded->skipped) log_(absl::StrCat("skipped ", s));
   if (info != nullptr) *info = loaded->info;

@@ -45,6 +45,12 @@ class Checkpointer {
 
   CheckpointStore& store() { return *store_; }
 
+  // Called after every save and restore with its operation ("save", "restore"), model, outcome
+  // and duration in seconds; for metrics. Set before use.
+  using Observer = std::function<void(const char* operation, const std::string& model, bool ok,
+                                      double seconds)>;
+  void set_observer(Observer observer) { observer_ = std::move(observer); }
+
   // Saves the model's state now, then applies retention. Checkpoints of later steps are removed:
   // they belong to a history the model left when it was restored to an earlier step. NotFound
   // for an unknown model.
@@ -83,6 +89,8 @@ class Checkpointer {
  private:
   void Loop();
   void Record(const std::string& model_id, int64_t step);
+  absl::StatusOr<CheckpointInfo> SaveLocked(const std::string& model_id);
+  void Observe(const char* operation, const std::string& model_id, bool ok, absl::Time start);
   absl::StatusOr<std::shared_ptr<core::Model>> Load(const std::string& model_id,
                                                     const std::string& name, c10::Device device,
                                                     core::ModelOptions options,
@@ -96,6 +104,7 @@ class Checkpointer {
   const CheckpointPolicy policy_;
   const std::map<std::string, std::string> metadata_;
   const std::function<void(const std::string&)> log_;
+  Observer observer_;
 
   absl::Mutex mu_;
   // The step of each model's newest checkpoint, and when it was written.

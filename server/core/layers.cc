@@ -220,6 +220,15 @@ void TernaryLinear::Export(const std::string& name, StateDict* out) const {
   }
 }
 
+int64_t TernaryState::device_bytes() const {
+  return trits_.nbytes() + e_.nbytes() + corr_accum_.nbytes();
+}
+
+int64_t TernaryLinear::device_bytes() const {
+  return state_.device_bytes() + (bias_.defined() ? bias_.nbytes() : 0) +
+         (w_eff_.defined() ? w_eff_.nbytes() : 0);
+}
+
 int64_t TernaryLinear::persistent_bytes() const {
   return state_.persistent_bytes() + (bias_.defined() ? bias_.numel() * 4 : 0);
 }

@@ -52,6 +52,8 @@ class TernaryState {
   const at::Tensor& e() const { return e_; }
   // Bytes of the persistent tensors, as exported.
   int64_t persistent_bytes() const;
+  // Bytes held on the device: decoded trits, E, corr_accum.
+  int64_t device_bytes() const;
 
   // log2 S per group, float32, computed in the reference's order: corr_accum.float() /
   // max(step*gs, 1), * 4.0, + E.float() (E alone at step 0).
@@ -98,6 +100,8 @@ class TernaryLinear {
 
   const TernaryState& state() const { return state_; }
   int64_t persistent_bytes() const;
+  // Bytes held on the device, the current step's w_eff included.
+  int64_t device_bytes() const;
 
  private:
   TernaryState state_;
@@ -120,6 +124,7 @@ class TernaryRMSNorm {
   at::Tensor Forward(const at::Tensor& x);
   const TernaryState& state() const { return state_; }
   int64_t persistent_bytes() const { return state_.persistent_bytes(); }
+  int64_t device_bytes() const { return state_.device_bytes() + weight_.nbytes(); }
 
  private:
   TernaryState state_;

@@ -149,6 +149,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
           auto node = std::make_unique<NormNode>(*std::move(layer));
           model->persistent_bytes_ += node->layer.persistent_bytes();
           model->stateful_.push_back({name, &node->layer.state()});
+          model->norms_.push_back(&node->layer);
           out->push_back(std::move(node));
         } else if (const auto* a = std::get_if<ActivationSpec>(&spec.kind)) {
           out->push_back(std::make_unique<ActivationNode>(a->kind));
@@ -562,6 +563,16 @@ int64_t Model::pending_passes() const {
 int64_t Model::pending_bytes() const {
   absl::MutexLock lock(&mu_);
   return pending_bytes_;
+}
+
+int64_t Model::device_bytes() const {
+  absl::MutexLock lock(&mu_);
+  int64_t bytes = pending_bytes_;
+  for (const Linear& l : linears_) {
+    bytes += l.layer->device_bytes() + (l.grad_sum.defined() ? l.grad_sum.nbytes() : 0);
+  }
+  for (const TernaryRMSNorm* n : norms_) bytes += n->device_bytes();
+  return bytes;
 }
 
 }  // namespace tscale::core

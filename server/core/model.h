@@ -135,6 +135,8 @@ class Model {
   int64_t step() const;
   int64_t pending_passes() const;
   int64_t pending_bytes() const;
+  // Bytes the model holds on its device now: decoded state, caches, gradient sums, pending passes.
+  int64_t device_bytes() const;
 
  private:
   struct Pass {
@@ -173,6 +175,7 @@ class Model {
   const uint64_t nonce_;  // tells this model's pass ids from any other's
   std::vector<std::unique_ptr<Node>> nodes_;
   std::vector<Stateful> stateful_;  // in spec order
+  std::vector<const TernaryRMSNorm*> norms_;
   int64_t persistent_bytes_ = 0;
 
   mutable absl::Mutex mu_;

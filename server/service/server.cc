@@ -16,6 +16,8 @@
 #include "server/checkpoint/checkpointer.h"
 #include "server/checkpoint/store.h"
 #include "server/core/device.h"
+#include "server/metrics/http_exposer.h"
+#include "server/metrics/metrics.h"
 #include "server/service/trainer_service.h"
 #include "server/service/worker_pool.h"
 
@@ -37,6 +39,8 @@ absl::Status Positive(int64_t value, absl::string_view flag) {
 }  // namespace
 
 struct Server::Impl {
+  std::unique_ptr<metrics::Metrics> metrics;
+  std::unique_ptr<metrics::HttpExposer> exposer;
   std::unique_ptr<checkpoint::CheckpointStore> store;
   std::unique_ptr<checkpoint::Checkpointer> checkpointer;
   bool checkpoint_on_shutdown = false;
@@ -73,6 +77,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected >= 0, got ", value));
     }
   }
+  if (options.metrics_max_layers < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics-max-layers: expected >= 1, got ",
+                                                   options.metrics_max_layers));
+  }
   if (options.worker_threads < 0 || options.worker_threads > 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--worker-threads: expected 0 (automatic) to 1024, got ", options.worker_threads));
@@ -106,6 +114,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   impl.service = std::make_unique<TrainerService>(trainer, impl.pool.get());
   impl.host = options.listen.substr(0, colon);
 
+  if (!options.metrics_listen.empty()) {
+    metrics::MetricsOptions metrics_options;
+    metrics_options.max_layers_per_model = options.metrics_max_layers;
+    impl.metrics = std::make_unique<metrics::Metrics>(&impl.service->registry(), metrics_options,
+                                                      TSCALE_VERSION);
+    impl.service->set_metrics(impl.metrics.get());
+  }
+
   if (!options.checkpoint_dir.empty()) {
     auto log = [](const std::string& line) {
       std::cerr << "tscale-server: checkpoint: " << line << std::endl;
@@ -124,6 +140,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         impl.store.get(), &impl.service->registry(), policy,
         std::map<std::string, std::string>{{"server_version", TSCALE_VERSION}}, log);
     impl.checkpoint_on_shutdown = options.checkpoint_on_shutdown;
+    if (impl.metrics != nullptr) {
+      impl.checkpointer->set_observer([m = impl.metrics.get()](const char* op,
+                                                               const std::string& model, bool ok,
+                                                               double seconds) {
+        m->ObserveCheckpoint(op, model, ok, seconds);
+      });
+    }
     // Models come back before the server listens: no request sees them missing.
     impl.checkpointer->RestoreAll(trainer.default_device, trainer.model);
     impl.service->set_checkpointer(impl.checkpointer.get());
@@ -148,6 +171,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         absl::StrCat("--listen: cannot listen on ", options.listen,
                      " (address in use, or not an address of this machine)"));
   }
+  if (impl.metrics != nullptr) {
+    auto exposer = metrics::HttpExposer::Start(
+        options.metrics_listen, [m = impl.metrics.get()] { return m->Scrape(); });
+    if (!exposer.ok()) {
+      impl.server->Shutdown();
+      impl.pool->Stop();
+      return exposer.status();
+    }
+    impl.exposer = *std::move(exposer);
+  }
   grpc::HealthCheckServiceInterface* health = impl.server->GetHealthCheckService();
   health->SetServingStatus(kServiceName, true);
   health->SetServingStatus(true);
@@ -156,6 +189,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 }
 
 std::string Server::address() const { return absl::StrCat(impl_->host, ":", port_); }
+
+int Server::metrics_port() const { return impl_->exposer ? impl_->exposer->port() : 0; }
 
 void Server::Shutdown(std::chrono::milliseconds grace) {
   {
@@ -178,6 +213,8 @@ void Server::Shutdown(std::chrono::milliseconds grace) {
     }
   }
   if (impl_->pool != nullptr) impl_->pool->Stop();
+  // Last: the final state stays scrapeable until the end.
+  if (impl_->exposer != nullptr) impl_->exposer->Stop();
   impl_->done.Notify();
 }
 

@@ -36,6 +36,10 @@ struct ServerOptions {
   int64_t checkpoint_every_seconds = 0;  // --checkpoint-every-seconds; 0: off
   int checkpoint_keep = 5;               // --checkpoint-keep; 0: all
   bool checkpoint_on_shutdown = true;    // --checkpoint-on-shutdown
+
+  // Prometheus metrics at http://HOST:PORT/metrics (--metrics-listen); empty: none.
+  std::string metrics_listen;
+  int metrics_max_layers = 64;  // --metrics-max-layers: drift series per model
 };
 
 class TrainerService;
@@ -50,6 +54,8 @@ class Server {
 
   // The port bound (useful with port 0).
   int port() const { return port_; }
+  // The metrics port bound; 0 without metrics.
+  int metrics_port() const;
   // "127.0.0.1:<port>" style address clients can use.
   std::string address() const;
 

@@ -36,18 +36,27 @@ grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* 
                                                    const google::protobuf::Message& request,
                                                    Fn fn) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const absl::Time start = absl::Now();
   absl::Status size = CheckSize(static_cast<int64_t>(request.ByteSizeLong()), "request");
   if (!size.ok()) {
-    reactor->Finish(ToGrpcStatus(size, method));
+    reactor->Finish(Finished(method, size, start));
     return reactor;
   }
-  const bool queued = pool_->Submit([reactor, method, fn = std::move(fn)]() mutable {
-    reactor->Finish(ToGrpcStatus(fn(), method));
+  const bool queued = pool_->Submit([this, reactor, method, start, fn = std::move(fn)]() mutable {
+    reactor->Finish(Finished(method, fn(), start));
   });
   if (!queued) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
   }
   return reactor;
+}
+
+grpc::Status TrainerService::Finished(absl::string_view method, const absl::Status& status,
+                                      absl::Time start) const {
+  if (metrics_ != nullptr) {
+    metrics_->ObserveRpc(method, status.code(), absl::ToDoubleSeconds(absl::Now() - start));
+  }
+  return ToGrpcStatus(status, method);
 }
 
 absl::Status TrainerService::CheckSize(int64_t bytes, absl::string_view what) const {
@@ -126,12 +135,14 @@ absl::Status TrainerService::DoDeleteModel(const v1::DeleteModelRequest& req) {
     absl::Status removed = registry_.Remove(req.model_id());
     absl::Status files = (*checkpoints)->store().Remove(req.model_id());
     (*checkpoints)->Forget(req.model_id());
+    if (metrics_ != nullptr) metrics_->ForgetModel(req.model_id());
     if (removed.ok() || files.ok()) return absl::OkStatus();
     return absl::NotFoundError(
         absl::StrCat("model_id: no model '", req.model_id(), "', loaded or checkpointed"));
   }
   absl::Status removed = registry_.Remove(req.model_id());
   if (removed.ok() && checkpointer_ != nullptr) checkpointer_->Forget(req.model_id());
+  if (removed.ok() && metrics_ != nullptr) metrics_->ForgetModel(req.model_id());
   return removed;
 }
 
@@ -203,7 +214,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
     if (!model.ok()) return model.status();
     auto result = (*model)->UpdateCorrelation(req->expected_step());
     if (!result.ok()) return result.status();
-    Updated(req->model_id(), result->step, result->replayed);
+    Updated(req->model_id(), result->step, result->replayed, /*train_step=*/false);
     resp->set_step(result->step);
     resp->set_replayed(result->replayed);
     for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
@@ -247,7 +258,7 @@ absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
   }
   auto result = (*model)->TrainStep(*input, *target, loss, req.expected_step());
   if (!result.ok()) return result.status();
-  Updated(req.model_id(), result->update.step, result->update.replayed);
+  Updated(req.model_id(), result->update.step, result->update.replayed, /*train_step=*/true);
   resp->set_loss(result->loss);
   resp->set_step(result->update.step);
   resp->set_replayed(result->update.replayed);
@@ -281,11 +292,12 @@ absl::StatusOr<std::string> TrainerService::DoExportState(const v1::ExportStateR
 class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::StateChunk> {
  public:
   ExportReactor(TrainerService* service, const v1::ExportStateRequest& req)
-      : chunk_bytes_(std::min(kChunkBytes, service->options_.max_message_bytes - 64)) {
+      : service_(service),
+        chunk_bytes_(std::min(kChunkBytes, service->options_.max_message_bytes - 64)) {
     const bool queued = service->pool_->Submit([this, service, req] {
       auto bytes = service->DoExportState(req);
       if (!bytes.ok()) {
-        Finish(ToGrpcStatus(bytes.status(), "ExportState"));
+        Finish(service_->Finished("ExportState", bytes.status(), start_));
         return;
       }
       bytes_ = *std::move(bytes);
@@ -296,7 +308,8 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
 
   void OnWriteDone(bool ok) override {
     if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading"));
+      Finish(service_->Finished("ExportState",
+                                absl::CancelledError("the client stopped reading"), start_));
       return;
     }
     WriteNext();
@@ -306,7 +319,7 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
  private:
   void WriteNext() {
     if (offset_ >= bytes_.size()) {
-      Finish(grpc::Status::OK);
+      Finish(service_->Finished("ExportState", absl::OkStatus(), start_));
       return;
     }
     const size_t n = std::min<size_t>(chunk_bytes_, bytes_.size() - offset_);
@@ -315,6 +328,8 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
     StartWrite(&chunk_);
   }
 
+  TrainerService* const service_;
+  const absl::Time start_ = absl::Now();
   // Within the message limit, with room for the message's own few bytes.
   const int64_t chunk_bytes_;
   std::string bytes_;
@@ -376,7 +391,7 @@ class TrainerService::ImportReactor final
     }
     absl::Status s = Take();
     if (!s.ok()) {
-      Finish(ToGrpcStatus(s, "ImportState"));
+      Finish(service_->Finished("ImportState", s, start_));
       return;
     }
     StartRead(&message_);
@@ -424,24 +439,31 @@ class TrainerService::ImportReactor final
 
   void Complete() {
     if (messages_ == 0) {
-      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          "header: expected a first message holding the header, got no message"));
+      Finish(service_->Finished(
+          "ImportState",
+          absl::InvalidArgumentError(
+              "header: expected a first message holding the header, got no message"),
+          start_));
       return;
     }
     if (data_.empty()) {
-      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          "data: expected a state file after the header, got no data"));
+      Finish(service_->Finished(
+          "ImportState",
+          absl::InvalidArgumentError("data: expected a state file after the header, got no data"),
+          start_));
       return;
     }
     const bool queued = service_->pool_->Submit([this] {
-      Finish(ToGrpcStatus(service_->DoImportState(header_, std::move(data_), resp_),
-                          "ImportState"));
+      Finish(service_->Finished("ImportState",
+                                service_->DoImportState(header_, std::move(data_), resp_),
+                                start_));
     });
     if (!queued) Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
   }
 
   TrainerService* const service_;
   v1::ModelInfo* const resp_;
+  const absl::Time start_ = absl::Now();
   v1::ImportStateRequest message_;
   v1::ImportHeader header_;
   std::string data_;
@@ -501,8 +523,10 @@ absl::Status TrainerService::CheckNoCheckpoints(const std::string& model_id) con
       "them"));
 }
 
-void TrainerService::Updated(const std::string& model_id, int64_t step, bool replayed) {
+void TrainerService::Updated(const std::string& model_id, int64_t step, bool replayed,
+                             bool train_step) {
   if (checkpointer_ != nullptr && !replayed) checkpointer_->AfterUpdate(model_id, step);
+  if (metrics_ != nullptr) metrics_->CountUpdate(model_id, train_step, replayed);
 }
 
 namespace {

@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "server/checkpoint/checkpointer.h"
 #include "server/core/registry.h"
+#include "server/metrics/metrics.h"
 #include "server/service/worker_pool.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
@@ -31,6 +32,8 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
 
   // Enables the checkpoint calls and policies; call before serving.
   void set_checkpointer(checkpoint::Checkpointer* checkpointer) { checkpointer_ = checkpointer; }
+  // Records every call's duration and outcome, and updates; call before serving.
+  void set_metrics(metrics::Metrics* metrics) { metrics_ = metrics; }
   core::ModelRegistry& registry() { return registry_; }
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
@@ -108,13 +111,17 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   absl::StatusOr<checkpoint::Checkpointer*> Checkpoints() const;
   // A new model may take `model_id` only when no checkpoints of another model hold it.
   absl::Status CheckNoCheckpoints(const std::string& model_id) const;
-  // After an update that applied: the step policy.
-  void Updated(const std::string& model_id, int64_t step, bool replayed);
+  // After an update that applied: the step policy, metrics.
+  void Updated(const std::string& model_id, int64_t step, bool replayed, bool train_step);
+  // Maps the status and records the call's duration.
+  grpc::Status Finished(absl::string_view method, const absl::Status& status,
+                        absl::Time start) const;
 
   const TrainerOptions options_;
   WorkerPool* const pool_;
   core::ModelRegistry registry_;
   checkpoint::Checkpointer* checkpointer_ = nullptr;
+  metrics::Metrics* metrics_ = nullptr;
 };
 
 }  // namespace tscale::service

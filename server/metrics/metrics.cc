@@ -1,0 +1,267 @@
+#include "server/metrics/metrics.h"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <prometheus/collectable.h>
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+#include "absl/status/status.h"
+#include "absl/time/clock.h"
+#include "server/core/device.h"
+#include "server/core/scale_stats.h"
+
+namespace tscale::metrics {
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+// RPC latency: from 100 us to a minute.
+const prometheus::Histogram::BucketBoundaries& RpcBuckets() {
+  static const auto* const kBuckets = new prometheus::Histogram::BucketBoundaries{
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+      0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30,    60};
+  return *kBuckets;
+}
+
+const prometheus::Histogram::BucketBoundaries& CheckpointBuckets() {
+  static const auto* const kBuckets = new prometheus::Histogram::BucketBoundaries{
+      0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300};
+  return *kBuckets;
+}
+
+std::string CodeName(absl::StatusCode code) {
+  // gRPC's names (OK, INVALID_ARGUMENT, ...), as operators know them.
+  std::string name = absl::StatusCodeToString(code);
+  for (char& c : name) c = c == ' ' ? '_' : static_cast<char>(std::toupper(c));
+  return name;
+}
+
+ClientMetric Gauge(std::vector<ClientMetric::Label> labels, double value) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  m.gauge.value = value;
+  return m;
+}
+
+MetricFamily Family(std::string name, std::string help, MetricType type) {
+  MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+}  // namespace
+
+// The per-model series, computed at each scrape from the models themselves, so that a deleted
+// model's series disappear with it.
+class Metrics::ModelCollector : public prometheus::Collectable {
+ public:
+  ModelCollector(const core::ModelRegistry* models, MetricsOptions options)
+      : models_(models), options_(options) {}
+
+  std::vector<MetricFamily> Collect() const override {
+    const auto start = std::chrono::steady_clock::now();
+    MetricFamily drift = Family("tscale_layer_scale_drift",
+                                "Per-group scale drift log2 S - E of a layer, over its groups",
+                                MetricType::Histogram);
+    MetricFamily saturated =
+        Family("tscale_layer_saturated_ratio",
+               "Fraction of a layer's groups whose |drift| is within 1% of the rule's limit of 4",
+               MetricType::Gauge);
+    MetricFamily step = Family("tscale_model_step", "Completed correlation updates of a model",
+                               MetricType::Gauge);
+    MetricFamily passes = Family("tscale_model_pending_passes",
+                                 "Training passes awaiting Backward", MetricType::Gauge);
+    MetricFamily pending_bytes = Family("tscale_model_pending_bytes",
+                                        "Activation bytes held by pending passes",
+                                        MetricType::Gauge);
+    MetricFamily persistent = Family("tscale_model_persistent_bytes",
+                                     "Bytes of the model's all-integer persistent state",
+                                     MetricType::Gauge);
+    MetricFamily device = Family("tscale_model_device_bytes",
+                                 "Bytes the model holds on its device now", MetricType::Gauge);
+    MetricFamily info = Family("tscale_model_info", "A model's device and compute type",
+                               MetricType::Gauge);
+    MetricFamily count = Family("tscale_models", "Models held by the server", MetricType::Gauge);
+
+    const auto models = models_->List();
+    int64_t omitted = 0;
+    for (const auto& [id, model] : models) {
+      const std::string device_name = core::DeviceName(model->device());
+      step.metric.push_back(Gauge({{"model", id}}, static_cast<double>(model->step())));
+      passes.metric.push_back(
+          Gauge({{"model", id}}, static_cast<double>(model->pending_passes())));
+      pending_bytes.metric.push_back(
+          Gauge({{"model", id}}, static_cast<double>(model->pending_bytes())));
+      persistent.metric.push_back(
+          Gauge({{"model", id}}, static_cast<double>(model->persistent_bytes())));
+      device.metric.push_back(Gauge({{"device", device_name}, {"model", id}},
+                                    static_cast<double>(model->device_bytes())));
+      info.metric.push_back(Gauge({{"compute", std::string(core::ComputeName(model->compute()))},
+                                   {"device", device_name},
+                                   {"model", id}},
+                                  1));
+      core::ModelScaleStats stats;
+      try {
+        stats = model->ScaleStats(/*per_group=*/false);
+      } catch (const c10::Error&) {
+        continue;  // e.g. no device memory for the statistics: this scrape goes without them
+      }
+      const int64_t layers = static_cast<int64_t>(stats.layers.size());
+      const int64_t shown = std::min<int64_t>(layers, options_.max_layers_per_model);
+      omitted += layers - shown;
+      for (int64_t i = 0; i < shown; ++i) {
+        const core::LayerScaleStats& l = stats.layers[i];
+        const std::vector<ClientMetric::Label> labels = {{"layer", l.layer}, {"model", id}};
+        ClientMetric h;
+        h.label = labels;
+        h.histogram.sample_count = static_cast<uint64_t>(l.groups);
+        h.histogram.sample_sum = l.drift_mean * static_cast<double>(l.groups);
+        const std::vector<double>& bounds = core::DriftBucketUpper();
+        uint64_t cumulative = 0;
+        for (size_t b = 0; b <= bounds.size(); ++b) {
+          cumulative += static_cast<uint64_t>(l.bucket_count[b]);
+          ClientMetric::Bucket bucket;
+          bucket.cumulative_count = cumulative;
+          bucket.upper_bound =
+              b < bounds.size() ? bounds[b] : std::numeric_limits<double>::infinity();
+          h.histogram.bucket.push_back(bucket);
+        }
+        drift.metric.push_back(std::move(h));
+        saturated.metric.push_back(Gauge(labels, l.saturated_fraction));
+      }
+    }
+    count.metric.push_back(Gauge({}, static_cast<double>(models.size())));
+    omitted_total_ += omitted;
+
+    MetricFamily omitted_family =
+        Family("tscale_metrics_layers_omitted_total",
+               "Layer series left out by the per-model cap (--metrics-max-layers), summed over "
+               "scrapes",
+               MetricType::Counter);
+    ClientMetric omitted_metric;
+    omitted_metric.counter.value = static_cast<double>(omitted_total_.load());
+    omitted_family.metric.push_back(omitted_metric);
+    MetricFamily duration = Family("tscale_metrics_collect_duration_seconds",
+                                   "Time the last scrape took to compute the models' series",
+                                   MetricType::Gauge);
+    duration.metric.push_back(Gauge(
+        {}, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()));
+    return {drift,  saturated, step,  passes,         pending_bytes, persistent,
+            device, info,      count, omitted_family, duration};
+  }
+
+ private:
+  const core::ModelRegistry* const models_;
+  const MetricsOptions options_;
+  mutable std::atomic<int64_t> omitted_total_{0};
+};
+
+Metrics::Metrics(const core::ModelRegistry* models, MetricsOptions options, std::string version)
+    : models_(models),
+      options_(options),
+      registry_(std::make_shared<prometheus::Registry>()),
+      collector_(std::make_shared<ModelCollector>(models, options)) {
+  rpc_duration_ = &prometheus::BuildHistogram()
+                       .Name("tscale_rpc_duration_seconds")
+                       .Help("Duration of API calls, by method and status code")
+                       .Register(*registry_);
+  rpc_errors_ = &prometheus::BuildCounter()
+                     .Name("tscale_rpc_errors_total")
+                     .Help("API calls that failed, by method and status code")
+                     .Register(*registry_);
+  updates_ = &prometheus::BuildCounter()
+                  .Name("tscale_updates_total")
+                  .Help("Correlation updates applied, by model and source")
+                  .Register(*registry_);
+  replayed_ = &prometheus::BuildCounter()
+                   .Name("tscale_updates_replayed_total")
+                   .Help("Update requests answered with the update already applied")
+                   .Register(*registry_);
+  checkpoint_duration_ = &prometheus::BuildHistogram()
+                              .Name("tscale_checkpoint_duration_seconds")
+                              .Help("Duration of checkpoint saves and restores")
+                              .Register(*registry_);
+  checkpoint_failures_ = &prometheus::BuildCounter()
+                              .Name("tscale_checkpoint_failures_total")
+                              .Help("Checkpoint saves and restores that failed")
+                              .Register(*registry_);
+  checkpoint_last_success_ = &prometheus::BuildGauge()
+                                  .Name("tscale_checkpoint_last_success_timestamp_seconds")
+                                  .Help("When a model's last checkpoint was written (Unix time)")
+                                  .Register(*registry_);
+  prometheus::BuildGauge()
+      .Name("tscale_build_info")
+      .Help("The server's version")
+      .Register(*registry_)
+      .Add({{"version", std::move(version)}})
+      .Set(1);
+  // Present from the start, so that rates and alerts see a zero rather than nothing.
+  for (const char* op : {"save", "restore"}) checkpoint_failures_->Add({{"operation", op}});
+}
+
+Metrics::~Metrics() = default;
+
+void Metrics::ObserveRpc(absl::string_view method, absl::StatusCode code, double seconds) {
+  const std::string code_name = CodeName(code);
+  rpc_duration_->Add({{"code", code_name}, {"method", std::string(method)}}, RpcBuckets())
+      .Observe(seconds);
+  if (code != absl::StatusCode::kOk) {
+    rpc_errors_->Add({{"code", code_name}, {"method", std::string(method)}}).Increment();
+  }
+}
+
+void Metrics::CountUpdate(const std::string& model, bool train_step, bool replayed) {
+  if (replayed) {
+    replayed_->Add({{"model", model}}).Increment();
+    return;
+  }
+  updates_->Add({{"model", model}, {"source", train_step ? "train_step" : "update_correlation"}})
+      .Increment();
+}
+
+void Metrics::ObserveCheckpoint(absl::string_view operation, const std::string& model, bool ok,
+                                double seconds) {
+  const std::string op(operation);
+  checkpoint_duration_->Add({{"operation", op}}, CheckpointBuckets()).Observe(seconds);
+  if (!ok) {
+    checkpoint_failures_->Add({{"operation", op}}).Increment();
+  } else if (op == "save") {
+    checkpoint_last_success_->Add({{"model", model}})
+        .Set(absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()));
+  }
+}
+
+void Metrics::ForgetModel(const std::string& model) {
+  for (const char* source : {"train_step", "update_correlation"}) {
+    auto& c = updates_->Add({{"model", model}, {"source", source}});
+    updates_->Remove(&c);
+  }
+  replayed_->Remove(&replayed_->Add({{"model", model}}));
+  checkpoint_last_success_->Remove(&checkpoint_last_success_->Add({{"model", model}}));
+}
+
+std::string Metrics::Scrape() {
+  std::vector<MetricFamily> families = registry_->Collect();
+  std::vector<MetricFamily> models = collector_->Collect();
+  families.insert(families.end(), std::make_move_iterator(models.begin()),
+                  std::make_move_iterator(models.end()));
+  std::ostringstream out;
+  prometheus::TextSerializer().Serialize(out, families);
+  return out.str();
+}
+
+}  // namespace tscale::metrics
