@@ -71,17 +71,32 @@ absl::StatusOr<CheckpointInfo> Checkpointer::SaveLocked(const std::string& model
   auto model = registry_->Get(model_id);
   if (!model.ok()) return model.status();
   // The copy is taken under the model's lock; encoding and writing happen outside it.
-  const core::StateSnapshot snapshot = (*model)->ExportState();
+  return Write(model_id, **model, (*model)->ExportState());
+}
+
+absl::StatusOr<CheckpointInfo> Checkpointer::Write(const std::string& model_id,
+                                                   const core::Model& model,
+                                                   const core::StateSnapshot& snapshot) {
   std::map<std::string, std::string> extra = metadata_;
-  extra["compute"] = std::string(core::ComputeName((*model)->compute()));
+  extra["compute"] = std::string(core::ComputeName(model.compute()));
   extra["model_id"] = model_id;
   extra["created"] = absl::FormatTime(absl::RFC3339_sec, absl::Now(), absl::UTCTimeZone());
-  const std::string file = EncodeState(snapshot, (*model)->spec(), extra);
+  const std::string file = EncodeState(snapshot, model.spec(), extra);
   auto info = store_->Save(model_id, snapshot.step, file);
   if (!info.ok()) return info.status();
+  bool newest = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = saved_.find(model_id);
+    newest = it == saved_.end() || snapshot.step >= it->second.step;
+  }
   Record(model_id, snapshot.step);
-  if (absl::Status s = store_->RemoveAfter(model_id, snapshot.step); !s.ok()) {
-    log_(absl::StrCat("removing later checkpoints of '", model_id, "': ", s.ToString()));
+  // Later checkpoints than the newest state belong to a history the model left (it was restored
+  // to an earlier step); an older snapshot written late leaves them alone.
+  if (newest) {
+    if (absl::Status s = store_->RemoveAfter(model_id, snapshot.step); !s.ok()) {
+      log_(absl::StrCat("removing later checkpoints of '", model_id, "': ", s.ToString()));
+    }
   }
   if (absl::Status s = store_->Prune(model_id, policy_.keep); !s.ok()) {
     log_(absl::StrCat("retention of '", model_id, "': ", s.ToString()));
@@ -136,6 +151,13 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Restore(
   if (absl::Status s = store_->RemoveAfter(model_id, loaded.step); !s.ok()) return s;
   if (absl::Status s = registry_->Add(model_id, *model, /*replace=*/true); !s.ok()) return s;
   Forget(model_id);
+  {
+    // Snapshots of the model it replaces must not be written after it.
+    absl::MutexLock lock(&mu_);
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(),
+                                [&](const Pending& p) { return p.model_id == model_id; }),
+                 queue_.end());
+  }
   Record(model_id, loaded.step);
   if (info != nullptr) *info = loaded;
   return model;
@@ -163,9 +185,17 @@ void Checkpointer::RestoreAll(c10::Device device, const core::ModelOptions& opti
 
 void Checkpointer::AfterUpdate(const std::string& model_id, int64_t step) {
   if (policy_.every_steps <= 0 || step % policy_.every_steps != 0) return;
+  auto model = registry_->Get(model_id);
+  if (!model.ok()) return;
+  Pending pending{model_id, *model, (*model)->ExportState()};
   absl::MutexLock lock(&mu_);
-  if (std::find(queue_.begin(), queue_.end(), model_id) == queue_.end()) {
-    queue_.push_back(model_id);
+  queue_.push_back(std::move(pending));
+  // Writes that fall behind cannot pile up copies without end.
+  constexpr size_t kMaxQueued = 8;
+  if (queue_.size() > kMaxQueued) {
+    log_(absl::StrCat("automatic checkpoint of '", queue_.front().model_id, "' at step ",
+                      queue_.front().snapshot.step, " dropped: writes are falling behind"));
+    queue_.pop_front();
   }
 }
 
@@ -212,7 +242,7 @@ void Checkpointer::Loop() {
       policy_.every_seconds > 0 ? std::clamp(period / 4, absl::Milliseconds(100), absl::Seconds(1))
                                 : absl::Seconds(1);
   for (;;) {
-    std::string next;
+    std::optional<Pending> next;
     {
       absl::MutexLock lock(&mu_);
       mu_.AwaitWithTimeout(absl::Condition(
@@ -223,14 +253,19 @@ void Checkpointer::Loop() {
                            tick);
       if (stopping_) return;
       if (!queue_.empty()) {
-        next = queue_.front();
+        next = std::move(queue_.front());
         queue_.pop_front();
       }
     }
-    if (!next.empty()) {
-      auto info = Save(next);
-      if (!info.ok() && info.status().code() != absl::StatusCode::kNotFound) {
-        log_(absl::StrCat("automatic checkpoint of '", next, "': ", info.status().ToString()));
+    if (next.has_value()) {
+      const std::shared_ptr<absl::Mutex> model_lock = ModelLock(next->model_id);
+      absl::MutexLock hold(model_lock.get());
+      const absl::Time start = absl::Now();
+      auto info = Write(next->model_id, *next->model, next->snapshot);
+      Observe("save", next->model_id, info.ok(), start);
+      if (!info.ok()) {
+        log_(absl::StrCat("automatic checkpoint of '", next->model_id, "': ",
+                          info.status().ToString()));
       }
       continue;
     }

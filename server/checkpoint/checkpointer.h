@@ -71,8 +71,9 @@ class Checkpointer {
                                                        std::optional<core::ComputeType> compute,
                                                        CheckpointInfo* info);
 
-  // Call after an update brought `model_id` to `step`: queues a background save when the step
-  // policy asks for one.
+  // Call after an update brought `model_id` to `step`: when the step policy asks for a
+  // checkpoint, copies the model's state now (so the file holds that step even if training goes
+  // on) and queues the copy to be written in the background.
   void AfterUpdate(const std::string& model_id, int64_t step);
   // Forget what was saved of a model (it was deleted or replaced by another).
   void Forget(const std::string& model_id);
@@ -90,6 +91,9 @@ class Checkpointer {
   void Loop();
   void Record(const std::string& model_id, int64_t step);
   absl::StatusOr<CheckpointInfo> SaveLocked(const std::string& model_id);
+  // Encodes and writes a snapshot of `model`, then retention. Hold the model's lock.
+  absl::StatusOr<CheckpointInfo> Write(const std::string& model_id, const core::Model& model,
+                                       const core::StateSnapshot& snapshot);
   void Observe(const char* operation, const std::string& model_id, bool ok, absl::Time start);
   absl::StatusOr<std::shared_ptr<core::Model>> Load(const std::string& model_id,
                                                     const std::string& name, c10::Device device,
@@ -114,7 +118,13 @@ class Checkpointer {
   };
   absl::flat_hash_map<std::string, Saved> saved_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::shared_ptr<absl::Mutex>> model_locks_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  // Snapshots taken by the step policy, awaiting their write.
+  struct Pending {
+    std::string model_id;
+    std::shared_ptr<core::Model> model;
+    core::StateSnapshot snapshot;
+  };
+  std::deque<Pending> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };

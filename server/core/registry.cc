@@ -7,7 +7,8 @@
 namespace tscale::core {
 
 absl::Status ValidateModelId(absl::string_view id, absl::string_view field) {
-  bool valid = !id.empty() && id.size() <= 64;
+  // Ids name folders of checkpoints: none may start with '.' ("." and ".." above all).
+  bool valid = !id.empty() && id.size() <= 64 && id[0] != '.';
   for (char c : id) {
     valid = valid && (absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' ||
                       c == '-');
@@ -15,7 +16,7 @@ absl::Status ValidateModelId(absl::string_view id, absl::string_view field) {
   if (valid) return absl::OkStatus();
   const std::string shown = id.size() > 80 ? absl::StrCat(id.substr(0, 80), "...") : std::string(id);
   return absl::InvalidArgumentError(absl::StrCat(
-      field, ": expected 1-64 characters of [A-Za-z0-9_.-], got '", absl::CEscape(shown), "' (",
+      field, ": expected 1-64 characters of [A-Za-z0-9_.-], the first not '.', got '", absl::CEscape(shown), "' (",
       id.size(), " characters)"));
 }
 

@@ -18,7 +18,8 @@
 
 namespace tscale::core {
 
-// Model ids: 1-64 characters of [A-Za-z0-9_.-]. InvalidArgument naming `field` otherwise.
+// Model ids: 1-64 characters of [A-Za-z0-9_.-], the first not '.' (ids name folders).
+// InvalidArgument naming `field` otherwise.
 absl::Status ValidateModelId(absl::string_view id, absl::string_view field = "model_id");
 
 class ModelRegistry {

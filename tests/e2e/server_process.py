@@ -5,6 +5,7 @@ Environment (set by tests/e2e/CMakeLists.txt; defaults for running by hand from 
   TSCALE_TEST_DATA   tests/data (default ../data)
   TSCALE_TEST_DEVICE the --device the servers get (default "cpu": the golden vectors are exact
                      on the CPU; "" leaves the server's own default)
+  TSCALE_KEEP_LOGS   when set, servers' log files are never removed (their paths are printed)
 """
 
 import atexit
@@ -28,6 +29,31 @@ DEVICE = os.environ.get("TSCALE_TEST_DEVICE", "cpu")
 _LISTENING = re.compile(r"tscale-server: listening on (\S+)")
 _live = set()
 
+# The server's checkpoint lines at start (stderr), one per file or model.
+_CKPT_SKIPPED = re.compile(r"^tscale-server: checkpoint: skipped (\S+): (.*?)\s*$", re.M)
+_CKPT_RESTORED = re.compile(
+    r"^tscale-server: checkpoint: restored model '(.*)' from (\S+) \(step (\d+)\)\s*$", re.M)
+_CKPT_REMOVED = re.compile(
+    r"^tscale-server: checkpoint: removed stale temporary file (\S+?)\s*$", re.M)
+
+
+class CheckpointLog:
+    """The checkpoint lines of one server log: ``skipped`` [(path, reason)], ``restored``
+    {model_id: (path, step)}, ``removed`` [path], and ``before_listening`` (True when every such
+    line precedes the listening line, as the server promises)."""
+
+    def __init__(self, text):
+        self.text = text
+        self.skipped = [(m.group(1), m.group(2)) for m in _CKPT_SKIPPED.finditer(text)]
+        self.restored = {m.group(1): (m.group(2), int(m.group(3)))
+                         for m in _CKPT_RESTORED.finditer(text)}
+        self.removed = [m.group(1) for m in _CKPT_REMOVED.finditer(text)]
+        listening = _LISTENING.search(text)
+        ends = [m.end() for r in (_CKPT_SKIPPED, _CKPT_RESTORED, _CKPT_REMOVED)
+                for m in r.finditer(text)]
+        self.before_listening = listening is not None and all(
+            e <= listening.start() for e in ends)
+
 
 @atexit.register
 def _kill_leftovers():
@@ -39,8 +65,11 @@ def _kill_leftovers():
 
 class ServerProcess:
     """One tscale-server process on 127.0.0.1:0. start() waits for the listening line and for
-    health SERVING; stop() sends SIGTERM and returns the exit status; kill() is the last resort.
-    The server's stdout and stderr go to a log file (``log()`` reads it)."""
+    health SERVING; stop() sends SIGTERM and returns the exit status; kill() is the last resort;
+    sigkill() is kill -9 as a test step (it returns the exit status). start() again after the
+    process ended runs a new one with the same flags (a new port and a new log file).
+    The server's stdout and stderr go to a log file per run (``log()`` reads the current one;
+    ``remove_logs()`` deletes them all)."""
 
     def __init__(self, *args, device=DEVICE, start_timeout=120.0):
         self.args = list(args)
@@ -49,16 +78,30 @@ class ServerProcess:
         self.proc = None
         self.address = None
         self._log = None
+        self.log_names = []  # every run's log file, oldest first
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self):
         if not os.path.exists(SERVER_BIN):
             raise unittest.SkipTest(f"no server binary at {SERVER_BIN} (TSCALE_SERVER_BIN)")
+        if self.running():
+            raise RuntimeError(f"tscale-server (pid {self.pid}) is still running")
         cmd = [SERVER_BIN, "--listen", "127.0.0.1:0"]
         if self.device:
             cmd += ["--device", self.device]
         cmd += self.args
+        self.address = None
+        if self._log is not None:
+            self._log.close()  # an earlier run's (the file stays)
         self._log = tempfile.NamedTemporaryFile(prefix="tscale-server-", suffix=".log",
                                                 delete=False)
+        self.log_names.append(self._log.name)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         _live.add(self.proc)
@@ -94,6 +137,24 @@ class ServerProcess:
         with open(self._log.name, "r", errors="replace") as f:
             return f.read()
 
+    def checkpoint_log(self):
+        """The checkpoint lines of the current run's log (a CheckpointLog)."""
+        return CheckpointLog(self.log())
+
+    def remove_logs(self):
+        """Deletes the log files of every run (not while running; kept with TSCALE_KEEP_LOGS)."""
+        if self.running():
+            return
+        if os.environ.get("TSCALE_KEEP_LOGS"):
+            for name in self.log_names:
+                print(f"tscale-server log kept: {name}")
+            return
+        for name in self.log_names:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+
     def terminate(self):
         """Sends SIGTERM (returns at once)."""
         self.proc.send_signal(signal.SIGTERM)
@@ -123,6 +184,22 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
         self._cleanup()
+
+    def sigkill(self, timeout=60.0):
+        """kill -9 now; waits for the process to end and returns its exit status (-9 when the
+        signal killed it, or the status it had already exited with)."""
+        if self.proc is None:
+            raise RuntimeError("tscale-server was never started")
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            status = self.proc.wait(timeout=timeout)
+        finally:
+            self._cleanup()
+        return status
 
     def _cleanup(self):
         if self.proc is not None:

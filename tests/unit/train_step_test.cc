@@ -257,7 +257,12 @@ TEST(RegistryTest, ModelIds) {
   EXPECT_TRUE(core::ValidateModelId(std::string(64, 'a')).ok());
   EXPECT_THAT(core::ValidateModelId(""),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("model_id: expected 1-64 characters of [A-Za-z0-9_.-], got ''")));
+                       HasSubstr("model_id: expected 1-64 characters of [A-Za-z0-9_.-], the "
+                                 "first not '.', got ''")));
+  for (const char* dots : {".", "..", ".hidden"}) {
+    EXPECT_THAT(core::ValidateModelId(dots),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("the first not '.'")));
+  }
   EXPECT_THAT(core::ValidateModelId(std::string(65, 'a')),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("65 characters")));
   EXPECT_THAT(core::ValidateModelId("a/b", "header.model_id"),

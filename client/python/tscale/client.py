@@ -224,10 +224,16 @@ class Client:
         return list(self._unary("ListModels", trainer_pb2.ListModelsRequest(), True,
                                 timeout).models)
 
-    def delete_model(self, model_id, timeout=None):
-        """Deletes the model (and releases its passes). Returns None."""
-        self._unary("DeleteModel", trainer_pb2.DeleteModelRequest(model_id=model_id), False,
-                    timeout)
+    def delete_model(self, model_id, delete_checkpoints=False, timeout=None):
+        """Deletes the model (and releases its passes). Returns None.
+
+        Its checkpoints (server --checkpoint-dir) stay on disk unless delete_checkpoints, which
+        removes them too, also for a model not loaded now.
+        """
+        req = trainer_pb2.DeleteModelRequest(model_id=model_id)
+        if delete_checkpoints:  # only set when asked: servers built before the field ignore it
+            req.delete_checkpoints = True
+        self._unary("DeleteModel", req, False, timeout)
 
     # ------------------------------------------------------------ training
 
