@@ -134,7 +134,10 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
     Observe("restore", model_id, loaded.ok(), start);
   }
   if (!loaded.ok()) return loaded.status();
-  for (const std::string& s : loaded->skipped) log_(absl::StrCat("skipped ", s));
+  for (const std::string& s : loaded->skipped) {
+    log_(absl::StrCat("skipped ", s));
+    if (observer_) observer_("restore", model_id, false, -1);
+  }
   if (info != nullptr) *info = loaded->info;
   return model;
 }
@@ -195,6 +198,7 @@ void Checkpointer::AfterUpdate(const std::string& model_id, int64_t step) {
   if (queue_.size() > kMaxQueued) {
     log_(absl::StrCat("automatic checkpoint of '", queue_.front().model_id, "' at step ",
                       queue_.front().snapshot.step, " dropped: writes are falling behind"));
+    if (observer_) observer_("save", queue_.front().model_id, false, -1);
     queue_.pop_front();
   }
 }

@@ -46,7 +46,8 @@ class Checkpointer {
   CheckpointStore& store() { return *store_; }
 
   // Called after every save and restore with its operation ("save", "restore"), model, outcome
-  // and duration in seconds; for metrics. Set before use.
+  // and duration in seconds (-1 for a failure that took none: an automatic save dropped, a
+  // damaged file skipped); for metrics. Set before use.
   using Observer = std::function<void(const char* operation, const std::string& model, bool ok,
                                       double seconds)>;
   void set_observer(Observer observer) { observer_ = std::move(observer); }

@@ -140,7 +140,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
           auto node = std::make_unique<LinearNode>(*std::move(layer));
           model->persistent_bytes_ += node->layer.persistent_bytes();
           model->linears_.push_back({name, &node->layer, at::Tensor()});
-          model->stateful_.push_back({name, &node->layer.state()});
+          model->stateful_.push_back({name, &node->layer.state(), /*frozen=*/false});
           out->push_back(std::move(node));
         } else if (const auto* n = std::get_if<TernaryRMSNormSpec>(&spec.kind)) {
           auto layer = state ? TernaryRMSNorm::Import(*n, *state, name, model->device_)
@@ -148,7 +148,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
           if (!layer.ok()) return layer.status();
           auto node = std::make_unique<NormNode>(*std::move(layer));
           model->persistent_bytes_ += node->layer.persistent_bytes();
-          model->stateful_.push_back({name, &node->layer.state()});
+          model->stateful_.push_back({name, &node->layer.state(), /*frozen=*/true});
           model->norms_.push_back(&node->layer);
           out->push_back(std::move(node));
         } else if (const auto* a = std::get_if<ActivationSpec>(&spec.kind)) {
@@ -546,6 +546,7 @@ ModelScaleStats Model::ScaleStats(bool per_group) const {
     const TernaryState& st = *c.layer->state;
     out.layers.push_back(ComputeScaleStats(c.layer->name, c.corr_accum, st.e(), c.step,
                                            st.group_size(), per_group));
+    out.layers.back().frozen = c.layer->frozen;
   }
   return out;
 }

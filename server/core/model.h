@@ -155,6 +155,7 @@ class Model {
   struct Stateful {
     std::string name;
     const TernaryState* state;
+    bool frozen;  // RMSNorm: never updated
   };
 
   Model(ModelSpec spec, SpecSummary summary, c10::Device device, ModelOptions options);

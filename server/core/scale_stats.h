@@ -22,6 +22,7 @@ const std::vector<double>& DriftBucketUpper();
 
 struct LayerScaleStats {
   std::string layer;  // full name
+  bool frozen = false;  // a layer nothing updates (RMSNorm): its drift is 0 by construction
   int64_t groups = 0;
   double drift_mean = 0, drift_min = 0, drift_max = 0, drift_abs_mean = 0;
   double saturated_fraction = 0;

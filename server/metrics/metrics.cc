@@ -35,6 +35,12 @@ const prometheus::Histogram::BucketBoundaries& RpcBuckets() {
   return *kBuckets;
 }
 
+// The API's methods, for the series created before their first event.
+constexpr const char* kMethods[] = {
+    "CreateModel",   "GetModel",        "ListModels",        "DeleteModel",   "Forward",
+    "Backward",      "UpdateCorrelation", "TrainStep",       "SaveCheckpoint", "ListCheckpoints",
+    "RestoreCheckpoint", "ExportState", "ImportState",       "GetScaleStats", "GetServerInfo"};
+
 const prometheus::Histogram::BucketBoundaries& CheckpointBuckets() {
   static const auto* const kBuckets = new prometheus::Histogram::BucketBoundaries{
       0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300};
@@ -118,13 +124,18 @@ class Metrics::ModelCollector : public prometheus::Collectable {
       try {
         stats = model->ScaleStats(/*per_group=*/false);
       } catch (const c10::Error&) {
-        continue;  // e.g. no device memory for the statistics: this scrape goes without them
+        // E.g. no device memory for the statistics: this scrape goes without them, counted.
+        omitted += static_cast<int64_t>(model->summary().stateful_layers.size());
+        continue;
       }
-      const int64_t layers = static_cast<int64_t>(stats.layers.size());
-      const int64_t shown = std::min<int64_t>(layers, options_.max_layers_per_model);
-      omitted += layers - shown;
-      for (int64_t i = 0; i < shown; ++i) {
-        const core::LayerScaleStats& l = stats.layers[i];
+      int64_t shown = 0;
+      for (const core::LayerScaleStats& l : stats.layers) {
+        if (l.frozen) continue;
+        if (shown == options_.max_layers_per_model) {
+          ++omitted;
+          continue;
+        }
+        ++shown;
         const std::vector<ClientMetric::Label> labels = {{"layer", l.layer}, {"model", id}};
         ClientMetric h;
         h.label = labels;
@@ -146,6 +157,11 @@ class Metrics::ModelCollector : public prometheus::Collectable {
     }
     count.metric.push_back(Gauge({}, static_cast<double>(models.size())));
     omitted_total_ += omitted;
+    MetricFamily omitted_now = Family(
+        "tscale_metrics_layers_omitted",
+        "Layers left out of the drift series at this scrape (--metrics-max-layers)",
+        MetricType::Gauge);
+    omitted_now.metric.push_back(Gauge({}, static_cast<double>(omitted)));
 
     MetricFamily omitted_family =
         Family("tscale_metrics_layers_omitted_total",
@@ -160,8 +176,8 @@ class Metrics::ModelCollector : public prometheus::Collectable {
                                    MetricType::Gauge);
     duration.metric.push_back(Gauge(
         {}, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()));
-    return {drift,  saturated, step,  passes,         pending_bytes, persistent,
-            device, info,      count, omitted_family, duration};
+    return {drift, saturated, step,           passes,      pending_bytes, persistent, device,
+            info,  count,     omitted_family, omitted_now, duration};
   }
 
  private:
@@ -210,8 +226,19 @@ Metrics::Metrics(const core::ModelRegistry* models, MetricsOptions options, std:
       .Add({{"version", std::move(version)}})
       .Set(1);
   // Present from the start, so that rates and alerts see a zero rather than nothing.
-  for (const char* op : {"save", "restore"}) checkpoint_failures_->Add({{"operation", op}});
+  for (const char* op : {"save", "restore"}) {
+    checkpoint_failures_->Add({{"operation", op}});
+    checkpoint_duration_->Add({{"operation", op}}, CheckpointBuckets());
+  }
+  for (const char* method : kMethods) {
+    for (absl::StatusCode code : {absl::StatusCode::kInternal, absl::StatusCode::kUnknown,
+                                  absl::StatusCode::kUnavailable, absl::StatusCode::kDataLoss}) {
+      rpc_errors_->Add({{"code", CodeName(code)}, {"method", method}});
+    }
+  }
 }
+
+
 
 Metrics::~Metrics() = default;
 
@@ -236,7 +263,9 @@ void Metrics::CountUpdate(const std::string& model, bool train_step, bool replay
 void Metrics::ObserveCheckpoint(absl::string_view operation, const std::string& model, bool ok,
                                 double seconds) {
   const std::string op(operation);
-  checkpoint_duration_->Add({{"operation", op}}, CheckpointBuckets()).Observe(seconds);
+  if (seconds >= 0) {
+    checkpoint_duration_->Add({{"operation", op}}, CheckpointBuckets()).Observe(seconds);
+  }
   if (!ok) {
     checkpoint_failures_->Add({{"operation", op}}).Increment();
   } else if (op == "save") {
@@ -255,6 +284,13 @@ void Metrics::ForgetModel(const std::string& model) {
 }
 
 std::string Metrics::Scrape() {
+  // Each model's counters exist from its first scrape, at zero until their first event.
+  for (const auto& [id, model] : models_->List()) {
+    for (const char* source : {"train_step", "update_correlation"}) {
+      updates_->Add({{"model", id}, {"source", source}});
+    }
+    replayed_->Add({{"model", id}});
+  }
   std::vector<MetricFamily> families = registry_->Collect();
   std::vector<MetricFamily> models = collector_->Collect();
   families.insert(families.end(), std::make_move_iterator(models.begin()),

@@ -15,9 +15,14 @@
 //   tscale_checkpoint_duration_seconds{operation}    histogram (save, restore)
 //   tscale_checkpoint_failures_total{operation}
 //   tscale_checkpoint_last_success_timestamp_seconds{model}
-//   tscale_metrics_layers_omitted_total              layer series left out by --metrics-max-layers
+//   tscale_metrics_layers_omitted                    layers left out of the drift series now, by
+//                                                     --metrics-max-layers (or a failed computation)
+//   tscale_metrics_layers_omitted_total              the same, summed over scrapes
 //   tscale_metrics_collect_duration_seconds          the last scrape's collection time
-//   tscale_build_info{version,torch}                 1
+//   tscale_build_info{version}                       1
+// Drift series cover the layers that learn (ternary linear); RMSNorm layers are frozen, their
+// drift 0 by construction. Counters are created at zero before their first event (per model at
+// each scrape, per method for the server-side error codes), so rate() sees every event.
 // There is never a label per group: a layer's groups are summarised by its histogram.
 #ifndef TSCALE_SERVER_METRICS_METRICS_H_
 #define TSCALE_SERVER_METRICS_METRICS_H_
@@ -59,7 +64,8 @@ class Metrics {
   void ObserveRpc(absl::string_view method, absl::StatusCode code, double seconds);
   // An update that applied (or was replayed).
   void CountUpdate(const std::string& model, bool train_step, bool replayed);
-  // A checkpoint save or restore.
+  // A checkpoint save or restore; seconds < 0 for a failure that took no time of its own (an
+  // automatic save dropped, a damaged file skipped), which is counted but not timed.
   void ObserveCheckpoint(absl::string_view operation, const std::string& model, bool ok,
                          double seconds);
   // A model is gone: its own series go with it.

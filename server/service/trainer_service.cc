@@ -46,7 +46,7 @@ grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* 
     reactor->Finish(Finished(method, fn(), start));
   });
   if (!queued) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+    reactor->Finish(Finished(method, absl::UnavailableError("the server is shutting down"), start));
   }
   return reactor;
 }

@@ -100,15 +100,37 @@ TEST(MetricsTest, LayersBeyondTheCapAreCountedNotExported) {
   core::ModelRegistry registry;
   ASSERT_TRUE(registry.Add("m", *core::Model::Create(*spec, 1, kCpu)).ok());
   metrics::MetricsOptions options;
-  options.max_layers_per_model = 2;
+  options.max_layers_per_model = 1;
   metrics::Metrics metrics(&registry, options, "v");
   auto s = Samples(metrics.Scrape());
   EXPECT_EQ(s.count(R"(tscale_layer_scale_drift_count{layer="a",model="m"})"), 1u);
-  EXPECT_EQ(s.count(R"(tscale_layer_scale_drift_count{layer="b",model="m"})"), 1u);
+  // The RMSNorm is frozen (its drift is 0 by construction): not a drift series, not omitted.
+  EXPECT_EQ(s.count(R"(tscale_layer_scale_drift_count{layer="b",model="m"})"), 0u);
   EXPECT_EQ(s.count(R"(tscale_layer_scale_drift_count{layer="c",model="m"})"), 0u);
+  EXPECT_EQ(s["tscale_metrics_layers_omitted"], "1");
   EXPECT_EQ(s["tscale_metrics_layers_omitted_total"], "1");
   s = Samples(metrics.Scrape());
+  EXPECT_EQ(s["tscale_metrics_layers_omitted"], "1");
   EXPECT_EQ(s["tscale_metrics_layers_omitted_total"], "2");
+}
+
+TEST(MetricsTest, CountersExistAtZeroBeforeTheirFirstEvent) {
+  core::ModelRegistry registry;
+  ASSERT_TRUE(registry.Add("m", KnownModel()).ok());
+  metrics::Metrics metrics(&registry, {}, "v");
+  auto s = Samples(metrics.Scrape());
+  EXPECT_EQ(s[R"(tscale_updates_total{model="m",source="train_step"})"], "0");
+  EXPECT_EQ(s[R"(tscale_updates_total{model="m",source="update_correlation"})"], "0");
+  EXPECT_EQ(s[R"(tscale_updates_replayed_total{model="m"})"], "0");
+  EXPECT_EQ(s[R"(tscale_rpc_errors_total{code="INTERNAL",method="TrainStep"})"], "0");
+  EXPECT_EQ(s[R"(tscale_rpc_errors_total{code="DATA_LOSS",method="RestoreCheckpoint"})"], "0");
+  EXPECT_EQ(s[R"(tscale_checkpoint_duration_seconds_count{operation="restore"})"], "0");
+  EXPECT_EQ(s[R"(tscale_checkpoint_failures_total{operation="save"})"], "0");
+  // A failure without a duration of its own is counted, not timed.
+  metrics.ObserveCheckpoint("restore", "m", false, -1);
+  s = Samples(metrics.Scrape());
+  EXPECT_EQ(s[R"(tscale_checkpoint_failures_total{operation="restore"})"], "1");
+  EXPECT_EQ(s[R"(tscale_checkpoint_duration_seconds_count{operation="restore"})"], "0");
 }
 
 TEST(MetricsTest, CallsUpdatesAndCheckpoints) {
