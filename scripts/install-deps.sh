@@ -18,6 +18,8 @@ packages=(
   # Python clients, interop tests with the reference, the demo
   python3 python3-numpy python3-grpcio python3-protobuf python3-torch
   python3-sklearn python3-matplotlib
+  # deploy tests: promtool checks the Prometheus config and rules; prometheus scrapes the server
+  prometheus
 )
 
 missing=()
