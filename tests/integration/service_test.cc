@@ -3,7 +3,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -20,6 +19,7 @@
 #include "server/checkpoint/safetensors.h"
 #include "server/checkpoint/state_file.h"
 #include "server/service/server.h"
+#include "tests/unit/files.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
 namespace tscale {
@@ -798,20 +798,6 @@ TEST_F(ServiceTest, CheckpointCallsNeedACheckpointFolder) {
               GrpcIs(grpc::StatusCode::FAILED_PRECONDITION, HasSubstr("--checkpoint-dir")));
 }
 
-// A temporary checkpoint folder, removed with its files.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/tscale-test-XXXXXX";
-    path_ = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
 class CheckpointServiceTest : public ServiceTest {
  protected:
   void SetUp() override { StartWith({}); }
@@ -862,7 +848,7 @@ class CheckpointServiceTest : public ServiceTest {
     return true;
   }
 
-  TempDir dir_;
+  testing::TempDir dir_;
 };
 
 TEST_F(CheckpointServiceTest, SaveListRestore) {
@@ -876,8 +862,8 @@ TEST_F(CheckpointServiceTest, SaveListRestore) {
     EXPECT_EQ(info.step(), s + 1);
     EXPECT_EQ(info.name(), absl::StrFormat("step-%08d", s + 1));
     EXPECT_EQ(info.crc32c().size(), 8u);
-    EXPECT_EQ(info.bytes(), static_cast<int64_t>(std::filesystem::file_size(
-                                dir_.path() + "/m/" + info.name() + ".safetensors")));
+    EXPECT_EQ(info.bytes(),
+              testing::FileSize(dir_.path() + "/m/" + info.name() + ".safetensors"));
     states.push_back(State("m"));
   }
   v1::ListCheckpointsResponse list;
@@ -955,9 +941,9 @@ TEST_F(CheckpointServiceTest, RestartRestoresEveryModelAndShutdownSavesTheLastSt
   EXPECT_TRUE(Same(State("a"), a));
   EXPECT_TRUE(Same(State("b"), b));
   // Nothing changed: the next shutdown writes nothing new.
-  const auto before = std::filesystem::last_write_time(dir_.path() + "/a/step-00000003.safetensors");
+  const auto before = testing::ModifiedNs(dir_.path() + "/a/step-00000003.safetensors");
   StartWith({});
-  EXPECT_EQ(std::filesystem::last_write_time(dir_.path() + "/a/step-00000003.safetensors"), before);
+  EXPECT_EQ(testing::ModifiedNs(dir_.path() + "/a/step-00000003.safetensors"), before);
 }
 
 TEST_F(CheckpointServiceTest, NoShutdownSaveWhenTurnedOff) {
@@ -1014,9 +1000,9 @@ TEST_F(CheckpointServiceTest, TimePolicySavesChangedModelsOnly) {
   ASSERT_GT(list.checkpoints_size(), 0);
   EXPECT_EQ(list.checkpoints(list.checkpoints_size() - 1).step(), 2);
   const auto written =
-      std::filesystem::last_write_time(dir_.path() + "/m/step-00000002.safetensors");
+      testing::ModifiedNs(dir_.path() + "/m/step-00000002.safetensors");
   std::this_thread::sleep_for(std::chrono::milliseconds(2200));
-  EXPECT_EQ(std::filesystem::last_write_time(dir_.path() + "/m/step-00000002.safetensors"),
+  EXPECT_EQ(testing::ModifiedNs(dir_.path() + "/m/step-00000002.safetensors"),
             written);
 }
 
@@ -1032,7 +1018,7 @@ TEST_F(CheckpointServiceTest, CheckpointedIdsAreNotTakenByNewModels) {
                            HasSubstr("delete_checkpoints"))));
   // ...until they are deleted too (the model need not be loaded).
   ASSERT_TRUE(Delete("m", true).ok());
-  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/m"));
+  EXPECT_FALSE(testing::Exists(dir_.path() + "/m"));
   EXPECT_TRUE(Create("m", Spec(), 2).ok());
   EXPECT_THAT(Delete("ghost", true), GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("'ghost'")));
 }

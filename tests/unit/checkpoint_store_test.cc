@@ -7,7 +7,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -20,6 +19,7 @@
 #include "server/checkpoint/store.h"
 #include "server/core/model.h"
 #include "server/core/registry.h"
+#include "tests/unit/files.h"
 #include "tests/unit/test_util.h"
 
 namespace tscale {
@@ -35,7 +35,6 @@ using ::testing::SizeIs;
 using testing::SameState;
 using testing::StatusIs;
 
-namespace fs = std::filesystem;
 const c10::Device kCpu(c10::kCPU);
 
 core::ModelSpec Spec(int64_t in = 40, int64_t out = 24) {
@@ -96,7 +95,7 @@ class StoreTest : public ::testing::Test {
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = *std::move(store);
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override { testing::RemoveAll(dir_); }
 
   // Saves `model` after each of `steps` training steps; returns the states saved, by step.
   std::map<int64_t, core::StateDict> SaveSteps(core::Model& m, int steps) {
@@ -122,17 +121,14 @@ TEST_F(StoreTest, SaveListLoad) {
   auto m = NewModel();
   auto saved = SaveSteps(*m, 3);
   // Only the final files: no temporary file is left behind.
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir_ + "/m")) names.push_back(e.path().filename());
-  std::sort(names.begin(), names.end());
-  EXPECT_THAT(names, ElementsAre("step-00000001.safetensors", "step-00000002.safetensors",
+  EXPECT_THAT(testing::ListDir(dir_ + "/m"), ElementsAre("step-00000001.safetensors", "step-00000002.safetensors",
                                  "step-00000003.safetensors"));
   auto list = store_->List("m");
   ASSERT_TRUE(list.ok());
   ASSERT_THAT(*list, SizeIs(3));
   EXPECT_EQ((*list)[0].step, 1);
   EXPECT_EQ((*list)[2].name, "step-00000003");
-  EXPECT_EQ((*list)[2].bytes, static_cast<int64_t>(fs::file_size(PathOf(3))));
+  EXPECT_EQ((*list)[2].bytes, testing::FileSize(PathOf(3)));
   auto decoded = checkpoint::DecodeState(ReadAll(PathOf(3)));
   ASSERT_TRUE(decoded.ok());
   EXPECT_EQ((*list)[2].crc32c, decoded->metadata.at("crc32c"));
@@ -165,8 +161,8 @@ TEST_F(StoreTest, OpenRemovesStaleTemporaryFiles) {
   log_.clear();
   auto reopened = CheckpointStore::Open(dir_, [this](const std::string& l) { log_.push_back(l); });
   ASSERT_TRUE(reopened.ok());
-  EXPECT_FALSE(fs::exists(dir_ + "/m/.step-00000002.safetensors.tmp-123-0"));
-  EXPECT_TRUE(fs::exists(dir_ + "/m/notes.txt"));
+  EXPECT_FALSE(testing::Exists(dir_ + "/m/.step-00000002.safetensors.tmp-123-0"));
+  EXPECT_TRUE(testing::Exists(dir_ + "/m/notes.txt"));
   EXPECT_THAT(log_, ElementsAre(HasSubstr("removed stale temporary file")));
   EXPECT_THAT(*(*reopened)->List("m"), SizeIs(1));
 }
@@ -253,7 +249,7 @@ TEST_F(StoreTest, RetentionAndRemoval) {
   ASSERT_TRUE(store_->RemoveAfter("m", 4).ok());
   EXPECT_THAT(*store_->List("m"), SizeIs(1));
   ASSERT_TRUE(store_->Remove("m").ok());
-  EXPECT_FALSE(fs::exists(dir_ + "/m"));
+  EXPECT_FALSE(testing::Exists(dir_ + "/m"));
   EXPECT_THAT(store_->Remove("m"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("'m'")));
 }
 
@@ -275,8 +271,8 @@ TEST_F(StoreTest, WriteErrorLeavesEarlierCheckpoints) {
   std::signal(SIGXFSZ, old_handler);
   EXPECT_THAT(saved, StatusIs(absl::StatusCode::kInternal,
                               AllOf(HasSubstr("writing"), HasSubstr(".tmp"))));
-  for (const auto& e : fs::directory_iterator(dir_ + "/m")) {
-    EXPECT_THAT(e.path().filename().string(), ::testing::Not(HasSubstr(".tmp")));
+  for (const std::string& name : testing::ListDir(dir_ + "/m")) {
+    EXPECT_THAT(name, ::testing::Not(HasSubstr(".tmp")));
   }
   auto loaded = store_->Load("m", "");
   ASSERT_TRUE(loaded.ok());
@@ -343,13 +339,13 @@ TEST_F(StoreTest, StepPolicyRunsInTheBackground) {
     Train(*m, 1);
     ck.AfterUpdate("m", m->step());
   }
-  for (int i = 0; i < 100 && !fs::exists(PathOf(4)); ++i) {
+  for (int i = 0; i < 100 && !testing::Exists(PathOf(4)); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   ck.Stop();
-  EXPECT_TRUE(fs::exists(PathOf(4)));
-  EXPECT_FALSE(fs::exists(PathOf(1)));
-  EXPECT_FALSE(fs::exists(PathOf(3)));
+  EXPECT_TRUE(testing::Exists(PathOf(4)));
+  EXPECT_FALSE(testing::Exists(PathOf(1)));
+  EXPECT_FALSE(testing::Exists(PathOf(3)));
 }
 
 // ---------------------------------------------------------------- a large model
