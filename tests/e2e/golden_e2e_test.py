@@ -112,14 +112,6 @@ class GoldenE2ETest(ServerTestCase):
         self.assert_state_equal(final, safetensors.loads(self.client.export_state(again))[0],
                                 case + " (re-imported)")
 
-    def assert_state_equal(self, want, got, case):
-        self.assertEqual(sorted(got), sorted(want), f"{case}: exported tensor names")
-        for name, w in want.items():
-            g = got[name]
-            self.assertEqual(g.dtype, w.dtype, f"{case}: {name} dtype")
-            self.assertEqual(g.shape, w.shape, f"{case}: {name} shape")
-            np.testing.assert_array_equal(g, w, err_msg=f"{case}: {name}")
-
     def _delete(self, model_id):
         try:
             self.client.delete_model(model_id)

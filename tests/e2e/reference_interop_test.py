@@ -133,14 +133,6 @@ class ReferenceInteropTest(ServerTestCase):
             np.testing.assert_allclose(gin_svc, gin_ref, rtol=RTOL, atol=ATOL,
                                        err_msg=f"{model_id} step {step}: input gradient")
 
-    def assert_state_equal(self, want, got, what):
-        self.assertEqual(sorted(got), sorted(want), f"{what}: tensor names")
-        for name, w in want.items():
-            g = got[name]
-            self.assertEqual(g.dtype, w.dtype, f"{what}: {name} dtype")
-            self.assertEqual(g.shape, w.shape, f"{what}: {name} shape")
-            np.testing.assert_array_equal(g, w, err_msg=f"{what}: {name}")
-
     def checkpoint_file(self, model_id):
         info = self.client.save_checkpoint(model_id)
         path = os.path.join(self.dir, model_id, info.name + ".safetensors")

@@ -17,6 +17,8 @@ import tempfile
 import time
 import unittest
 
+import numpy as np
+
 import tscale
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -229,3 +231,12 @@ class ServerTestCase(unittest.TestCase):
                                  f"{cls.server.log()}")
         if log_name and os.path.exists(log_name):
             os.unlink(log_name)
+
+    def assert_state_equal(self, want, got, what):
+        """Two states (name -> numpy array) with the same names, dtypes, shapes and values."""
+        self.assertEqual(sorted(got), sorted(want), f"{what}: tensor names")
+        for name, w in want.items():
+            g = got[name]
+            self.assertEqual(g.dtype, w.dtype, f"{what}: {name} dtype")
+            self.assertEqual(g.shape, w.shape, f"{what}: {name} shape")
+            np.testing.assert_array_equal(g, w, err_msg=f"{what}: {name}")
