@@ -20,6 +20,7 @@ packages=(
   python3-sklearn python3-matplotlib
   # deploy tests: promtool checks the Prometheus config and rules; prometheus scrapes the server
   prometheus
+  python3-yaml  # tests/deploy/deploy_files_test.py parses the deployment files
 )
 
 missing=()
