@@ -114,6 +114,18 @@ int main(int argc, char** argv) {
        StringFlag(&options.metrics_listen)},
       {"metrics-max-layers", "N", "drift series exported per model (default 64)",
        IntFlag(&options.metrics_max_layers)},
+      {"tls-cert", "FILE", "TLS: the server's certificate chain, PEM (with --tls-key)",
+       StringFlag(&options.tls_cert)},
+      {"tls-key", "FILE", "TLS: the server's private key, PEM", StringFlag(&options.tls_key)},
+      {"tls-client-ca", "FILE",
+       "mutual TLS: clients must present a certificate this CA (PEM) signed",
+       StringFlag(&options.tls_client_ca)},
+      {"auth-token-file", "FILE",
+       "bearer tokens, one per line; calls must send 'authorization: Bearer <token>' (health "
+       "checks excepted); SIGHUP reads the file again",
+       StringFlag(&options.auth_token_file)},
+      {"reflection", "true|false", "serve gRPC server reflection (default true)",
+       BoolFlag(&options.reflection)},
       {"shutdown-grace-seconds", "N",
        "on SIGTERM, how long in-flight calls may run before they are cancelled (default 30)",
        IntFlag(&grace_seconds)},
@@ -177,6 +189,7 @@ int main(int argc, char** argv) {
   action.sa_flags = SA_RESTART;
   sigaction(SIGTERM, &action, nullptr);
   sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGHUP, &action, nullptr);
 
   auto server = tscale::service::Server::Start(options);
   if (!server.ok()) {
@@ -192,11 +205,18 @@ int main(int argc, char** argv) {
   }
 
   unsigned char signal = 0;
-  while (read(g_signal_pipe[0], &signal, 1) != 1) {
-    if (errno != EINTR) {
+  for (;;) {
+    if (read(g_signal_pipe[0], &signal, 1) != 1) {
+      if (errno == EINTR) continue;
       std::perror("tscale-server: waiting for a signal");
       return 1;
     }
+    if (signal != SIGHUP) break;
+    const absl::Status reloaded = (*server)->ReloadTokens();
+    std::cerr << "tscale-server: SIGHUP: "
+              << (reloaded.ok() ? std::string("tokens read again")
+                                : std::string(reloaded.message()) + "; the tokens in use stay")
+              << std::endl;
   }
   std::cerr << "tscale-server: " << (signal == SIGTERM ? "SIGTERM" : "SIGINT")
             << ": finishing the calls in flight, then exiting" << std::endl;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <thread>
@@ -18,6 +19,7 @@
 #include "server/core/device.h"
 #include "server/metrics/http_exposer.h"
 #include "server/metrics/metrics.h"
+#include "server/service/auth.h"
 #include "server/service/trainer_service.h"
 #include "server/service/worker_pool.h"
 
@@ -31,6 +33,39 @@ namespace {
 constexpr char kServiceName[] = "tscale.v1.TernaryTrainer";
 constexpr int64_t kMaxMessageBytesLimit = int64_t{1} << 30;
 
+absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view flag) {
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.good() && !in.eof()) text.clear();
+  if (text.find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, ": expected a readable PEM file, got '", path, "'"));
+  }
+  return text;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TlsCredentials(
+    const ServerOptions& options) {
+  if (options.tls_cert.empty() || options.tls_key.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-cert, --tls-key: expected both (and --tls-client-ca only with them), got " +
+        std::string(options.tls_cert.empty() ? "no --tls-cert" : "no --tls-key"));
+  }
+  auto cert = ReadPem(options.tls_cert, "tls-cert");
+  if (!cert.ok()) return cert.status();
+  auto key = ReadPem(options.tls_key, "tls-key");
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  if (!options.tls_client_ca.empty()) {
+    auto ca = ReadPem(options.tls_client_ca, "tls-client-ca");
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *ca;
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
 absl::Status Positive(int64_t value, absl::string_view flag) {
   if (value > 0) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected > 0, got ", value));
@@ -39,6 +74,7 @@ absl::Status Positive(int64_t value, absl::string_view flag) {
 }  // namespace
 
 struct Server::Impl {
+  std::unique_ptr<TokenAuth> auth;
   std::unique_ptr<metrics::Metrics> metrics;
   std::unique_ptr<metrics::HttpExposer> exposer;
   std::unique_ptr<checkpoint::CheckpointStore> store;
@@ -152,10 +188,23 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     impl.service->set_checkpointer(impl.checkpointer.get());
   }
 
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!options.tls_cert.empty() || !options.tls_key.empty() || !options.tls_client_ca.empty()) {
+    auto tls = TlsCredentials(options);
+    if (!tls.ok()) return tls.status();
+    credentials = *tls;
+  }
+  if (!options.auth_token_file.empty()) {
+    auto auth = TokenAuth::Load(options.auth_token_file);
+    if (!auth.ok()) return auth.status();
+    impl.auth = *std::move(auth);
+    impl.service->set_auth(impl.auth.get());
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  if (options.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(options.listen, credentials, &server->port_);
   // Two servers on one port would split the clients between them.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(impl.service.get());
@@ -219,5 +268,9 @@ void Server::Shutdown(std::chrono::milliseconds grace) {
 }
 
 void Server::Wait() { impl_->done.WaitForNotification(); }
+
+absl::Status Server::ReloadTokens() {
+  return impl_->auth != nullptr ? impl_->auth->Reload() : absl::OkStatus();
+}
 
 }  // namespace tscale::service

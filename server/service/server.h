@@ -40,6 +40,14 @@ struct ServerOptions {
   // Prometheus metrics at http://HOST:PORT/metrics (--metrics-listen); empty: none.
   std::string metrics_listen;
   int metrics_max_layers = 64;  // --metrics-max-layers: drift series per model
+
+  // TLS: PEM files of the server's certificate chain and key (--tls-cert, --tls-key); with a
+  // client CA (--tls-client-ca) clients must present a certificate it signed (mutual TLS).
+  std::string tls_cert, tls_key, tls_client_ca;
+  // Bearer tokens, one per line (--auth-token-file); empty: none required. Health checks stay
+  // open so that probes work.
+  std::string auth_token_file;
+  bool reflection = true;  // --reflection
 };
 
 class TrainerService;
@@ -66,6 +74,8 @@ class Server {
   void Shutdown(std::chrono::milliseconds grace);
   // Blocks until Shutdown has completed.
   void Wait();
+  // Reads --auth-token-file again (SIGHUP). OK without tokens; on an error the old ones stay.
+  absl::Status ReloadTokens();
 
  private:
   Server();

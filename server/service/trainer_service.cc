@@ -37,6 +37,10 @@ grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* 
                                                    Fn fn) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const absl::Time start = absl::Now();
+  if (absl::Status auth = Authorize(ctx); !auth.ok()) {
+    reactor->Finish(Finished(method, auth, start));
+    return reactor;
+  }
   absl::Status size = CheckSize(static_cast<int64_t>(request.ByteSizeLong()), "request");
   if (!size.ok()) {
     reactor->Finish(Finished(method, size, start));
@@ -57,6 +61,14 @@ grpc::Status TrainerService::Finished(absl::string_view method, const absl::Stat
     metrics_->ObserveRpc(method, status.code(), absl::ToDoubleSeconds(absl::Now() - start));
   }
   return ToGrpcStatus(status, method);
+}
+
+absl::Status TrainerService::Authorize(const grpc::CallbackServerContext* ctx) const {
+  if (auth_ == nullptr) return absl::OkStatus();
+  const auto& metadata = ctx->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return auth_->Check("");
+  return auth_->Check(absl::string_view(it->second.data(), it->second.size()));
 }
 
 absl::Status TrainerService::CheckSize(int64_t bytes, absl::string_view what) const {
@@ -291,9 +303,14 @@ absl::StatusOr<std::string> TrainerService::DoExportState(const v1::ExportStateR
 // Encodes the state on a worker, then writes it in chunks, one at a time.
 class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::StateChunk> {
  public:
-  ExportReactor(TrainerService* service, const v1::ExportStateRequest& req)
+  ExportReactor(TrainerService* service, grpc::CallbackServerContext* ctx,
+                const v1::ExportStateRequest& req)
       : service_(service),
         chunk_bytes_(std::min(kChunkBytes, service->options_.max_message_bytes - 64)) {
+    if (absl::Status auth = service->Authorize(ctx); !auth.ok()) {
+      Finish(service_->Finished("ExportState", auth, start_));
+      return;
+    }
     const bool queued = service->pool_->Submit([this, service, req] {
       auto bytes = service->DoExportState(req);
       if (!bytes.ok()) {
@@ -338,8 +355,8 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
 };
 
 grpc::ServerWriteReactor<v1::StateChunk>* TrainerService::ExportState(
-    grpc::CallbackServerContext*, const v1::ExportStateRequest* req) {
-  return new ExportReactor(this, *req);
+    grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* req) {
+  return new ExportReactor(this, ctx, *req);
 }
 
 absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::string data,
@@ -380,7 +397,12 @@ absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::
 class TrainerService::ImportReactor final
     : public grpc::ServerReadReactor<v1::ImportStateRequest> {
  public:
-  ImportReactor(TrainerService* service, v1::ModelInfo* resp) : service_(service), resp_(resp) {
+  ImportReactor(TrainerService* service, grpc::CallbackServerContext* ctx, v1::ModelInfo* resp)
+      : service_(service), resp_(resp) {
+    if (absl::Status auth = service->Authorize(ctx); !auth.ok()) {
+      Finish(service_->Finished("ImportState", auth, start_));
+      return;
+    }
     StartRead(&message_);
   }
 
@@ -471,8 +493,8 @@ class TrainerService::ImportReactor final
 };
 
 grpc::ServerReadReactor<v1::ImportStateRequest>* TrainerService::ImportState(
-    grpc::CallbackServerContext*, v1::ModelInfo* resp) {
-  return new ImportReactor(this, resp);
+    grpc::CallbackServerContext* ctx, v1::ModelInfo* resp) {
+  return new ImportReactor(this, ctx, resp);
 }
 
 // ---------------------------------------------------------------- statistics, server

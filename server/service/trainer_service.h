@@ -14,6 +14,7 @@
 #include "server/checkpoint/checkpointer.h"
 #include "server/core/registry.h"
 #include "server/metrics/metrics.h"
+#include "server/service/auth.h"
 #include "server/service/worker_pool.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
@@ -34,6 +35,9 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   void set_checkpointer(checkpoint::Checkpointer* checkpointer) { checkpointer_ = checkpointer; }
   // Records every call's duration and outcome, and updates; call before serving.
   void set_metrics(metrics::Metrics* metrics) { metrics_ = metrics; }
+  // Requires a bearer token of `auth` on every call of this service (health checks are another
+  // service, and stay open); call before serving.
+  void set_auth(const TokenAuth* auth) { auth_ = auth; }
   core::ModelRegistry& registry() { return registry_; }
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
@@ -91,6 +95,8 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
                                      const google::protobuf::Message& request, Fn fn);
 
   absl::Status CheckSize(int64_t bytes, absl::string_view what) const;
+  // Unauthenticated unless the call carries an accepted token (or no tokens are required).
+  absl::Status Authorize(const grpc::CallbackServerContext* ctx) const;
   absl::StatusOr<c10::Device> DeviceFor(const std::string& name) const;
   absl::StatusOr<std::shared_ptr<core::Model>> Find(const std::string& model_id) const;
 
@@ -122,6 +128,7 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   core::ModelRegistry registry_;
   checkpoint::Checkpointer* checkpointer_ = nullptr;
   metrics::Metrics* metrics_ = nullptr;
+  const TokenAuth* auth_ = nullptr;
 };
 
 }  // namespace tscale::service

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Writes a test CA, a server certificate for localhost / 127.0.0.1 and a client certificate, all
+# signed by that CA, into DIR. For the TLS tests only: one day of validity, unencrypted keys.
+set -euo pipefail
+dir="${1:?usage: make_test_certs.sh DIR}"
+cd "$dir"
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -keyout ca.key -out ca.pem \
+  -subj "/CN=tscale test CA" 2>/dev/null
+for who in server client; do
+  openssl req -newkey rsa:2048 -nodes -keyout "$who.key" -out "$who.csr" -subj "/CN=$who" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$who.ext"
+  openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+    -extfile "$who.ext" -out "$who.pem" 2>/dev/null
+done
+# A second CA that signed nothing of the above.
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -keyout other-ca.key -out other-ca.pem \
+  -subj "/CN=another CA" 2>/dev/null
