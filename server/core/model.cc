@@ -73,6 +73,8 @@ class ResidualNode : public Node {
   std::vector<std::unique_ptr<Node>> children;
 };
 
+// Checked on the caller's tensor before it moves to the model's device: a request from the
+// service arrives on the CPU, so this costs no device synchronisation.
 bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
 absl::Status CheckCompute(ComputeType compute) {
@@ -260,7 +262,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
           "pending passes: the model holds ", pending_passes_, " passes awaiting Backward, the ",
           "limit is ", options_.max_pending_passes, "; run their Backward or UpdateCorrelation"));
     }
-    if (!AllFinite(x)) {
+    if (!AllFinite(input)) {
       return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
     }
     c10::AutoGradMode grad_mode(true);
@@ -318,7 +320,7 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
   }
   try {
     at::Tensor g = grad_output.to(device_);
-    if (!AllFinite(g)) {
+    if (!AllFinite(grad_output)) {
       return absl::InvalidArgumentError("grad_output: expected finite values, got NaN or Inf");
     }
     std::vector<at::Tensor> inputs = pass.weights;
@@ -453,14 +455,14 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
   try {
     at::Tensor x = input.to(device_);
     at::Tensor t = target.to(device_);
-    if (!AllFinite(x)) {
+    if (!AllFinite(input)) {
       return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
     }
-    if (loss == Loss::kMse && !AllFinite(t)) {
+    if (loss == Loss::kMse && !AllFinite(target)) {
       return absl::InvalidArgumentError("target: expected finite values, got NaN or Inf");
     }
     if (loss == Loss::kCrossEntropy) {
-      const at::Tensor range = at::stack({t.min(), t.max()}).to(at::kCPU);
+      const at::Tensor range = at::stack({target.min(), target.max()}).to(at::kCPU);
       const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
       if (lo < 0 || hi >= out) {
         return absl::InvalidArgumentError(absl::StrCat(

@@ -20,6 +20,7 @@
 #include "server/checkpoint/state_file.h"
 #include "server/service/server.h"
 #include "tests/unit/files.h"
+#include "tests/unit/test_util.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
 namespace tscale {
@@ -840,13 +841,6 @@ class CheckpointServiceTest : public ServiceTest {
     EXPECT_TRUE(decoded.ok()) << decoded.status();
     return decoded.ok() ? decoded->tensors : core::StateDict();
   }
-  static bool Same(const core::StateDict& a, const core::StateDict& b) {
-    if (a.size() != b.size()) return false;
-    for (const auto& [k, v] : a) {
-      if (!b.count(k) || !v.equal(b.at(k))) return false;
-    }
-    return true;
-  }
 
   testing::TempDir dir_;
 };
@@ -876,12 +870,12 @@ TEST_F(CheckpointServiceTest, SaveListRestore) {
   v1::ModelInfo info;
   ASSERT_TRUE(Restore("m", "step-00000003", &info).ok());
   EXPECT_EQ(info.step(), 3);
-  EXPECT_TRUE(Same(State("m"), states[2]));
+  EXPECT_TRUE(testing::SameState(State("m"), states[2]));
   // Into the existing model, back to step 2: its later checkpoint is gone (history continues
   // from the one restored), and training on from there replaces it.
   ASSERT_TRUE(Restore("m", "step-00000002", &info).ok());
   EXPECT_EQ(info.step(), 2);
-  EXPECT_TRUE(Same(State("m"), states[1]));
+  EXPECT_TRUE(testing::SameState(State("m"), states[1]));
   ASSERT_TRUE(List("m", &list).ok());
   EXPECT_EQ(list.checkpoints_size(), 2);
   // No name: the newest valid.
@@ -938,8 +932,8 @@ TEST_F(CheckpointServiceTest, RestartRestoresEveryModelAndShutdownSavesTheLastSt
   EXPECT_EQ(info.step(), 3);
   ASSERT_TRUE(GetModel("b", &info).ok());
   EXPECT_EQ(info.step(), 1);
-  EXPECT_TRUE(Same(State("a"), a));
-  EXPECT_TRUE(Same(State("b"), b));
+  EXPECT_TRUE(testing::SameState(State("a"), a));
+  EXPECT_TRUE(testing::SameState(State("b"), b));
   // Nothing changed: the next shutdown writes nothing new.
   const auto before = testing::ModifiedNs(dir_.path() + "/a/step-00000003.safetensors");
   StartWith({});
