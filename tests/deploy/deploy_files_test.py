@@ -1,12 +1,18 @@
 """Checks of the deployment files: Dockerfile, deploy/k8s, deploy/compose.yaml, Grafana provisioning.
 
 No Docker engine or cluster is needed: the files are parsed and checked against the real binaries
-(TSCALE_SERVER_BIN, TSCALE_CLI_BIN), Debian's promtool, the proto and each other. The image's
-ENTRYPOINT + CMD and HEALTHCHECK are run as commands against a real server.
+(TSCALE_SERVER_BIN, TSCALE_CLI_BIN), Debian's promtool, the proto and each other. deploy/k8s is
+rendered by a small emulation of kustomize (checked against `kubectl kustomize` where kubectl is
+installed) in three variants: base (plaintext), the default (TLS + tokens) and with
+components/mtls, with test certificates and tokens as the Secret files. The image's ENTRYPOINT +
+CMD and HEALTHCHECK, each variant's server arguments and probes, and compose's server and demo
+launcher are run as commands against real servers.
 
 Run by ctest as deploy_files (tests/deploy/CMakeLists.txt) with /usr/bin/python3 (python3-yaml).
 """
 
+import contextlib
+import copy
 import os
 import re
 import shlex
@@ -17,6 +23,7 @@ import subprocess
 import tempfile
 import time
 import unittest
+import urllib.request
 
 import yaml
 
@@ -201,15 +208,121 @@ class DockerfileTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------------
-# YAML, kustomization, flags
+# Kustomize, emulated for what deploy/k8s uses (no cluster, kubectl optional)
 
-def k8s_docs():
-    kdir = os.path.join(DEPLOY, "k8s")
-    kust = load_one(os.path.join(kdir, "kustomization.yaml"))
-    docs = []
-    for r in kust["resources"]:
-        docs += load_all(os.path.join(kdir, r))
+K8S = os.path.join(DEPLOY, "k8s")
+# Components that deploy/k8s/kustomization.yaml leaves out and the operator adds (deploy/README.md).
+OPTIONAL_COMPONENTS = ("components/mtls",)
+# The options whose value is a file, of the server and of the CLI.
+SERVER_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file")
+CLI_FILE_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key", "--auth-token-file")
+CLI_VALUE_OPTIONS = set(CLI_FILE_FLAGS) | {"--server", "--timeout"}
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "components", "labels", "images",
+                      "generatorOptions", "secretGenerator", "patches"}
+
+
+def kustomization(kdir):
+    return load_one(os.path.join(kdir, "kustomization.yaml"))
+
+
+def apply_json_patch(doc, op):
+    """One RFC 6902 operation (add, replace, remove) on doc."""
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+    parent = doc
+    for p in parts[:-1]:
+        parent = parent[int(p)] if isinstance(parent, list) else parent[p]
+    key, kind = parts[-1], op["op"]
+    if isinstance(parent, list):
+        if kind == "add":
+            parent.insert(len(parent) if key == "-" else int(key), copy.deepcopy(op["value"]))
+        elif kind == "replace":
+            parent[int(key)] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            del parent[int(key)]
+        else:
+            raise AssertionError(f"unsupported patch operation {kind}")
+    else:
+        if kind in ("replace", "remove"):
+            assert key in parent, f"{kind} {op['path']}: no such member"
+        if kind in ("add", "replace"):
+            parent[key] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            del parent[key]
+        else:
+            raise AssertionError(f"unsupported patch operation {kind}")
+
+
+def build(kdir, docs=None):
+    """`kustomize build kdir` for the features deploy/k8s uses: resources, components,
+    secretGenerator from files, JSON 6902 patches with a target, images. A generated Secret keeps
+    the paths of its files in "_files" ({key: file}); labels are not applied."""
+    k = kustomization(kdir)
+    unknown = set(k) - KUSTOMIZATION_KEYS
+    assert not unknown, f"{kdir}: the test does not emulate {sorted(unknown)}"
+    docs = copy.deepcopy(docs or [])
+    for r in k.get("resources", []):
+        p = os.path.normpath(os.path.join(kdir, r))
+        docs += build(p) if os.path.isdir(p) else load_all(p)
+    for c in k.get("components", []):
+        docs = build(os.path.join(kdir, c), docs)
+    options = k.get("generatorOptions", {})
+    for g in k.get("secretGenerator", []):
+        nohash = g.get("options", {}).get("disableNameSuffixHash",
+                                          options.get("disableNameSuffixHash"))
+        # Fixed names: the manifests name the Secrets, and tokens rotate without a restart.
+        assert nohash, f"{kdir}: Secret {g['name']} would get a hash suffix"
+        assert set(g) <= {"name", "type", "files", "options"}, g
+        files = {}
+        for f in g["files"]:
+            key, _, src = f.partition("=")
+            if not src:
+                key, src = os.path.basename(key), key
+            files[key] = os.path.normpath(os.path.join(kdir, src))
+        docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": g["name"]},
+                     "type": g.get("type", "Opaque"), "data": {key: "" for key in files},
+                     "_files": files})
+    for p in k.get("patches", []):
+        t = p["target"]
+        ops = yaml.safe_load(p["patch"])
+        assert isinstance(ops, list), f"{kdir}: only JSON 6902 patches are emulated"
+        hits = [d for d in docs if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]]
+        assert hits, f"{kdir}: patch target {t} not found"
+        for d in hits:
+            for op in ops:
+                apply_json_patch(d, op)
+    for img in k.get("images", []):
+        for d in docs:
+            for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c["image"].split(":")[0] == img["name"]:
+                    c["image"] = f"{img.get('newName', img['name'])}:{img['newTag']}"
     return docs
+
+
+def reachable(kdir, out):
+    """The files a kustomization uses: itself, its resource files, its resource and component
+    folders' kustomizations, recursively."""
+    out.add(os.path.join(kdir, "kustomization.yaml"))
+    for r in kustomization(kdir).get("resources", []):
+        p = os.path.normpath(os.path.join(kdir, r))
+        if os.path.isdir(p):
+            reachable(p, out)
+        else:
+            out.add(p)
+    for c in kustomization(kdir).get("components", []):
+        reachable(os.path.normpath(os.path.join(kdir, c)), out)
+    return out
+
+
+def generator_files(kdir, out):
+    k = kustomization(kdir)
+    for g in k.get("secretGenerator", []):
+        for f in g["files"]:
+            out.add(os.path.normpath(os.path.join(kdir, f.partition("=")[2] or f)))
+    for r in k.get("resources", []) + k.get("components", []):
+        p = os.path.normpath(os.path.join(kdir, r))
+        if os.path.isdir(p):
+            generator_files(p, out)
+    return out
 
 
 def find(docs, kind, name=None):
@@ -222,6 +335,105 @@ def compose():
     return load_one(os.path.join(DEPLOY, "compose.yaml"))
 
 
+def make_certs(tmp):
+    """A CA and server and client certificates for localhost (tests/integration/make_test_certs.sh)."""
+    d = os.path.join(tmp, "certs")
+    os.mkdir(d)
+    subprocess.run(["bash", os.path.join(ROOT, "tests", "integration", "make_test_certs.sh"), d],
+                   check=True, capture_output=True, timeout=120)
+    return d
+
+
+class Cluster:
+    """deploy/k8s copied with the Secret files an operator provides (test certificates, tokens), and
+    its variants rendered: base (plaintext), default (TLS + tokens), mtls (default + components/mtls)."""
+    TOKENS = ("k8s-test-token-one", "k8s-test-token-two")
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        certs = make_certs(tmp)
+        self.k8s = os.path.join(tmp, "k8s")
+        shutil.copytree(K8S, self.k8s)
+        put = lambda dst, src: shutil.copy(os.path.join(certs, src), os.path.join(self.k8s, dst))
+        put("secrets/tls.crt", "server.pem")
+        put("secrets/tls.key", "server.key")
+        put("secrets/ca.crt", "ca.pem")
+        put("components/mtls/secrets/client-ca.crt", "ca.pem")
+        put("components/mtls/secrets/probe.crt", "client.pem")
+        put("components/mtls/secrets/probe.key", "client.key")
+        with open(os.path.join(self.k8s, "secrets", "tokens"), "w") as f:
+            f.write("# tokens of this test\n" + "\n".join(self.TOKENS) + "\n")
+        # A client's token file holds one token (the CLI reads the whole file).
+        self.client_token = os.path.join(tmp, "client.token")
+        with open(self.client_token, "w") as f:
+            f.write(self.TOKENS[1] + "\n")
+        self.certs = certs
+        # mtls: components/mtls after components/tls, as deploy/README.md says.
+        self.mtls = os.path.join(tmp, "k8s-mtls")
+        shutil.copytree(self.k8s, self.mtls)
+        path = os.path.join(self.mtls, "kustomization.yaml")
+        k = load_one(path)
+        k["components"].append("components/mtls")
+        with open(path, "w") as f:
+            yaml.safe_dump(k, f)
+        self.dirs = {"base": os.path.join(self.k8s, "base"), "default": self.k8s, "mtls": self.mtls}
+        self.docs = {name: build(d) for name, d in self.dirs.items()}
+
+
+_CLUSTER = None
+
+
+def cluster():
+    global _CLUSTER
+    if _CLUSTER is None:
+        tmp = tempfile.mkdtemp(prefix="tscale-deploy-")
+        _CLUSTER = Cluster(tmp)
+    return _CLUSTER
+
+
+def tearDownModule():
+    if _CLUSTER is not None:
+        shutil.rmtree(_CLUSTER.tmp, ignore_errors=True)
+
+
+def statefulset(docs):
+    sts = find(docs, "StatefulSet", "tscale")[0]
+    return sts, sts["spec"]["template"]["spec"], sts["spec"]["template"]["spec"]["containers"][0]
+
+
+def expanded_args(docs, c):
+    """The container's args with $(VAR) taken from its env and envFrom ConfigMaps."""
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    for ef in c.get("envFrom", []):
+        env.update(find(docs, "ConfigMap", ef["configMapRef"]["name"])[0].get("data", {}))
+    return [re.sub(r"\$\((\w+)\)", lambda m: str(env.get(m.group(1))), a) for a in c["args"]]
+
+
+def flag_value(args, name, default=None):
+    for i, x in enumerate(args):
+        if x == name:
+            return args[i + 1]
+        if x.startswith(name + "="):
+            return x.split("=", 1)[1]
+    return default
+
+
+def pod_files(docs, pod, c):
+    """Path in the container -> file on this machine, for the Secret volumes the container mounts."""
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    out = {}
+    for m in c.get("volumeMounts", []):
+        v = vols.get(m["name"], {})  # volumeClaimTemplates are not in volumes
+        if "secret" in v:
+            s = find(docs, "Secret", v["secret"]["secretName"])[0]
+            for key, src in s["_files"].items():
+                out[m["mountPath"].rstrip("/") + "/" + key] = src
+    return out
+
+
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
 class YamlTest(unittest.TestCase):
     def test_every_yaml_file_parses(self):
         files = yaml_files()
@@ -230,18 +442,61 @@ class YamlTest(unittest.TestCase):
             with self.subTest(path=os.path.relpath(p, ROOT)):
                 self.assertTrue(load_all(p), "empty")
 
-    def test_kustomization_lists_existing_files(self):
-        kdir = os.path.join(DEPLOY, "k8s")
-        kust = load_one(os.path.join(kdir, "kustomization.yaml"))
-        self.assertTrue(kust["resources"])
-        for r in kust["resources"]:
-            self.assertTrue(os.path.isfile(os.path.join(kdir, r)), r)
-        listed = set(kust["resources"]) | {"kustomization.yaml"}
-        present = {f for f in os.listdir(kdir) if f.endswith((".yaml", ".yml"))}
-        self.assertEqual(present - listed, set(), "k8s files the kustomization does not list")
-        kinds = {d["kind"] for d in k8s_docs()}
-        self.assertLessEqual({"StatefulSet", "Service", "PodMonitor", "NetworkPolicy"}, kinds)
-        self.assertNotIn("Secret", kinds, "the server takes no TLS or token flags yet")
+    def test_kustomizations_list_every_file(self):
+        used = reachable(K8S, set())
+        for c in OPTIONAL_COMPONENTS:
+            reachable(os.path.join(K8S, c), used)
+        for p in used:
+            self.assertTrue(os.path.isfile(p), p)
+        present = set()
+        for d, _, files in os.walk(K8S):
+            present |= {os.path.join(d, f) for f in files if f.endswith((".yaml", ".yml"))}
+        self.assertEqual(present - used, set(), "k8s files no kustomization lists")
+        top = kustomization(K8S)
+        self.assertEqual(top["resources"], ["base"])
+        self.assertEqual(top["components"], ["components/tls", "components/tokens"])
+        with open(os.path.join(DEPLOY, "README.md")) as f:
+            readme = f.read()
+        for c in OPTIONAL_COMPONENTS:
+            self.assertTrue(c in readme, f"deploy/README.md does not explain {c}")
+        for name in ("base", "default", "mtls"):
+            kinds = {d["kind"] for d in cluster().docs[name]}
+            self.assertLessEqual({"StatefulSet", "Service", "PodMonitor", "NetworkPolicy",
+                                  "ConfigMap"}, kinds, name)
+
+    def test_secret_files_are_never_committed(self):
+        # The generators read the operator's files from folders whose contents git ignores.
+        sources = generator_files(K8S, set())
+        for c in OPTIONAL_COMPONENTS:
+            generator_files(os.path.join(K8S, c), sources)
+        self.assertGreaterEqual(len(sources), 7, sources)
+        for d in {os.path.dirname(s) for s in sources}:
+            with self.subTest(folder=os.path.relpath(d, ROOT)):
+                with open(os.path.join(d, ".gitignore")) as f:
+                    lines = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+                self.assertEqual(lines[0], "*")
+                self.assertLessEqual(set(lines[1:]), {"!.gitignore", "!README.md"})
+
+    @unittest.skipUnless(shutil.which("kubectl"), "kubectl is not installed")
+    def test_emulation_agrees_with_kubectl_kustomize(self):
+        for name, d in cluster().dirs.items():
+            with self.subTest(variant=name):
+                r = subprocess.run(["kubectl", "kustomize", d], capture_output=True, text=True,
+                                   timeout=120)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                real = [x for x in yaml.safe_load_all(r.stdout) if x]
+                mine = cluster().docs[name]
+                key = lambda docs: sorted((x["kind"], x["metadata"]["name"]) for x in docs)
+                self.assertEqual(key(real), key(mine))
+                for s in find(real, "Secret") if name != "base" else []:
+                    m = find(mine, "Secret", s["metadata"]["name"])[0]
+                    self.assertEqual((s.get("type", "Opaque"), sorted(s["data"])),
+                                     (m["type"], sorted(m["data"])))
+                _, rpod, rc = statefulset(real)
+                _, mpod, mc = statefulset(mine)
+                for field in ("args", "volumeMounts", "envFrom", "image", "ports") + PROBES:
+                    self.assertEqual(rc.get(field), mc.get(field), field)
+                self.assertEqual(rpod["volumes"], mpod["volumes"])
 
 
 class FlagsTest(unittest.TestCase):
@@ -258,12 +513,13 @@ class FlagsTest(unittest.TestCase):
         for t in RUNTIME_TARGETS:
             out.append((f"Dockerfile {t} CMD", exec_form(last(by_name, t, "CMD"))))
             out.append((f"Dockerfile {t} ENTRYPOINT", exec_form(last(by_name, t, "ENTRYPOINT"))[1:]))
-        for d in k8s_docs():
-            spec = d.get("spec", {}).get("template", {}).get("spec", {})
-            for c in spec.get("containers", []):
-                if c["image"].split(":")[0].endswith("tscale"):
-                    out.append((f"k8s {d['metadata']['name']}/{c['name']}",
-                                list(c.get("command", [])[1:]) + list(c.get("args", []))))
+        for variant, docs in cluster().docs.items():
+            for d in docs:
+                spec = d.get("spec", {}).get("template", {}).get("spec", {})
+                for c in spec.get("containers", []):
+                    if c["image"].split(":")[0].endswith("tscale"):
+                        out.append((f"k8s {variant} {d['metadata']['name']}/{c['name']}",
+                                    list(c.get("command", [])[1:]) + list(c.get("args", []))))
         for name, svc in compose()["services"].items():
             if "tscale" in str(svc.get("image", "")) and "entrypoint" not in svc:
                 cmd = svc.get("command", [])
@@ -272,16 +528,26 @@ class FlagsTest(unittest.TestCase):
 
     def test_server_flags_exist(self):
         lists = self.server_arg_lists()
-        self.assertGreaterEqual(len(lists), 5)
+        self.assertGreaterEqual(len(lists), 7)
         for where, args in lists:
             with self.subTest(where=where):
                 unknown = flags_of(args) - self.server_flags
                 self.assertFalse(unknown, f"{where}: flags tscale-server --help does not list")
 
-    def test_no_tls_or_token_flags_yet(self):
+    def test_security_is_on_where_documented(self):
+        """deploy/README.md: Kubernetes runs TLS + tokens by default (mtls adds client
+        certificates), compose runs tokens without TLS, the base and the image run plaintext."""
+        have = {}
         for where, args in self.server_arg_lists():
-            for a in args:
-                self.assertFalse(str(a).startswith(("--tls", "--auth-token")), f"{where}: {a}")
+            have[where] = {f for f in flags_of(args) if f.startswith(("--tls", "--auth-token"))}
+        self.assertEqual(have["k8s default tscale/tscale"],
+                         {"--tls-cert", "--tls-key", "--auth-token-file"})
+        self.assertEqual(have["k8s mtls tscale/tscale"],
+                         {"--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file"})
+        self.assertEqual(have["k8s base tscale/tscale"], set())
+        self.assertEqual(have["compose tscale"], {"--auth-token-file"})
+        for t in RUNTIME_TARGETS:
+            self.assertEqual(have[f"Dockerfile {t} CMD"], set())
 
     def test_healthcheck_cli_options_exist(self):
         by_name, _ = parse_dockerfile()
@@ -289,6 +555,28 @@ class FlagsTest(unittest.TestCase):
             cmd = healthcheck_cmd(last(by_name, t, "HEALTHCHECK"))
             self.assertEqual(cmd[0], "tscale")
             self.assertFalse(flags_of(cmd) - self.cli_flags, cmd)
+
+    def test_exec_probe_options_exist(self):
+        n = 0
+        for variant, docs in cluster().docs.items():
+            _, _, c = statefulset(docs)
+            for probe in PROBES:
+                if "exec" in c.get(probe, {}):
+                    cmd = c[probe]["exec"]["command"]
+                    with self.subTest(variant=variant, probe=probe):
+                        self.assertEqual(cmd[0], "tscale")
+                        self.assertFalse(flags_of(cmd) - self.cli_flags, cmd)
+                        positional, i = [], 1
+                        while i < len(cmd):
+                            if cmd[i] in CLI_VALUE_OPTIONS:
+                                i += 2
+                                continue
+                            if not cmd[i].startswith("-"):
+                                positional.append(cmd[i])
+                            i += 1
+                        self.assertEqual(positional, ["health"])
+                        n += 1
+        self.assertEqual(n, 6, "exec probes: default and mtls, three each")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,32 +591,16 @@ def proto_service():
 
 
 class KubernetesTest(unittest.TestCase):
+    """The default variant (TLS + tokens) unless a test says otherwise."""
+
     @classmethod
     def setUpClass(cls):
-        cls.docs = k8s_docs()
-        cls.sts = find(cls.docs, "StatefulSet", "tscale")[0]
-        cls.pod = cls.sts["spec"]["template"]["spec"]
-        cls.c = cls.pod["containers"][0]
-        cm = {}
-        for d in cls.docs:
-            if d["kind"] == "ConfigMap":
-                cm.update(d.get("data", {}))
-        # $(VAR) in args: the container's env / envFrom ConfigMaps.
-        env = {e["name"]: e.get("value") for e in cls.c.get("env", [])}
-        for ef in cls.c.get("envFrom", []):
-            names = [d["metadata"]["name"] for d in cls.docs if d["kind"] == "ConfigMap"]
-            assert ef["configMapRef"]["name"] in names, ef
-        cls.args = [re.sub(r"\$\((\w+)\)", lambda m: str(env.get(m.group(1), cm.get(m.group(1)))), a)
-                    for a in cls.c["args"]]
+        cls.docs = cluster().docs["default"]
+        cls.sts, cls.pod, cls.c = statefulset(cls.docs)
+        cls.args = expanded_args(cls.docs, cls.c)
 
     def flag(self, name, default=None):
-        a = self.args
-        for i, x in enumerate(a):
-            if x == name:
-                return a[i + 1]
-            if x.startswith(name + "="):
-                return x.split("=", 1)[1]
-        return default
+        return flag_value(self.args, name, default)
 
     def test_statefulset_basics(self):
         self.assertEqual(self.sts["spec"]["replicas"], 1)
@@ -350,22 +622,82 @@ class KubernetesTest(unittest.TestCase):
         headless = find(self.docs, "Service", self.sts["spec"]["serviceName"])[0]
         self.assertEqual(headless["spec"]["clusterIP"], "None")
 
-    def test_probes_target_the_grpc_port_and_served_services(self):
-        port = int(self.flag("--listen").rsplit(":", 1)[1])
-        named = {p["name"]: p["containerPort"] for p in self.c["ports"]}
-        self.assertEqual(named["grpc"], port)
-        self.assertEqual(named["metrics"], int(self.flag("--metrics-listen").rsplit(":", 1)[1]))
+    def test_referenced_secrets_and_configmaps_exist(self):
+        for variant, docs in cluster().docs.items():
+            with self.subTest(variant=variant):
+                _, pod, c = statefulset(docs)
+                for ef in c.get("envFrom", []):
+                    find(docs, "ConfigMap", ef["configMapRef"]["name"])
+                for v in pod.get("volumes", []):
+                    if "secret" in v:
+                        s = find(docs, "Secret", v["secret"]["secretName"])[0]
+                        self.assertEqual(v["secret"].get("defaultMode"), 0o440)
+                        for item in v["secret"].get("items", []):
+                            self.assertIn(item["key"], s["data"])
+                    if "configMap" in v:
+                        find(docs, "ConfigMap", v["configMap"]["name"])
+                for s in find(docs, "Secret") if variant != "base" else []:
+                    if s["type"] == "kubernetes.io/tls":
+                        self.assertLessEqual({"tls.crt", "tls.key"}, set(s["data"]))
+                mounts = {m["name"]: m for m in c["volumeMounts"]}
+                for v in pod.get("volumes", []):
+                    if "secret" in v:
+                        self.assertTrue(mounts[v["name"]].get("readOnly"), v["name"])
+                        self.assertNotIn("subPath", mounts[v["name"]],
+                                         "a subPath mount never sees a changed Secret")
+
+    def test_file_flags_point_into_mounted_secrets(self):
+        """Every file the server or a probe is given is a key of a Secret the pod mounts."""
+        for variant, docs in cluster().docs.items():
+            _, pod, c = statefulset(docs)
+            files = pod_files(docs, pod, c)
+            args = expanded_args(docs, c)
+            lists = [("args", args, SERVER_FILE_FLAGS)] + [
+                (p, c[p]["exec"]["command"], CLI_FILE_FLAGS) for p in PROBES if "exec" in c[p]]
+            for where, argv, file_flags in lists:
+                for f in file_flags:
+                    v = flag_value(argv, f)
+                    if v is None:
+                        continue
+                    with self.subTest(variant=variant, where=where, flag=f):
+                        self.assertIn(v, files, "not a file of a mounted Secret")
+                        self.assertTrue(any(v.startswith(m["mountPath"].rstrip("/") + "/")
+                                            for m in c["volumeMounts"]))
+
+    def test_probes(self):
         served = {"", proto_service()}  # grpc.health.v1 answers for "" and the trainer
         self.assertEqual(proto_service(), "tscale.v1.TernaryTrainer")
-        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-            if probe not in self.c:
-                self.assertNotEqual(probe, "readinessProbe")
-                continue
-            g = self.c[probe]["grpc"]
-            self.assertEqual(g["port"], port, probe)
-            self.assertIn(g.get("service", ""), served, probe)
-        self.assertEqual(self.c["readinessProbe"]["grpc"]["service"], "tscale.v1.TernaryTrainer")
-        self.assertEqual(self.c["livenessProbe"]["grpc"].get("service", ""), "")
+        for variant, docs in cluster().docs.items():
+            _, _, c = statefulset(docs)
+            args = expanded_args(docs, c)
+            port = int(flag_value(args, "--listen").rsplit(":", 1)[1])
+            named = {p["name"]: p["containerPort"] for p in c["ports"]}
+            self.assertEqual(named["grpc"], port)
+            self.assertEqual(named["metrics"],
+                             int(flag_value(args, "--metrics-listen").rsplit(":", 1)[1]))
+            tls = flag_value(args, "--tls-cert") is not None
+            for probe in PROBES:
+                with self.subTest(variant=variant, probe=probe):
+                    p = c[probe]
+                    if not tls:
+                        # Native gRPC probes speak plaintext: only without TLS.
+                        self.assertEqual(p["grpc"]["port"], port)
+                        self.assertIn(p["grpc"].get("service", ""), served)
+                        continue
+                    self.assertNotIn("grpc", p, "a native gRPC probe cannot speak TLS")
+                    cmd = p["exec"]["command"]
+                    self.assertEqual(flag_value(cmd, "--server"), f"localhost:{port}")
+                    self.assertIsNotNone(flag_value(cmd, "--tls-ca"))
+                    self.assertIsNone(flag_value(cmd, "--auth-token-file"),
+                                      "health checks need no token")
+                    if flag_value(args, "--tls-client-ca") is not None:
+                        self.assertIsNotNone(flag_value(cmd, "--tls-cert"), "mTLS: no client cert")
+                        self.assertIsNotNone(flag_value(cmd, "--tls-key"))
+                    # The CLI's deadline ends before the kubelet's.
+                    self.assertLess(float(flag_value(cmd, "--timeout")), p["timeoutSeconds"])
+            if not tls:
+                self.assertEqual(c["readinessProbe"]["grpc"]["service"], "tscale.v1.TernaryTrainer")
+                self.assertEqual(c["livenessProbe"]["grpc"].get("service", ""), "")
 
     def test_grace_period_exceeds_shutdown_grace(self):
         grace = int(self.flag("--shutdown-grace-seconds", "30"))
@@ -376,7 +708,7 @@ class KubernetesTest(unittest.TestCase):
         psc, csc = self.pod["securityContext"], self.c["securityContext"]
         self.assertTrue(psc.get("runAsNonRoot") or csc.get("runAsNonRoot"))
         self.assertEqual(csc.get("runAsUser", psc.get("runAsUser")), 10001)
-        self.assertEqual(psc["fsGroup"], 10001)
+        self.assertEqual(psc["fsGroup"], 10001)  # the Secret files (0440) are group-readable
         self.assertTrue(csc["readOnlyRootFilesystem"])
         self.assertFalse(csc["allowPrivilegeEscalation"])
         self.assertEqual(csc["capabilities"]["drop"], ["ALL"])
@@ -393,12 +725,17 @@ class KubernetesTest(unittest.TestCase):
         self.assertEqual(pm["apiVersion"], "monitoring.coreos.com/v1")
         ep = pm["spec"]["podMetricsEndpoints"][0]
         self.assertEqual((ep["port"], ep["path"], ep["interval"]), ("metrics", "/metrics", "15s"))
+        # The metrics port stays plain HTTP with TLS on the API (the runtime test scrapes it).
+        self.assertEqual(ep.get("scheme", "http"), "http")
         np_ = find(self.docs, "NetworkPolicy")[0]
         rules = {r["ports"][0]["port"]: r["from"] for r in np_["spec"]["ingress"]}
         self.assertEqual(set(rules), {50051, 9090})
         self.assertEqual(rules[50051][0]["podSelector"]["matchLabels"], {"tscale-client": "true"})
         self.assertEqual(rules[9090][0]["podSelector"]["matchLabels"],
                          {"app.kubernetes.io/name": "prometheus"})
+        # Exec probes run inside the pod: the NetworkPolicy need not admit the kubelet.
+        named = {p["name"]: p["containerPort"] for p in self.c["ports"]}
+        self.assertEqual(set(rules), {named["grpc"], named["metrics"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,10 +757,17 @@ class ComposeTest(unittest.TestCase):
     def test_services(self):
         t = self.s["tscale"]
         self.assertEqual(t["build"], {"context": "..", "target": "cpu"})
-        self.assertLessEqual({"50051:50051", "9090:9090"}, set(map(str, t["ports"])))
+        # Published on the host's loopback only: tokens without TLS are for this machine.
+        self.assertEqual({"127.0.0.1:50051:50051", "127.0.0.1:9090:9090"}, set(map(str, t["ports"])))
+        for name in ("prometheus", "grafana"):
+            for p in self.s[name]["ports"]:
+                self.assertTrue(str(p).startswith("127.0.0.1:"), f"{name}: {p}")
         ck = t["command"][t["command"].index("--checkpoint-dir") + 1]
         vol = self.mounts("tscale")[ck]
         self.assertIn(vol, self.c["volumes"], "checkpoints on a named volume")
+        token = flag_value(t["command"], "--auth-token-file")
+        self.assertEqual(self.mounts("tscale")[token], "./compose/example.token")
+        self.assertTrue(os.path.isfile(os.path.join(DEPLOY, "compose", "example.token")))
         self.assertTrue(self.s["prometheus"]["image"].startswith("prom/prometheus"))
         self.assertTrue(self.s["grafana"]["image"].startswith("grafana/grafana"))
         d = self.s["demo"]
@@ -431,7 +775,11 @@ class ComposeTest(unittest.TestCase):
         cmd = d["entrypoint"] + d["command"]
         self.assertIn("--server", cmd)
         self.assertEqual(cmd[cmd.index("--server") + 1], "tscale:50051")
-        self.assertTrue(cmd[1].endswith("train_digits.py"))
+        # python3 demo_with_token.py train_digits.py ...: the launcher and the token are mounted.
+        dm = self.mounts("demo")
+        self.assertEqual(dm[cmd[1]], "./compose/demo_with_token.py")
+        self.assertTrue(cmd[2].endswith("train_digits.py"))
+        self.assertEqual(dm[d["environment"]["TSCALE_AUTH_TOKEN_FILE"]], "./compose/example.token")
 
     def test_demo_options_exist(self):
         d = self.s["demo"]
@@ -500,12 +848,55 @@ class ComposeTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------------
-# The image's ENTRYPOINT + CMD and HEALTHCHECK as commands
+# The commands: the image's ENTRYPOINT + CMD and HEALTHCHECK, each Kubernetes variant's server args
+# and probes, compose's server and demo launcher, against real servers
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(test, argv, tmp):
+    """tscale-server started with argv, up until it prints its listening line; SIGTERM at the end
+    must exit 0."""
+    fd, path = tempfile.mkstemp(prefix="server-", suffix=".log", dir=tmp)
+    os.close(fd)
+    log = open(path, "w+")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            log.seek(0)
+            text = log.read()
+            if "tscale-server: listening on" in text:
+                break
+            test.assertIsNone(proc.poll(), f"server exited: {text}")
+            test.assertLess(time.time(), deadline, f"no listening line: {text}")
+            time.sleep(0.1)
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        test.assertEqual(proc.wait(timeout=60), 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def run_cli(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
+
+
+def connection(cmd):
+    """The --server and TLS options of a CLI command line."""
+    out = []
+    for name in ("--server", "--tls-ca", "--tls-cert", "--tls-key"):
+        v = flag_value(cmd, name)
+        if v is not None:
+            out += [name, v]
+    return out
 
 
 class EntrypointTest(unittest.TestCase):
@@ -528,30 +919,150 @@ class EntrypointTest(unittest.TestCase):
             self.assertNotEqual(args, cmd)
             hc = [bins.get(health[0], health[0])] + [
                 a.replace(":50051", f":{grpc_port}") for a in health[1:]]
-            log = open(os.path.join(tmp, "server.log"), "w+")
-            proc = subprocess.Popen([bins[entry[0]]] + entry[1:] + args,
-                                    stdout=log, stderr=subprocess.STDOUT)
-            try:
-                deadline = time.time() + 60
-                while True:
-                    log.seek(0)
-                    text = log.read()
-                    if "tscale-server: listening on" in text:
-                        break
-                    self.assertIsNone(proc.poll(), f"server exited: {text}")
-                    self.assertLess(time.time(), deadline, f"no listening line: {text}")
-                    time.sleep(0.1)
-                r = subprocess.run(hc, capture_output=True, text=True, timeout=30)
+            with running_server(self, [bins[entry[0]]] + entry[1:] + args, tmp):
+                r = run_cli(hc)
                 self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-                proc.send_signal(signal.SIGTERM)
-                self.assertEqual(proc.wait(timeout=60), 0)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                log.close()
-            r = subprocess.run(hc, capture_output=True, text=True, timeout=30)
+            r = run_cli(hc)
             self.assertNotEqual(r.returncode, 0, "healthcheck passed against a stopped server")
+
+
+class KubernetesCommandsTest(unittest.TestCase):
+    """Each variant's StatefulSet run as commands: the server with the rendered args, the paths in
+    the pod replaced by the Secret files they come from (the test's certificates and tokens), and
+    the probes (exec probes as they are; native gRPC probes as a plaintext `tscale health`)."""
+
+    def run_variant(self, variant):
+        cl = cluster()
+        docs = cl.docs[variant]
+        _, pod, c = statefulset(docs)
+        files = pod_files(docs, pod, c)
+        args = expanded_args(docs, c)
+        grpc_port, metrics_port = free_port(), free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckdir = os.path.join(tmp, "checkpoints")
+            os.mkdir(ckdir)
+            ck_in_pod = flag_value(args, "--checkpoint-dir")
+
+            def host(a):
+                a = files.get(a, a)
+                a = re.sub(r":50051$", f":{grpc_port}", a)
+                a = re.sub(r":9090$", f":{metrics_port}", a)
+                return ckdir if a == ck_in_pod else a
+
+            server = [SERVER_BIN] + [host(a) for a in args]
+            self.assertTrue(all(not a.startswith("/etc/") for a in server), server)
+            probes = {}
+            for p in PROBES:
+                if "exec" in c[p]:
+                    cmd = c[p]["exec"]["command"]
+                    self.assertEqual(cmd[0], "tscale")
+                    probes[p] = [CLI_BIN] + [host(a) for a in cmd[1:]]
+                else:
+                    probes[p] = [CLI_BIN, "--server", f"127.0.0.1:{grpc_port}", "--timeout", "3",
+                                 "health"]
+            conn = connection(probes["readinessProbe"])
+            tls = flag_value(args, "--tls-cert") is not None
+            with running_server(self, server, tmp):
+                for p, cmd in probes.items():
+                    r = run_cli(cmd)
+                    self.assertEqual(r.returncode, 0, f"{variant} {p}: {r.stdout}{r.stderr}")
+                r = run_cli([CLI_BIN] + conn + ["models"])
+                if flag_value(args, "--auth-token-file") is not None:
+                    self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+                    self.assertIn("UNAUTHENTICATED", r.stderr)
+                    r = run_cli([CLI_BIN] + conn + ["--auth-token-file", cl.client_token, "models"])
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                if tls:
+                    r = run_cli([CLI_BIN, "--server", f"127.0.0.1:{grpc_port}", "--timeout", "3",
+                                 "health"])
+                    self.assertEqual(r.returncode, 1, "plaintext health against TLS passed")
+                if flag_value(args, "--tls-client-ca") is not None:
+                    r = run_cli([CLI_BIN, "--server", f"localhost:{grpc_port}", "--tls-ca",
+                                 os.path.join(cl.certs, "ca.pem"), "--timeout", "3", "health"])
+                    self.assertEqual(r.returncode, 1, "mTLS: a client without a certificate passed")
+                # The PodMonitor's plain-HTTP scrape, whatever the API port speaks.
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                            timeout=30) as resp:
+                    self.assertEqual(resp.status, 200)
+                    self.assertIn("tscale_", resp.read().decode())
+            r = run_cli(probes["readinessProbe"])
+            self.assertEqual(r.returncode, 1, "readiness passed against a stopped server")
+        return tls
+
+    def test_base_plaintext(self):
+        self.assertFalse(self.run_variant("base"))
+
+    def test_default_tls_and_tokens(self):
+        self.assertTrue(self.run_variant("default"))
+
+    def test_mtls(self):
+        self.assertTrue(self.run_variant("mtls"))
+
+
+class ComposeCommandsTest(unittest.TestCase):
+    """compose's tscale command with its token file; the image's HEALTHCHECK without a token; the
+    demo's launcher giving the example the token."""
+
+    EXAMPLE = (
+        "import argparse, sys\n"
+        "import tscale\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.add_argument('--server')\n"
+        "a = p.parse_args()\n"
+        "try:\n"
+        "    with tscale.Client(a.server, timeout=10, retries=0) as c:\n"
+        "        print('models', len(c.list_models()))\n"
+        "except tscale.Error as e:\n"
+        "    print('error', e)\n"
+        "    sys.exit(3)\n")
+
+    def test_tokens_healthcheck_and_demo(self):
+        s = compose()["services"]
+        t, d = s["tscale"], s["demo"]
+
+        def mounts(svc):
+            return {v.split(":")[1]: os.path.normpath(os.path.join(DEPLOY, v.split(":")[0]))
+                    for v in svc.get("volumes", []) if v.startswith("./")}
+
+        tm, dm = mounts(t), mounts(d)
+        cmd = t["command"]
+        token = tm[flag_value(cmd, "--auth-token-file")]
+        self.assertEqual(dm[d["environment"]["TSCALE_AUTH_TOKEN_FILE"]], token)
+        launcher = dm[d["entrypoint"][1]]
+        by_name, _ = parse_dockerfile()
+        health = healthcheck_cmd(last(by_name, "cpu", "HEALTHCHECK"))
+        grpc_port, metrics_port = free_port(), free_port()
+        addr = f"127.0.0.1:{grpc_port}"
+        with tempfile.TemporaryDirectory() as tmp:
+            ckdir = os.path.join(tmp, "checkpoints")
+            os.mkdir(ckdir)
+            ck_in = flag_value(cmd, "--checkpoint-dir")
+            args = []
+            for a in cmd:
+                a = tm.get(a, a)
+                a = re.sub(r":50051$", f":{grpc_port}", a)
+                a = re.sub(r":9090$", f":{metrics_port}", a)
+                args.append(ckdir if a == ck_in else a)
+            example = os.path.join(tmp, "example.py")
+            with open(example, "w") as f:
+                f.write(self.EXAMPLE)
+            env = dict(os.environ)
+            env.setdefault("PYTHONPATH", os.path.join(os.path.dirname(SERVER_BIN), "..", "python"))
+            with running_server(self, [SERVER_BIN] + args, tmp):
+                r = run_cli([CLI_BIN] + [a.replace(":50051", f":{grpc_port}") for a in health[1:]])
+                self.assertEqual(r.returncode, 0, "HEALTHCHECK needs no token: " + r.stderr)
+                r = run_cli([CLI_BIN, "--server", addr, "models"])
+                self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+                self.assertIn("UNAUTHENTICATED", r.stderr)
+                r = run_cli([CLI_BIN, "--server", addr, "--auth-token-file", token, "models"])
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                r = run_cli(["/usr/bin/python3", example, "--server", addr], env=env)
+                self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
+                self.assertIn("UNAUTHENTICATED", r.stdout)
+                env["TSCALE_AUTH_TOKEN_FILE"] = token
+                r = run_cli(["/usr/bin/python3", launcher, example, "--server", addr], env=env)
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+                self.assertIn("models 0", r.stdout)
 
 
 if __name__ == "__main__":
