@@ -73,10 +73,13 @@ class ServerProcess:
     The server's stdout and stderr go to a log file per run (``log()`` reads the current one;
     ``remove_logs()`` deletes them all)."""
 
-    def __init__(self, *args, device=DEVICE, start_timeout=120.0):
+    def __init__(self, *args, device=DEVICE, start_timeout=120.0, popen_kwargs=None):
         self.args = list(args)
         self.device = device
         self.start_timeout = start_timeout
+        # Extra subprocess.Popen arguments, e.g. preexec_fn and restore_signals for resource
+        # limits and signal dispositions the server should inherit.
+        self.popen_kwargs = dict(popen_kwargs or {})
         self.proc = None
         self.address = None
         self._log = None
@@ -105,7 +108,7 @@ class ServerProcess:
                                                 delete=False)
         self.log_names.append(self._log.name)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, **self.popen_kwargs)
         _live.add(self.proc)
         try:
             self.address = self._wait_listening(cmd)
