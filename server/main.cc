@@ -94,6 +94,26 @@ int main(int argc, char** argv) {
        IntFlag(&options.max_pending_bytes)},
       {"worker-threads", "N", "threads running requests (default 0: max(4, hardware threads))",
        IntFlag(&options.worker_threads)},
+      {"max-models", "N",
+       "models the server holds at most; more are RESOURCE_EXHAUSTED (default 1024; 0: no limit)",
+       IntFlag(&options.max_models)},
+      {"max-device-bytes", "N",
+       "budget of the models' device memory (decoded state, effective weights, gradient sums, "
+       "as estimated from their specs); models beyond it are RESOURCE_EXHAUSTED (default 0: none)",
+       IntFlag(&options.max_device_bytes)},
+      {"pending-pass-ttl-seconds", "N",
+       "a training pass no Backward used within N seconds is released (default 600; 0: never)",
+       IntFlag(&options.pending_pass_ttl_seconds)},
+      {"keepalive-seconds", "N",
+       "ping connections idle this long and close those that do not answer within 20 s "
+       "(default 60; 0: no pings)",
+       IntFlag(&options.keepalive_seconds)},
+      {"max-concurrent-streams", "N", "calls at once per connection (default 256)",
+       IntFlag(&options.max_concurrent_streams)},
+      {"grpc-memory-bytes", "N",
+       "memory gRPC may use for buffers, all connections together; at least twice "
+       "--max-message-bytes (default 4 GiB)",
+       IntFlag(&options.grpc_memory_bytes)},
       {"checkpoint-dir", "DIR",
        "checkpoints: DIR/<model_id>/step-<step>.safetensors; models found there are restored at "
        "start (default: none)",

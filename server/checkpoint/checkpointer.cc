@@ -106,10 +106,21 @@ absl::StatusOr<CheckpointInfo> Checkpointer::Write(const std::string& model_id,
 
 absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
     const std::string& model_id, const std::string& name, c10::Device device,
-    core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info) {
+    core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info,
+    bool replace, std::optional<core::ModelRegistry::Reservation>* reservation) {
   const absl::Time start = absl::Now();
   std::shared_ptr<core::Model> model;
   auto build = [&](const DecodedState& state) -> absl::Status {
+    // Room in the registry first: a model beyond its limits is never built. (Not damage: the
+    // store returns this status as it is.)
+    reservation->reset();
+    auto bytes = core::Model::EstimateDeviceBytes(*state.spec);
+    if (!bytes.ok()) {
+      return absl::DataLossError(absl::StrCat("its spec is not valid: ", bytes.status().message()));
+    }
+    auto reserved = registry_->Reserve(model_id, *bytes, replace);
+    if (!reserved.ok()) return reserved.status();
+    reservation->emplace(*std::move(reserved));
     core::ModelOptions o = options;
     if (compute.has_value()) {
       o.compute = *compute;
@@ -149,10 +160,12 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Restore(
   const std::shared_ptr<absl::Mutex> model_lock = ModelLock(model_id);
   absl::MutexLock hold(model_lock.get());
   CheckpointInfo loaded;
-  auto model = Load(model_id, name, device, options, compute, &loaded);
+  std::optional<core::ModelRegistry::Reservation> reservation;
+  auto model = Load(model_id, name, device, options, compute, &loaded, /*replace=*/true,
+                    &reservation);
   if (!model.ok()) return model.status();
   if (absl::Status s = store_->RemoveAfter(model_id, loaded.step); !s.ok()) return s;
-  if (absl::Status s = registry_->Add(model_id, *model, /*replace=*/true); !s.ok()) return s;
+  if (absl::Status s = registry_->Add(*std::move(reservation), *model); !s.ok()) return s;
   Forget(model_id);
   {
     // Snapshots of the model it replaces must not be written after it.
@@ -170,14 +183,16 @@ void Checkpointer::RestoreAll(c10::Device device, const core::ModelOptions& opti
   for (const std::string& id : store_->ModelIds()) {
     if (registry_->Get(id).ok()) continue;
     CheckpointInfo info;
-    auto model = Load(id, "", device, options, std::nullopt, &info);
+    std::optional<core::ModelRegistry::Reservation> reservation;
+    auto model =
+        Load(id, "", device, options, std::nullopt, &info, /*replace=*/false, &reservation);
     if (!model.ok()) {
       if (model.status().code() != absl::StatusCode::kNotFound) {
         log_(absl::StrCat("cannot restore model '", id, "': ", model.status().ToString()));
       }
       continue;
     }
-    if (absl::Status s = registry_->Add(id, *model); !s.ok()) {
+    if (absl::Status s = registry_->Add(*std::move(reservation), *model); !s.ok()) {
       log_(absl::StrCat("cannot restore model '", id, "': ", s.ToString()));
       continue;
     }

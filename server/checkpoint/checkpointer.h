@@ -64,7 +64,8 @@ class Checkpointer {
   // Loads a checkpoint (newest valid when `name` is empty), builds its model (with the file's
   // compute type unless `compute` is given) and registers it under `model_id`, replacing the
   // model there. Checkpoints after the one loaded are removed, so that the model's history
-  // continues from it, also after a restart.
+  // continues from it, also after a restart. ResourceExhausted, with nothing changed, when the
+  // model would take the registry beyond its limits.
   absl::StatusOr<std::shared_ptr<core::Model>> Restore(const std::string& model_id,
                                                        const std::string& name,
                                                        c10::Device device,
@@ -96,11 +97,12 @@ class Checkpointer {
   absl::StatusOr<CheckpointInfo> Write(const std::string& model_id, const core::Model& model,
                                        const core::StateSnapshot& snapshot);
   void Observe(const char* operation, const std::string& model_id, bool ok, absl::Time start);
-  absl::StatusOr<std::shared_ptr<core::Model>> Load(const std::string& model_id,
-                                                    const std::string& name, c10::Device device,
-                                                    core::ModelOptions options,
-                                                    std::optional<core::ComputeType> compute,
-                                                    CheckpointInfo* info);
+  // Builds the model under a reservation of the registry's limits (replacing the model there
+  // when `replace`), taken before the model is built and left in `reservation` for the Add.
+  absl::StatusOr<std::shared_ptr<core::Model>> Load(
+      const std::string& model_id, const std::string& name, c10::Device device,
+      core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info,
+      bool replace, std::optional<core::ModelRegistry::Reservation>* reservation);
   // Held through a save or a restore of one model, so that its files change in step order.
   std::shared_ptr<absl::Mutex> ModelLock(const std::string& model_id);
 

@@ -284,7 +284,12 @@ absl::StatusOr<LoadedCheckpoint> CheckpointStore::Load(
     if (problem.ok() && !decoded->spec.has_value()) {
       problem = absl::DataLossError("the metadata holds no spec");
     }
-    if (problem.ok() && accept) problem = accept(*decoded);
+    if (problem.ok() && accept) {
+      problem = accept(*decoded);
+      // Only DataLoss marks the file as damaged; another refusal (a limit, a device this server
+      // lacks) would refuse the older files as well.
+      if (!problem.ok() && problem.code() != absl::StatusCode::kDataLoss) return problem;
+    }
     if (!problem.ok()) {
       out.skipped.push_back(absl::StrCat(path, ": ", problem.ToString()));
       continue;

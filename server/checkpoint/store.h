@@ -62,7 +62,8 @@ class CheckpointStore {
 
   // Loads and verifies (parse, CRC) the checkpoint `name`, or with an empty name the newest that
   // verifies, skipping damaged ones. `accept`, when given, is a further check of a decoded state
-  // (e.g. that a model can be built from it); a state it refuses counts as damaged.
+  // (e.g. that a model can be built from it); a state it refuses with DataLoss counts as damaged,
+  // any other refusal ends the load with that status.
   // InvalidArgument for a malformed name; NotFound when there is no such checkpoint (or none at
   // all); DataLoss when the named one, or every one, is damaged.
   absl::StatusOr<LoadedCheckpoint> Load(

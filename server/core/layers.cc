@@ -6,11 +6,16 @@
 #include <vector>
 
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/version.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/core/errors.h"
 #include "server/core/trits.h"
+#if TSCALE_WITH_CUDA
+#include "server/cuda/kernels.h"
+#endif
 
 namespace tscale::core {
 namespace {
@@ -51,7 +56,7 @@ absl::StatusOr<TernaryState> TernaryState::FromWeights(const at::Tensor& w, doub
   auto packed = PackTernary(t);
   if (!packed.ok()) return packed.status();
   s.packed_ = *std::move(packed);
-  s.trits_ = t.to(device);
+  s.Place(t, device);
   s.e_ = at::full({s.groups()}, e_init, at::TensorOptions(at::kChar).device(device));
   s.corr_accum_ = at::zeros({s.groups()}, at::TensorOptions(at::kLong).device(device));
   s.step_counter_ = 0;
@@ -116,7 +121,7 @@ absl::StatusOr<TernaryState> TernaryState::Import(const StateDict& state, const 
   }
 
   s.packed_ = packed->clone();
-  s.trits_ = trits->view({rows, cols}).to(device);
+  s.Place(trits->view({rows, cols}), device);
   s.e_ = e->to(device, /*non_blocking=*/false, /*copy=*/true);
   s.corr_accum_ = corr->to(device, /*non_blocking=*/false, /*copy=*/true);
   s.step_counter_ = step_counter;
@@ -147,17 +152,40 @@ at::Tensor TernaryState::Log2Scale() const {
   return e;
 }
 
-at::Tensor TernaryState::EffectiveWeight() const {
+void TernaryState::Place(const at::Tensor& trits, at::Device device) {
+#if TSCALE_WITH_CUDA
+  if (device.is_cuda()) {
+    packed_device_ = packed_.to(device);
+    return;
+  }
+#endif
+  trits_ = trits.to(device);
+}
+
+#if TSCALE_WITH_CUDA
+cuda::TernaryView TernaryState::View() const {
+  return {&packed_device_, &e_, &corr_accum_, step_counter_, rows_, cols_, group_size_};
+}
+#endif
+
+at::Tensor TernaryState::EffectiveWeight(at::ScalarType dtype) const {
+#if TSCALE_WITH_CUDA
+  if (fused()) return cuda::EffectiveWeight(View(), dtype);
+#endif
   const int64_t gpr = groups_per_row();
   at::Tensor s = Scale()
                      .view({rows_, gpr, 1})
                      .expand({rows_, gpr, group_size_})
                      .reshape({rows_, gpr * group_size_})
                      .narrow(1, 0, cols_);
-  return s * trits_.to(at::kFloat);
+  at::Tensor w = s * trits_.to(at::kFloat);
+  return dtype == at::kFloat ? w : w.to(dtype);
 }
 
 at::Tensor TernaryState::Scores(const at::Tensor& grad) const {
+#if TSCALE_WITH_CUDA
+  if (fused()) return cuda::Scores(View(), grad);
+#endif
   const int64_t gpr = groups_per_row();
   at::Tensor signed_t = grad.sign().to(at::kChar) * trits_;
   const int64_t pad = gpr * group_size_ - cols_;
@@ -221,7 +249,8 @@ void TernaryLinear::Export(const std::string& name, StateDict* out) const {
 }
 
 int64_t TernaryState::device_bytes() const {
-  return trits_.nbytes() + e_.nbytes() + corr_accum_.nbytes();
+  return (fused() ? packed_device_.nbytes() : trits_.nbytes()) + e_.nbytes() +
+         corr_accum_.nbytes();
 }
 
 int64_t TernaryLinear::device_bytes() const {
@@ -233,24 +262,84 @@ int64_t TernaryLinear::persistent_bytes() const {
   return state_.persistent_bytes() + (bias_.defined() ? bias_.numel() * 4 : 0);
 }
 
+void TernaryLinear::SetCompute(ComputeType compute) {
+  compute_ = compute;
+  w_eff_.reset();
+}
+
 const at::Tensor& TernaryLinear::WeightLeaf() {
   if (!w_eff_.defined()) {
     c10::NoGradGuard no_grad;
-    w_eff_ = state_.EffectiveWeight();
+    w_eff_ = state_.EffectiveWeight(compute_ == ComputeType::kBf16 ? at::kBFloat16 : at::kFloat);
     w_eff_.requires_grad_(true);
   }
   return w_eff_;
 }
 
+namespace {
+
+// a @ b in a compute type: FP32 and BF16 through LibTorch's matmul (BF16 operands give float32
+// accumulation), TF32 through the CUDA kernels' per-call TF32 GEMM.
+at::Tensor Matmul(const at::Tensor& a, const at::Tensor& b, ComputeType compute) {
+#if TSCALE_WITH_CUDA
+  if (compute == ComputeType::kTf32) return cuda::MatmulTf32(a, b);
+#endif
+  (void)compute;
+  return a.mm(b);
+}
+
+// y = x @ w^T with its two gradients, as one autograd node. In FP32 every GEMM is the call
+// LibTorch's autograd makes for F.linear (mm and its mm_mat1/mm_mat2 backward formulas, including
+// their choice for column-major operands), so outputs and gradients keep the reference's bits.
+// In BF16 x is rounded once to bfloat16 and kept so for the weight gradient; the output and
+// the input gradient come back as float32, the weight gradient as bfloat16 like w.
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w, int64_t compute_code) {
+    const auto compute = static_cast<ComputeType>(compute_code);
+    const at::Tensor xc = compute == ComputeType::kBf16 ? x.to(at::kBFloat16) : x;
+    ctx->save_for_backward({xc, w});
+    ctx->saved_data["compute"] = compute_code;
+    at::Tensor y = Matmul(xc, w.t(), compute);
+    return compute == ComputeType::kBf16 ? y.to(at::kFloat) : y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto compute = static_cast<ComputeType>(ctx->saved_data["compute"].toInt());
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor g = compute == ComputeType::kBf16 ? grads[0].to(at::kBFloat16) : grads[0];
+    at::Tensor grad_x, grad_w;
+    if (ctx->needs_input_grad(0)) {
+      // mm_mat1_backward: a column-major input gets its gradient column-major.
+      if (x.stride(0) == 1 && x.stride(1) == x.size(0)) {
+        grad_x = Matmul(w.t(), g.t(), compute).t();
+      } else {
+        grad_x = Matmul(g, w, compute);
+      }
+      if (compute == ComputeType::kBf16) grad_x = grad_x.to(at::kFloat);
+    }
+    if (ctx->needs_input_grad(1)) {
+      // mm_mat2_backward of w^T (always column-major), transposed back: g^T @ x.
+      grad_w = Matmul(g.t(), x, compute);
+    }
+    return {grad_x, grad_w, at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor TernaryLinear::Forward(const at::Tensor& x) {
-  at::Tensor y = at::linear(x, WeightLeaf());
+  at::Tensor y = LinearFunction::apply(x, WeightLeaf(), static_cast<int64_t>(compute_));
   if (bias_.defined()) y = y + bias_.to(at::kFloat);
   return y;
 }
 
 at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {
   if (!grad_sum.defined()) {
-    return at::zeros({state_.groups()}, at::TensorOptions(at::kLong).device(state_.trits().device()));
+    return at::zeros({state_.groups()}, at::TensorOptions(at::kLong).device(state_.e().device()));
   }
   return state_.Scores(grad_sum);
 }
@@ -293,10 +382,16 @@ absl::StatusOr<TernaryRMSNorm> TernaryRMSNorm::Import(const TernaryRMSNormSpec& 
 }
 
 at::Tensor TernaryRMSNorm::Forward(const at::Tensor& x) {
-  // F.rms_norm(x, (dim,)) with eps = float32 machine epsilon, in its operations.
+  // F.rms_norm(x, (dim,)) with eps = float32 machine epsilon. LibTorch 2.4 and later have the
+  // operation itself (on CUDA a fused kernel): use it, so that the reference on the same LibTorch
+  // and device gives the same bits. Older ones get its definition, in its operations.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  return at::rms_norm(x, {x.size(-1)}, std::nullopt, std::nullopt) * weight_;
+#else
   const double eps = std::numeric_limits<float>::epsilon();
   at::Tensor norm = x.mul(at::rsqrt(x.pow(2).mean({-1}, /*keepdim=*/true).add(eps)));
   return norm * weight_;
+#endif
 }
 
 }  // namespace tscale::core

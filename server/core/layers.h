@@ -13,12 +13,20 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "server/core/spec.h"
+#if TSCALE_WITH_CUDA
+#include "server/cuda/kernels.h"
+#endif
 
 namespace tscale::core {
 
 // Named persistent tensors (CPU), keyed by the reference's state_dict keys under the layer's full
 // name, e.g. "fc1.corr_accum".
 using StateDict = std::map<std::string, at::Tensor>;
+
+// How a model computes its ternary linear layers (DESIGN.md §1). FP32 is the reference's
+// arithmetic, exact; TF32 (CUDA only) runs the GEMMs on tensor cores with float32 storage; BF16
+// keeps w_eff and the GEMM operands in bfloat16 with float32 accumulation.
+enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
 
 // E, the integer part of log2 S, as initialisation sets it (linear: [-8, 0]; RMSNorm: -4).
 inline constexpr int kMinE = -8;
@@ -47,12 +55,11 @@ class TernaryState {
   int64_t groups_per_row() const { return (cols_ + group_size_ - 1) / group_size_; }
   int64_t groups() const { return rows_ * groups_per_row(); }
   int64_t step_counter() const { return step_counter_; }
-  const at::Tensor& trits() const { return trits_; }
   const at::Tensor& corr_accum() const { return corr_accum_; }
   const at::Tensor& e() const { return e_; }
   // Bytes of the persistent tensors, as exported.
   int64_t persistent_bytes() const;
-  // Bytes held on the device: decoded trits, E, corr_accum.
+  // Bytes held on the device: trits (packed on CUDA, decoded elsewhere), E, corr_accum.
   int64_t device_bytes() const;
 
   // log2 S per group, float32, computed in the reference's order: corr_accum.float() /
@@ -60,23 +67,36 @@ class TernaryState {
   at::Tensor Log2Scale() const;
   // S = exp2(Log2Scale()).
   at::Tensor Scale() const { return at::exp2(Log2Scale()); }
-  // S * T as float32 [rows, cols].
-  at::Tensor EffectiveWeight() const;
-  // Per-group score of a weight gradient: sum over the group's columns of sign(grad) * T, int64.
+  // S * T as `dtype` (float32 or bfloat16) [rows, cols]. On CUDA one fused kernel reads the
+  // packed trits; elsewhere the reference's tensor operations.
+  at::Tensor EffectiveWeight(at::ScalarType dtype = at::kFloat) const;
+  // Per-group score of a weight gradient (float32 or bfloat16 [rows, cols]): sum over the group's
+  // columns of sign(grad) * T, int64 [groups]. On CUDA one fused kernel, without a sign tensor.
   at::Tensor Scores(const at::Tensor& grad) const;
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
 
  private:
   int64_t rows_ = 0, cols_ = 0, group_size_ = 0;
-  at::Tensor packed_;      // uint8 [PackedBytes(rows*cols)], CPU: the persistent form of T
-  at::Tensor trits_;       // int8 [rows, cols] on the device, decoded once
+  // Puts T on `device`: packed for the CUDA kernels, else decoded.
+  void Place(const at::Tensor& trits, at::Device device);
+#if TSCALE_WITH_CUDA
+  cuda::TernaryView View() const;
+#endif
+
+  // Whether the CUDA kernels serve this state: then T lives on the device only packed (0.2 bytes
+  // per weight) and is decoded inside the kernels; otherwise it is decoded once to int8.
+  bool fused() const { return packed_device_.defined(); }
+
+  at::Tensor packed_;         // uint8 [PackedBytes(rows*cols)], CPU: the persistent form of T
+  at::Tensor packed_device_;  // the same bytes on the CUDA device, when fused()
+  at::Tensor trits_;          // int8 [rows, cols] on the device, unless fused()
   at::Tensor e_;           // int8 [groups] on the device
   at::Tensor corr_accum_;  // int64 [groups] on the device
   int64_t step_counter_ = 0;
 };
 
-// Ternary linear layer: y = x @ w_eff^T (+ bias as float).
+// Ternary linear layer: y = x @ w_eff^T (+ bias as float), in the layer's compute type.
 class TernaryLinear {
  public:
   // The reference's initialisation: w = randn(out, in) * std (0.1, or 0.02 with bias), drawn from
@@ -88,9 +108,15 @@ class TernaryLinear {
                                               at::Device device);
   void Export(const std::string& name, StateDict* out) const;
 
-  // w_eff of the current step, computed once per step: a leaf that requires grad, so that
-  // autograd returns d loss / d w_eff for it.
+  // The compute type of Forward and of the weight gradient; FP32 unless set (before any Forward).
+  void SetCompute(ComputeType compute);
+  ComputeType compute() const { return compute_; }
+
+  // w_eff of the current step (float32, or bfloat16 in BF16), computed once per step: a leaf
+  // that requires grad, so that autograd returns d loss / d w_eff for it.
   const at::Tensor& WeightLeaf();
+  // x: float32 [batch, in]. The GEMMs of the forward and of both gradients are those of
+  // F.linear in FP32 (the same calls, so the same bits); TF32 and BF16 are opt-in.
   at::Tensor Forward(const at::Tensor& x);
 
   // Per-group scores of the summed weight gradient (undefined: no gradient, scores 0).
@@ -107,6 +133,7 @@ class TernaryLinear {
   TernaryState state_;
   at::Tensor bias_;   // int32 [out] on the device, or undefined
   at::Tensor w_eff_;  // cache of the current step, undefined when stale
+  ComputeType compute_ = ComputeType::kFp32;
 };
 
 // Ternary RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (S * T). Its state is frozen: nothing updates

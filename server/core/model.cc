@@ -1,6 +1,7 @@
 #include "server/core/model.h"
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <utility>
 
@@ -77,11 +78,28 @@ class ResidualNode : public Node {
 // service arrives on the CPU, so this costs no device synchronisation.
 bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
-absl::Status CheckCompute(ComputeType compute) {
-  if (compute == ComputeType::kFp32) return absl::OkStatus();
-  return absl::UnimplementedError(absl::StrCat("compute: expected COMPUTE_FP32 (the only compute ",
-                                               "type this server offers), got ",
-                                               ComputeName(compute)));
+// TF32 is a tensor-core format: it needs the CUDA kernels and a CUDA device.
+absl::Status CheckCompute(ComputeType compute, c10::Device device) {
+  if (compute != ComputeType::kFp32 && compute != ComputeType::kTf32 &&
+      compute != ComputeType::kBf16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compute: expected COMPUTE_FP32, COMPUTE_TF32 or COMPUTE_BF16, got ",
+        static_cast<int>(compute)));
+  }
+  if (compute != ComputeType::kTf32) return absl::OkStatus();
+#if TSCALE_WITH_CUDA
+  if (device.is_cuda()) return absl::OkStatus();
+#endif
+  return absl::UnimplementedError(absl::StrCat(
+      "compute: COMPUTE_TF32 runs on CUDA tensor cores",
+      device.is_cuda() ? " and this server was built without its CUDA kernels" : "",
+      "; the model's device is ", DeviceName(device), ". Use COMPUTE_FP32 or COMPUTE_BF16"));
+}
+
+// Adds a weight gradient to a step's sum; sums of BF16 gradients are kept in float32.
+at::Tensor AddGradient(const at::Tensor& sum, const at::Tensor& grad) {
+  if (!sum.defined()) return grad;
+  return sum.to(at::kFloat) + grad.to(at::kFloat);
 }
 
 // Tells a retried TrainStep from another request: the bytes of its tensors and its loss.
@@ -97,6 +115,10 @@ size_t Fingerprint(const at::Tensor& input, const at::Tensor& target, Loss loss)
 uint64_t RandomNonce() {
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+absl::Time Now(const ModelOptions& options) {
+  return options.clock ? options.clock() : absl::Now();
 }
 
 }  // namespace
@@ -140,6 +162,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
                              : TernaryLinear::Init(*l, *gen, model->device_);
           if (!layer.ok()) return layer.status();
           auto node = std::make_unique<LinearNode>(*std::move(layer));
+          node->layer.SetCompute(model->options_.compute);
           model->persistent_bytes_ += node->layer.persistent_bytes();
           model->linears_.push_back({name, &node->layer, at::Tensor()});
           model->stateful_.push_back({name, &node->layer.state(), /*frozen=*/false});
@@ -183,7 +206,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelSpec& spec, uint
                                                      c10::Device device, ModelOptions options) {
   auto summary = ValidateSpec(spec);
   if (!summary.ok()) return summary.status();
-  if (absl::Status s = CheckCompute(options.compute); !s.ok()) return s;
+  if (absl::Status s = CheckCompute(options.compute, device); !s.ok()) return s;
   std::unique_ptr<Model> model(new Model(NormalizeSpec(spec), *summary, device, options));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   absl::Status s = model->Build(nullptr, &gen);
@@ -197,7 +220,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec,
                                                      c10::Device device, ModelOptions options) {
   auto summary = ValidateSpec(spec);
   if (!summary.ok()) return summary.status();
-  if (absl::Status s = CheckCompute(options.compute); !s.ok()) return s;
+  if (absl::Status s = CheckCompute(options.compute, device); !s.ok()) return s;
   if (step.has_value() && *step < 0) {
     return absl::InvalidArgumentError(absl::StrCat("step: expected >= 0, got ", *step));
   }
@@ -257,6 +280,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
       int64_t bytes = 0;
       return ForwardResult{Run(x, &bytes), "", step_};
     }
+    ExpirePasses();  // expired passes make room
     if (pending_passes_ >= options_.max_pending_passes) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "pending passes: the model holds ", pending_passes_, " passes awaiting Backward, the ",
@@ -268,6 +292,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
     c10::AutoGradMode grad_mode(true);
     Pass pass;
     pass.step = step_;
+    pass.created = Now(options_);
     pass.input = x.detach().requires_grad_(true);
     pass.bytes = x.numel() * static_cast<int64_t>(x.element_size());
     pass.output = Run(pass.input, &pass.bytes);
@@ -281,6 +306,9 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
     ForwardResult result{pass.output.detach(), NewPassId(step_), step_};
     pending_bytes_ += pass.bytes;
     ++pending_passes_;
+    if (options_.pending_pass_ttl > absl::ZeroDuration()) {
+      pass_order_.emplace_back(pass.created, result.pass_id);
+    }
     passes_.emplace(result.pass_id, std::move(pass));
     return result;
   } catch (const c10::Error& e) {
@@ -305,9 +333,16 @@ absl::Status Model::UnknownPass(absl::string_view pass_id) const {
 absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
                                            const at::Tensor& grad_output, bool want_grad_input) {
   absl::MutexLock lock(&mu_);
+  ExpirePasses();
   auto it = passes_.find(pass_id);
   if (it == passes_.end()) return UnknownPass(pass_id);
   Pass& pass = it->second;
+  if (pass.expired) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pass_id: pass '", pass_id, "' expired: no Backward used it within ",
+        absl::ToInt64Seconds(options_.pending_pass_ttl),
+        " s of its Forward (--pending-pass-ttl-seconds), so it was released; run Forward again"));
+  }
   if (pass.used) {
     return absl::FailedPreconditionError(absl::StrCat(
         "pass_id: pass '", pass_id, "' was already used by a Backward (one per pass)"));
@@ -342,7 +377,7 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
     for (size_t i = 0; i < linears_.size(); ++i) {
       at::Tensor& sum = linears_[i].grad_sum;
       if (!grads[i].defined()) continue;
-      sum = sum.defined() ? sum + grads[i] : grads[i];
+      sum = AddGradient(sum, grads[i]);
     }
     ++backwards_;
     if (!want_grad_input) return at::Tensor();
@@ -353,7 +388,8 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
   }
 }
 
-absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step) {
+absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
+                                                      const Interrupt& interrupt) {
   absl::MutexLock lock(&mu_);
   if (expected_step != step_) {
     if (last_update_.has_value() && expected_step == step_ - 1) {
@@ -368,18 +404,23 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step) {
     return absl::FailedPreconditionError(absl::StrCat(
         "update: no Backward since step ", step_, " began; nothing to apply"));
   }
+  // The last moment to give up: nothing has changed yet, and from here the update applies wholly.
+  if (interrupt) {
+    if (absl::Status s = interrupt(); !s.ok()) return s;
+  }
   auto result = ApplyUpdate({});
   if (result.ok()) last_train_.reset();
   return result;
 }
 
-absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra) {
+absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra,
+                                                StepLoss* loss) {
   try {
     // Compute everything first, then commit: an error leaves the state as it was.
     std::vector<at::Tensor> scores;
     for (size_t i = 0; i < linears_.size(); ++i) {
       at::Tensor sum = linears_[i].grad_sum;
-      if (i < extra.size() && extra[i].defined()) sum = sum.defined() ? sum + extra[i] : extra[i];
+      if (i < extra.size() && extra[i].defined()) sum = AddGradient(sum, extra[i]);
       scores.push_back(linears_[i].layer->Scores(sum));
     }
     std::vector<at::Tensor> stats;
@@ -388,8 +429,18 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       stats.push_back(scores[i].sum());
       stats.push_back(after.abs().sum());
     }
+    // The loss's float64 bits ride along as an int64, so that one copy brings everything.
+    if (loss != nullptr) stats.push_back(loss->value.detach().to(at::kDouble).view(at::kLong));
     const at::Tensor host =
         stats.empty() ? at::Tensor() : at::stack(stats).to(at::kCPU).contiguous();
+    if (loss != nullptr) {
+      std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
+      if (!std::isfinite(loss->host)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "loss: the ", loss->kind == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
+            " loss of this batch is not finite (", loss->host, "); nothing was applied"));
+      }
+    }
 
     UpdateResult result;
     result.step = step_ + 1;
@@ -417,7 +468,8 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
 }
 
 absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const at::Tensor& target,
-                                                 Loss loss, int64_t expected_step) {
+                                                 Loss loss, int64_t expected_step,
+                                                 const Interrupt& interrupt) {
   if (absl::Status s = CheckInput(input); !s.ok()) return s;
   const int64_t batch = input.size(0);
   const int64_t out = summary_.out_features;
@@ -470,6 +522,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       }
     }
     TrainStepResult result;
+    StepLoss step_loss;
     std::vector<at::Tensor> weights;
     std::vector<at::Tensor> grads;
     {
@@ -477,22 +530,23 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       for (const Linear& l : linears_) weights.push_back(l.layer->WeightLeaf());
       int64_t bytes = 0;
       result.output = Run(x, &bytes);
-      const at::Tensor value = loss == Loss::kMse ? at::mse_loss(result.output, t)
-                                                  : at::cross_entropy_loss(result.output, t);
-      result.loss = value.item<double>();
-      if (!std::isfinite(result.loss)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "loss: the ", loss == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
-            " loss of this batch is not finite (", result.loss, "); nothing was applied"));
-      }
+      step_loss.value = loss == Loss::kMse ? at::mse_loss(result.output, t)
+                                           : at::cross_entropy_loss(result.output, t);
+      step_loss.kind = loss;
+      const at::Tensor& value = step_loss.value;
       if (!weights.empty()) {
         grads = torch::autograd::grad({value}, weights, {}, /*retain_graph=*/false,
                                       /*create_graph=*/false, /*allow_unused=*/true);
       }
     }
     result.output = result.output.detach();
-    auto update = ApplyUpdate(grads);
+    // As in UpdateCorrelation: the forward and backward changed nothing; the update is all.
+    if (interrupt) {
+      if (absl::Status s = interrupt(); !s.ok()) return s;
+    }
+    auto update = ApplyUpdate(grads, &step_loss);
     if (!update.ok()) return update.status();
+    result.loss = step_loss.host;
     result.update = *std::move(update);
     last_train_ = LastTrainStep{result.loss, Fingerprint(input, target, loss)};
     return result;
@@ -560,22 +614,78 @@ int64_t Model::step() const {
 
 int64_t Model::pending_passes() const {
   absl::MutexLock lock(&mu_);
+  ExpirePasses();
   return pending_passes_;
 }
 
 int64_t Model::pending_bytes() const {
   absl::MutexLock lock(&mu_);
+  ExpirePasses();
   return pending_bytes_;
 }
 
 int64_t Model::device_bytes() const {
   absl::MutexLock lock(&mu_);
+  ExpirePasses();
   int64_t bytes = pending_bytes_;
   for (const Linear& l : linears_) {
     bytes += l.layer->device_bytes() + (l.grad_sum.defined() ? l.grad_sum.nbytes() : 0);
   }
   for (const TernaryRMSNorm* n : norms_) bytes += n->device_bytes();
   return bytes;
+}
+
+void Model::ExpirePasses() const {
+  if (options_.pending_pass_ttl <= absl::ZeroDuration()) return;
+  const absl::Time cutoff = Now(options_) - options_.pending_pass_ttl;
+  // Passes are created in time order: the front is the oldest.
+  while (!pass_order_.empty()) {
+    const auto& [created, id] = pass_order_.front();
+    auto it = passes_.find(id);
+    if (it != passes_.end() && !it->second.used && !it->second.expired) {
+      if (created > cutoff) break;
+      // Kept as a marker, so that its Backward says why it is gone.
+      Pass& pass = it->second;
+      pass.expired = true;
+      pass.input.reset();
+      pass.output.reset();
+      pass.weights.clear();
+      pending_bytes_ -= pass.bytes;
+      --pending_passes_;
+    }
+    pass_order_.pop_front();
+  }
+}
+
+absl::StatusOr<int64_t> Model::EstimateDeviceBytes(const ModelSpec& spec) {
+  if (auto summary = ValidateSpec(spec); !summary.ok()) return summary.status();
+  // What Build allocates and training adds, layer by layer, in the largest form any compute type
+  // takes (int8 trits, float32 w_eff and gradient sums): keep in step with the layers'
+  // device_bytes() (tests hold the two equal for FP32 on the CPU after a training step).
+  struct Estimator {
+    int64_t bytes = 0;
+    void Layers(const std::vector<LayerSpec>& layers) {
+      for (const LayerSpec& layer : layers) {
+        if (const auto* l = std::get_if<TernaryLinearSpec>(&layer.kind)) {
+          const int64_t gs = l->group_size > 0 ? l->group_size : kDefaultGroupSize;
+          const int64_t weights = l->in_features * l->out_features;
+          const int64_t groups = l->out_features * ((l->in_features + gs - 1) / gs);
+          // int8 trits; float32 w_eff and gradient sum; int8 E and int64 corr_accum per group.
+          bytes += weights * (1 + 4 + 4) + groups * (1 + 8) + (l->bias ? 4 * l->out_features : 0);
+        } else if (const auto* n = std::get_if<TernaryRMSNormSpec>(&layer.kind)) {
+          const int64_t gs = n->group_size > 0 ? n->group_size : kDefaultGroupSize;
+          const int64_t groups = (n->dim + gs - 1) / gs;
+          // int8 trits and the float32 S * T it multiplies by.
+          bytes += n->dim * (1 + 4) + groups * (1 + 8);
+        } else if (const auto* r = std::get_if<ResidualSpec>(&layer.kind)) {
+          Layers(r->layers);
+        }
+      }
+    }
+  };
+  Estimator estimator;
+  estimator.Layers(spec.layers);
+  return estimator.bytes;
 }
 
 }  // namespace tscale::core

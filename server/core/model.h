@@ -10,6 +10,8 @@
 #define TSCALE_SERVER_CORE_MODEL_H_
 
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -21,15 +23,13 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/core/layers.h"
 #include "server/core/scale_stats.h"
 #include "server/core/spec.h"
 
 namespace tscale::core {
 
-// How a model computes. FP32 is the reference's arithmetic; the others are faster modes a model
-// opts into.
-enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
 absl::string_view ComputeName(ComputeType compute);  // "COMPUTE_FP32", ...
 
 struct ModelOptions {
@@ -38,7 +38,17 @@ struct ModelOptions {
   int64_t max_pending_passes = 1024;
   // Bytes of activations those passes may hold (estimated as their inputs and layer outputs).
   int64_t max_pending_bytes = int64_t{4} << 30;
+  // A training pass not used by a Backward within this time is released (its activations freed);
+  // its Backward is then FailedPrecondition. Zero: passes wait until the step's update.
+  absl::Duration pending_pass_ttl = absl::Seconds(600);
+  // The time passes are judged by; empty: absl::Now. Tests set a clock of their own.
+  std::function<absl::Time()> clock;
 };
+
+// Asked right before an update commits (UpdateCorrelation, TrainStep): a non-OK status (e.g. the
+// request was cancelled or its deadline passed) abandons the update with that status, changing
+// nothing. After the check the update applies wholly.
+using Interrupt = std::function<absl::Status()>;
 
 struct ForwardResult {
   at::Tensor output;    // float32 [batch, out_features], on the model's device
@@ -112,14 +122,17 @@ class Model {
                                       bool want_grad_input);
   // Applies when expected_step equals the step; FailedPrecondition otherwise (or when no Backward
   // has run since the last update), except for the replay of the update just applied.
-  absl::StatusOr<UpdateResult> UpdateCorrelation(int64_t expected_step);
+  // `interrupt`, when given, is asked before the update commits (see Interrupt).
+  absl::StatusOr<UpdateResult> UpdateCorrelation(int64_t expected_step,
+                                                 const Interrupt& interrupt = nullptr);
   // Forward, loss, backward and update in one call, holding the model throughout. The update
   // takes the sign of this step's weight gradients summed with those of any Backward already run
   // at this step. Exactly once like UpdateCorrelation: a retry of the TrainStep just applied (same
   // expected_step, input, target and loss) returns its result again (replayed, without output);
   // another request with that stale expected_step is FailedPrecondition.
   absl::StatusOr<TrainStepResult> TrainStep(const at::Tensor& input, const at::Tensor& target,
-                                            Loss loss, int64_t expected_step);
+                                            Loss loss, int64_t expected_step,
+                                            const Interrupt& interrupt = nullptr);
 
   // Drift statistics of every stateful layer. The model is held only to copy corr_accum; the
   // statistics are computed after, so training is not held up.
@@ -138,10 +151,20 @@ class Model {
   // Bytes the model holds on its device now: decoded state, caches, gradient sums, pending passes.
   int64_t device_bytes() const;
 
+  // The device bytes a model of `spec` holds while it trains, pending passes aside: the decoded
+  // trits, E, corr_accum and bias, the step's effective weights and the gradient sums of its
+  // linear layers. Computable before the model is built (for a memory budget); never less than
+  // device_bytes() of that model without pending passes: equal for FP32 without the CUDA
+  // kernels, more where those hold T packed or BF16 holds w_eff in two bytes. InvalidArgument
+  // for an invalid spec.
+  static absl::StatusOr<int64_t> EstimateDeviceBytes(const ModelSpec& spec);
+
  private:
   struct Pass {
     int64_t step = 0;
     bool used = false;
+    bool expired = false;  // released unused after options_.pending_pass_ttl
+    absl::Time created;
     int64_t bytes = 0;
     at::Tensor input;                 // leaf that requires grad
     at::Tensor output;                // with its autograd graph
@@ -165,9 +188,20 @@ class Model {
   absl::Status CheckInput(const at::Tensor& input) const;
   // The update from this step's gradient sums plus `extra` (one per linear layer, or empty);
   // commits only when everything has been computed.
-  absl::StatusOr<UpdateResult> ApplyUpdate(const std::vector<at::Tensor>& extra)
+  // A TrainStep's loss (a 0-dim device tensor) travels to the host with the update's figures, in
+  // the step's one synchronisation; a loss that is not finite stops the update before it commits.
+  struct StepLoss {
+    at::Tensor value;
+    Loss kind;
+    double host = 0;
+  };
+  absl::StatusOr<UpdateResult> ApplyUpdate(const std::vector<at::Tensor>& extra,
+                                           StepLoss* loss = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UnknownPass(absl::string_view pass_id) const;
+  // Releases the passes older than the TTL that no Backward used. Also from const accessors, so
+  // that the figures they report (and metrics read) never count an expired pass.
+  void ExpirePasses() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ModelSpec spec_;
   const SpecSummary summary_;
@@ -184,9 +218,13 @@ class Model {
   int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t next_pass_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t backwards_ ABSL_GUARDED_BY(mu_) = 0;  // Backward calls since the last update
-  int64_t pending_passes_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  absl::flat_hash_map<std::string, Pass> passes_ ABSL_GUARDED_BY(mu_);
+  // Mutable: passes expire with time, also while a const accessor looks (ExpirePasses).
+  mutable int64_t pending_passes_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable int64_t pending_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable absl::flat_hash_map<std::string, Pass> passes_ ABSL_GUARDED_BY(mu_);
+  // Ids of the passes in creation order (with their creation time), for ExpirePasses; ids of
+  // passes used or released meanwhile are dropped when they reach the front.
+  mutable std::deque<std::pair<absl::Time, std::string>> pass_order_ ABSL_GUARDED_BY(mu_);
   std::optional<UpdateResult> last_update_ ABSL_GUARDED_BY(mu_);
   // When a TrainStep made the last update: its loss, and a fingerprint of its request (input,
   // target, loss), so that only a retry of that same request is replayed.

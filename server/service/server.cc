@@ -10,6 +10,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -32,6 +33,17 @@ namespace {
 
 constexpr char kServiceName[] = "tscale.v1.TernaryTrainer";
 constexpr int64_t kMaxMessageBytesLimit = int64_t{1} << 30;
+// Keepalive: how long the server waits for the answer to its ping before it closes the
+// connection.
+constexpr int kKeepaliveTimeoutMs = 20'000;
+// Client pings (without data) closer together than this are strikes; after kMaxPingStrikes the
+// server closes the connection (GOAWAY "too_many_pings"), so a client cannot flood it with pings.
+// The project's clients ping every 60 s; 10 s leaves room for other well-behaved clients.
+constexpr int kMinClientPingIntervalMs = 10'000;
+constexpr int kMaxPingStrikes = 2;
+// Threads gRPC itself may run for synchronous services (server reflection); the API's calls run
+// on the worker threads.
+constexpr int kMaxGrpcThreads = 64;
 
 absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view flag) {
   std::ifstream in(path);
@@ -117,6 +129,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::InvalidArgumentError(absl::StrCat("--metrics-max-layers: expected >= 1, got ",
                                                    options.metrics_max_layers));
   }
+  for (auto [value, flag] :
+       {std::pair<int64_t, const char*>{options.max_models, "max-models"},
+        {options.max_device_bytes, "max-device-bytes"},
+        {options.pending_pass_ttl_seconds, "pending-pass-ttl-seconds"}}) {
+    if (value < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": expected >= 0 (0: no limit), got ", value));
+    }
+  }
+  if (options.keepalive_seconds < 0 || options.keepalive_seconds > 86400) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--keepalive-seconds: expected 0 (no pings) to 86400, got ", options.keepalive_seconds));
+  }
+  if (options.max_concurrent_streams < 1 || options.max_concurrent_streams > INT_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-concurrent-streams: expected 1 to ",
+                                                   INT_MAX, ", got ",
+                                                   options.max_concurrent_streams));
+  }
+  if (options.grpc_memory_bytes < 2 * options.max_message_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--grpc-memory-bytes: expected at least twice --max-message-bytes (",
+        2 * options.max_message_bytes, "), got ", options.grpc_memory_bytes));
+  }
   if (options.worker_threads < 0 || options.worker_threads > 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--worker-threads: expected 0 (automatic) to 1024, got ", options.worker_threads));
@@ -140,6 +175,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   trainer.max_import_bytes = options.max_import_bytes;
   trainer.model.max_pending_passes = options.max_pending_passes;
   trainer.model.max_pending_bytes = options.max_pending_bytes;
+  trainer.model.pending_pass_ttl = absl::Seconds(options.pending_pass_ttl_seconds);
+  trainer.limits.max_models = options.max_models;
+  trainer.limits.max_device_bytes = options.max_device_bytes;
 
   std::unique_ptr<Server> server(new Server());
   Impl& impl = *server->impl_;
@@ -213,6 +251,25 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   const int64_t hard_limit = std::min<int64_t>(2 * options.max_message_bytes, INT_MAX);
   builder.SetMaxReceiveMessageSize(static_cast<int>(hard_limit));
   builder.SetMaxSendMessageSize(static_cast<int>(hard_limit));
+  // Keepalive: pings reveal connections whose client vanished (a crashed host, a dropped NAT
+  // entry), so that their calls are cancelled and their memory freed.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             options.keepalive_seconds > 0
+                                 ? static_cast<int>(options.keepalive_seconds * 1000)
+                                 : INT_MAX);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, kKeepaliveTimeoutMs);
+  // Training clients keep channels open between calls: their pings on idle connections are
+  // welcome (at most one per kMinClientPingIntervalMs).
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             kMinClientPingIntervalMs);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, kMaxPingStrikes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             static_cast<int>(options.max_concurrent_streams));
+  grpc::ResourceQuota quota("tscale-server");
+  quota.Resize(static_cast<size_t>(options.grpc_memory_bytes));
+  quota.SetMaxThreads(kMaxGrpcThreads);
+  builder.SetResourceQuota(quota);
   impl.server = builder.BuildAndStart();
   if (impl.server == nullptr || server->port_ == 0) {
     impl.pool->Stop();

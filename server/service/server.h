@@ -29,6 +29,31 @@ struct ServerOptions {
   // Threads running requests; 0: max(4, hardware threads).
   int worker_threads = 0;
 
+  // Limits of the models held (--max-models, --max-device-bytes; 0: none). CreateModel,
+  // ImportState and RestoreCheckpoint beyond them are RESOURCE_EXHAUSTED with the figures. A
+  // model counts by its estimated device bytes (Model::EstimateDeviceBytes: decoded state,
+  // effective weights, gradient sums); pending passes are bounded per model by the two above.
+  // No budget by default: the device's own memory is the limit, and exceeding it is also
+  // RESOURCE_EXHAUSTED; a budget leaves room for other processes on a shared device.
+  int64_t max_models = 1024;
+  int64_t max_device_bytes = 0;
+  // A training pass no Backward used within this many seconds is released; 0: never. Ten
+  // minutes: far longer than any forward-backward round trip, short enough that passes of
+  // clients that went away do not hold memory until the next update.
+  int64_t pending_pass_ttl_seconds = 600;
+
+  // Transport (gRPC) settings.
+  // The server pings each connection after this many idle seconds and closes it when no answer
+  // comes within 20 s, so that the calls and memory of vanished clients are freed (0: no pings).
+  int64_t keepalive_seconds = 60;
+  // Streams (calls) at once per connection; more wait in the client. Requests are served by
+  // the worker threads anyway; this bounds what one connection can queue.
+  int64_t max_concurrent_streams = 256;
+  // Memory gRPC may use for its buffers across all connections (a grpc::ResourceQuota); under
+  // pressure it shrinks buffers and refuses new calls rather than exhausting the process. At
+  // least twice --max-message-bytes, so that a largest request and response always fit.
+  int64_t grpc_memory_bytes = int64_t{4} << 30;
+
   // Checkpoints (--checkpoint-dir); empty: none. At start every model found there is restored
   // from its newest valid checkpoint before the server listens.
   std::string checkpoint_dir;

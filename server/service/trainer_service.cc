@@ -1,6 +1,7 @@
 #include "server/service/trainer_service.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -23,10 +24,38 @@ constexpr int64_t kChunkBytes = int64_t{1} << 20;
 // What a response carries besides its tensors, generously.
 constexpr int64_t kEnvelopeBytes = 4096;
 
+// The rows of a [rows, cols] tensor, to size the response to it; 0 for any other shape (the model
+// refuses those). Not simply size(0): a tensor of no elements may claim any first dimension,
+// e.g. [2^62, 0], whose product with a layer's width would overflow. A [rows, cols] tensor
+// within the message limit has fewer than 2^28 rows, so rows * width * 4 fits in int64.
+int64_t Rows(const at::Tensor& t, int64_t cols) {
+  return t.dim() == 2 && t.size(1) == cols ? t.size(0) : 0;
+}
+
+// OK while the call is live; DeadlineExceeded once its deadline has passed, Cancelled once the
+// client cancelled it or went away. Asked when a worker takes a request up and right before a
+// request changes state, so that such a request changes nothing. The deadline is compared here:
+// gRPC does not mark a call cancelled the moment its deadline passes.
+absl::Status Interrupted(const grpc::CallbackServerContext* ctx) {
+  if (ctx->deadline() <= std::chrono::system_clock::now()) {
+    return absl::DeadlineExceededError(
+        "deadline: the request's deadline passed before it could apply; nothing was changed");
+  }
+  if (ctx->IsCancelled()) {
+    return absl::CancelledError(
+        "the client cancelled the request before it could apply; nothing was changed");
+  }
+  return absl::OkStatus();
+}
+
+core::Interrupt InterruptOf(const grpc::CallbackServerContext* ctx) {
+  return [ctx] { return Interrupted(ctx); };
+}
+
 }  // namespace
 
 TrainerService::TrainerService(TrainerOptions options, WorkerPool* pool)
-    : options_(std::move(options)), pool_(pool) {}
+    : options_(std::move(options)), pool_(pool), registry_(options_.limits) {}
 
 // ---------------------------------------------------------------- plumbing
 
@@ -46,9 +75,12 @@ grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* 
     reactor->Finish(Finished(method, size, start));
     return reactor;
   }
-  const bool queued = pool_->Submit([this, reactor, method, start, fn = std::move(fn)]() mutable {
-    reactor->Finish(Finished(method, fn(), start));
-  });
+  const bool queued =
+      pool_->Submit([this, ctx, reactor, method, start, fn = std::move(fn)]() mutable {
+        // A request cancelled or past its deadline while it waited is not run.
+        absl::Status interrupted = Interrupted(ctx);
+        reactor->Finish(Finished(method, interrupted.ok() ? fn() : interrupted, start));
+      });
   if (!queued) {
     reactor->Finish(Finished(method, absl::UnavailableError("the server is shutting down"), start));
   }
@@ -92,7 +124,8 @@ absl::StatusOr<std::shared_ptr<core::Model>> TrainerService::Find(
 // ---------------------------------------------------------------- models
 
 absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
-                                           v1::ModelInfo* resp) {
+                                           v1::ModelInfo* resp,
+                                           const core::Interrupt& interrupt) {
   if (absl::Status s = core::ValidateModelId(req.model_id()); !s.ok()) return s;
   auto spec = SpecFromProto(req.spec());
   if (!spec.ok()) return spec.status();
@@ -103,12 +136,18 @@ absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
   // Refuse a taken id before spending memory on the model; Add checks again.
   if (absl::Status s = registry_.CheckFree(req.model_id()); !s.ok()) return s;
   if (absl::Status s = CheckNoCheckpoints(req.model_id()); !s.ok()) return s;
+  // Room within --max-models and --max-device-bytes is reserved before the model is built.
+  auto bytes = core::Model::EstimateDeviceBytes(*spec);
+  if (!bytes.ok()) return bytes.status();
+  auto reservation = registry_.Reserve(req.model_id(), *bytes, /*replace=*/false);
+  if (!reservation.ok()) return reservation.status();
   core::ModelOptions options = options_.model;
   options.compute = *compute;
   auto model = core::Model::Create(*spec, req.seed(), *device, options);
   if (!model.ok()) return model.status();
   std::shared_ptr<core::Model> shared = *std::move(model);
-  if (absl::Status s = registry_.Add(req.model_id(), shared); !s.ok()) return s;
+  if (absl::Status s = interrupt(); !s.ok()) return s;
+  if (absl::Status s = registry_.Add(*std::move(reservation), shared); !s.ok()) return s;
   ModelInfoToProto(req.model_id(), *shared, resp);
   return absl::OkStatus();
 }
@@ -116,7 +155,9 @@ absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
 grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContext* ctx,
                                                       const v1::CreateModelRequest* req,
                                                       v1::ModelInfo* resp) {
-  return Dispatch(ctx, "CreateModel", *req, [this, req, resp] { return DoCreateModel(*req, resp); });
+  return Dispatch(ctx, "CreateModel", *req, [this, ctx, req, resp] {
+    return DoCreateModel(*req, resp, InterruptOf(ctx));
+  });
 }
 
 grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* ctx,
@@ -172,7 +213,7 @@ absl::Status TrainerService::DoForward(const v1::ForwardRequest& req, v1::Forwar
   auto input = TensorFromProto(req.input(), "input", v1::FP32);
   if (!input.ok()) return input.status();
   // Refuse an answer too large to send before the pass exists.
-  const int64_t batch = input->dim() > 0 ? input->size(0) : 0;
+  const int64_t batch = Rows(*input, (*model)->summary().in_features);
   if (absl::Status s = CheckSize(batch * (*model)->summary().out_features * 4 + kEnvelopeBytes,
                                  "the response's output");
       !s.ok()) {
@@ -199,7 +240,7 @@ absl::Status TrainerService::DoBackward(const v1::BackwardRequest& req,
   auto grad = TensorFromProto(req.grad_output(), "grad_output", v1::FP32);
   if (!grad.ok()) return grad.status();
   if (req.want_grad_input()) {
-    const int64_t batch = grad->dim() > 0 ? grad->size(0) : 0;
+    const int64_t batch = Rows(*grad, (*model)->summary().out_features);
     if (absl::Status s = CheckSize(batch * (*model)->summary().in_features * 4 + kEnvelopeBytes,
                                    "the response's grad_input");
         !s.ok()) {
@@ -221,10 +262,11 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
     grpc::CallbackServerContext* ctx, const v1::UpdateCorrelationRequest* req,
     v1::UpdateCorrelationResponse* resp) {
-  return Dispatch(ctx, "UpdateCorrelation", *req, [this, req, resp]() -> absl::Status {
+  return Dispatch(ctx, "UpdateCorrelation", *req, [this, ctx, req, resp]() -> absl::Status {
     auto model = Find(req->model_id());
     if (!model.ok()) return model.status();
-    auto result = (*model)->UpdateCorrelation(req->expected_step());
+    // The request may wait for the model behind others; it gives up if cancelled meanwhile.
+    auto result = (*model)->UpdateCorrelation(req->expected_step(), InterruptOf(ctx));
     if (!result.ok()) return result.status();
     Updated(req->model_id(), result->step, result->replayed, /*train_step=*/false);
     resp->set_step(result->step);
@@ -235,7 +277,8 @@ grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
 }
 
 absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
-                                         v1::TrainStepResponse* resp) {
+                                         v1::TrainStepResponse* resp,
+                                         const core::Interrupt& interrupt) {
   auto model = Find(req.model_id());
   if (!model.ok()) return model.status();
   core::Loss loss;
@@ -261,14 +304,14 @@ absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
   auto target = TensorFromProto(req.target(), "target", target_dtype);
   if (!target.ok()) return target.status();
   if (req.want_output()) {
-    const int64_t batch = input->dim() > 0 ? input->size(0) : 0;
+    const int64_t batch = Rows(*input, (*model)->summary().in_features);
     if (absl::Status s = CheckSize(batch * (*model)->summary().out_features * 4 + kEnvelopeBytes,
                                    "the response's output");
         !s.ok()) {
       return s;
     }
   }
-  auto result = (*model)->TrainStep(*input, *target, loss, req.expected_step());
+  auto result = (*model)->TrainStep(*input, *target, loss, req.expected_step(), interrupt);
   if (!result.ok()) return result.status();
   Updated(req.model_id(), result->update.step, result->update.replayed, /*train_step=*/true);
   resp->set_loss(result->loss);
@@ -284,7 +327,9 @@ absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
 grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext* ctx,
                                                     const v1::TrainStepRequest* req,
                                                     v1::TrainStepResponse* resp) {
-  return Dispatch(ctx, "TrainStep", *req, [this, req, resp] { return DoTrainStep(*req, resp); });
+  return Dispatch(ctx, "TrainStep", *req, [this, ctx, req, resp] {
+    return DoTrainStep(*req, resp, InterruptOf(ctx));
+  });
 }
 
 // ---------------------------------------------------------------- state
@@ -311,7 +356,11 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
       Finish(service_->Finished("ExportState", auth, start_));
       return;
     }
-    const bool queued = service->pool_->Submit([this, service, req] {
+    const bool queued = service->pool_->Submit([this, service, ctx, req] {
+      if (absl::Status s = Interrupted(ctx); !s.ok()) {
+        Finish(service_->Finished("ExportState", s, start_));
+        return;
+      }
       auto bytes = service->DoExportState(req);
       if (!bytes.ok()) {
         Finish(service_->Finished("ExportState", bytes.status(), start_));
@@ -360,7 +409,8 @@ grpc::ServerWriteReactor<v1::StateChunk>* TrainerService::ExportState(
 }
 
 absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::string data,
-                                           v1::ModelInfo* resp) {
+                                           v1::ModelInfo* resp,
+                                           const core::Interrupt& interrupt) {
   auto device = DeviceFor(header.device());
   if (!device.ok()) return device.status();
   auto compute = ComputeFromProto(header.compute());
@@ -380,14 +430,19 @@ absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::
         "neither");
   }
   if (absl::Status s = CheckNoCheckpoints(header.model_id()); !s.ok()) return s;
+  // Room within --max-models and --max-device-bytes (the model replaced counts as freed) is
+  // reserved before the model is built.
+  auto bytes = core::Model::EstimateDeviceBytes(spec);
+  if (!bytes.ok()) return bytes.status();
+  auto reservation = registry_.Reserve(header.model_id(), *bytes, header.replace());
+  if (!reservation.ok()) return reservation.status();
   core::ModelOptions options = options_.model;
   options.compute = *compute;
   auto model = core::Model::Import(spec, decoded->tensors, decoded->step, *device, options);
   if (!model.ok()) return model.status();
   std::shared_ptr<core::Model> shared = *std::move(model);
-  if (absl::Status s = registry_.Add(header.model_id(), shared, header.replace()); !s.ok()) {
-    return s;
-  }
+  if (absl::Status s = interrupt(); !s.ok()) return s;
+  if (absl::Status s = registry_.Add(*std::move(reservation), shared); !s.ok()) return s;
   if (checkpointer_ != nullptr) checkpointer_->Forget(header.model_id());
   ModelInfoToProto(header.model_id(), *shared, resp);
   return absl::OkStatus();
@@ -398,7 +453,7 @@ class TrainerService::ImportReactor final
     : public grpc::ServerReadReactor<v1::ImportStateRequest> {
  public:
   ImportReactor(TrainerService* service, grpc::CallbackServerContext* ctx, v1::ModelInfo* resp)
-      : service_(service), resp_(resp) {
+      : service_(service), ctx_(ctx), resp_(resp) {
     if (absl::Status auth = service->Authorize(ctx); !auth.ok()) {
       Finish(service_->Finished("ImportState", auth, start_));
       return;
@@ -475,15 +530,18 @@ class TrainerService::ImportReactor final
           start_));
       return;
     }
+    // A stream the client cancelled also ends in a failed read: Interrupted tells it from the
+    // end of the file, and a cancelled import imports nothing.
     const bool queued = service_->pool_->Submit([this] {
-      Finish(service_->Finished("ImportState",
-                                service_->DoImportState(header_, std::move(data_), resp_),
-                                start_));
+      absl::Status s = Interrupted(ctx_);
+      if (s.ok()) s = service_->DoImportState(header_, std::move(data_), resp_, InterruptOf(ctx_));
+      Finish(service_->Finished("ImportState", s, start_));
     });
     if (!queued) Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
   }
 
   TrainerService* const service_;
+  grpc::CallbackServerContext* const ctx_;
   v1::ModelInfo* const resp_;
   const absl::Time start_ = absl::Now();
   v1::ImportStateRequest message_;
@@ -641,6 +699,10 @@ grpc::ServerUnaryReactor* TrainerService::GetServerInfo(grpc::CallbackServerCont
     resp->set_max_pending_passes(options_.model.max_pending_passes);
     resp->set_max_pending_bytes(options_.model.max_pending_bytes);
     resp->set_models(static_cast<int32_t>(registry_.size()));
+    resp->set_max_models(options_.limits.max_models);
+    resp->set_max_device_bytes(options_.limits.max_device_bytes);
+    resp->set_device_bytes_in_use(registry_.device_bytes_in_use());
+    resp->set_pending_pass_ttl_seconds(absl::ToInt64Seconds(options_.model.pending_pass_ttl));
     return absl::OkStatus();
   });
 }

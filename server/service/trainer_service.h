@@ -25,6 +25,7 @@ struct TrainerOptions {
   int64_t max_message_bytes = int64_t{256} << 20;
   int64_t max_import_bytes = int64_t{16} << 30;
   core::ModelOptions model;  // pending-pass limits of every model
+  core::RegistryLimits limits;  // models and their device bytes
 };
 
 class TrainerService final : public v1::TernaryTrainer::CallbackService {
@@ -100,13 +101,15 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   absl::StatusOr<c10::Device> DeviceFor(const std::string& name) const;
   absl::StatusOr<std::shared_ptr<core::Model>> Find(const std::string& model_id) const;
 
-  absl::Status DoCreateModel(const v1::CreateModelRequest& req, v1::ModelInfo* resp);
+  absl::Status DoCreateModel(const v1::CreateModelRequest& req, v1::ModelInfo* resp,
+                             const core::Interrupt& interrupt);
   absl::Status DoForward(const v1::ForwardRequest& req, v1::ForwardResponse* resp);
   absl::Status DoBackward(const v1::BackwardRequest& req, v1::BackwardResponse* resp);
-  absl::Status DoTrainStep(const v1::TrainStepRequest& req, v1::TrainStepResponse* resp);
+  absl::Status DoTrainStep(const v1::TrainStepRequest& req, v1::TrainStepResponse* resp,
+                           const core::Interrupt& interrupt);
   absl::StatusOr<std::string> DoExportState(const v1::ExportStateRequest& req);
   absl::Status DoImportState(const v1::ImportHeader& header, std::string data,
-                             v1::ModelInfo* resp);
+                             v1::ModelInfo* resp, const core::Interrupt& interrupt);
   absl::Status DoGetScaleStats(const v1::GetScaleStatsRequest& req, v1::ScaleStats* resp);
   absl::Status DoDeleteModel(const v1::DeleteModelRequest& req);
   absl::Status DoSaveCheckpoint(const v1::SaveCheckpointRequest& req, v1::CheckpointInfo* resp);

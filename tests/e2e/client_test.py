@@ -180,10 +180,19 @@ class ClientTest(ServerTestCase):
     def test_compute_types(self):
         self.assertEqual(self.new_model("fp32", seed=1).compute, tscale.trainer_pb2.COMPUTE_FP32)
         self._models.append("bf16")
+        bf16 = self.client.create_model("bf16", SPEC, compute="bf16", seed=1)
+        self.assertEqual(bf16.compute, tscale.trainer_pb2.COMPUTE_BF16)
+        # BF16 computes the same model's output within bfloat16 rounding of FP32's, not equal.
+        x = batch(2)
+        y32 = self.client.forward("fp32", x).output
+        y16 = self.client.forward("bf16", x).output
+        self.assertFalse(np.array_equal(y32, y16))
+        np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.05 * np.abs(y32).max())
+        self._models.append("tf32")
         if list(self.client.server_info().devices) == ["cpu"]:
-            # The CPU offers the reference's FP32 arithmetic only.
-            with self.assertError(grpc.StatusCode.UNIMPLEMENTED, "compute"):
-                self.client.create_model("bf16", SPEC, compute="bf16")
+            # TF32 is a CUDA tensor-core format.
+            with self.assertError(grpc.StatusCode.UNIMPLEMENTED, "COMPUTE_TF32"):
+                self.client.create_model("tf32", SPEC, compute="tf32", device="cpu")
         with self.assertRaisesRegex(ValueError, "compute"):
             self.client.create_model("fp99", SPEC, compute="fp99")
 

@@ -7,7 +7,7 @@
 - reference -> service: the reference's modules, trained a little, write their state_dict as a
   bare safetensors file; ImportState (spec in the header) loads it; both train on and end equal.
 
-The reference is /work/shared/reference/tscale_mini.py: loaded from $TSCALE_REFERENCE_DIR, else
+The reference is tscale_mini.py from the shared reference folder: loaded from $TSCALE_REFERENCE_DIR, else
 from ../shared/reference beside the repository. Without it (or without torch) the tests are
 skipped, saying where they looked.
 """

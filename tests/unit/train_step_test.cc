@@ -294,18 +294,5 @@ TEST(RegistryTest, AddGetReplaceRemove) {
   EXPECT_TRUE(weak.expired());
 }
 
-TEST(ComputeTest, OnlyFp32IsOffered) {
-  core::ModelOptions options;
-  options.compute = core::ComputeType::kBf16;
-  EXPECT_THAT(Model::Create(MlpSpec(), 1, kCpu, options),
-              StatusIs(absl::StatusCode::kUnimplemented,
-                       HasSubstr("compute: expected COMPUTE_FP32 (the only compute type this "
-                                 "server offers), got COMPUTE_BF16")));
-  options.compute = core::ComputeType::kTf32;
-  EXPECT_THAT(Model::Import(MlpSpec(), NewModel()->ExportState().tensors, std::nullopt, kCpu,
-                            options),
-              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("COMPUTE_TF32")));
-}
-
 }  // namespace
 }  // namespace tscale

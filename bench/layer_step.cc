@@ -1,0 +1,285 @@
+// One ternary linear layer's training step on a device: forward, input gradient, weight gradient
+// and the correlation update, as the service runs them (TernaryLinear and its autograd node), for
+// each shape, batch and compute type. Each row prints the step's time, the cuBLAS floor of the
+// step's three GEMMs (forward, input gradient, weight gradient) in the same compute type measured
+// in the same run, their ratio, the achieved TFLOP/s of the three GEMMs' work, the peak device
+// memory of one step, and for TF32 and BF16 how far they are from FP32: the fraction of
+// weight-gradient signs equal to FP32's and the largest output error relative to FP32's largest
+// output; then the times of two of the step's kernels alone: w_eff from the state (weff_ms) and
+// the per-group scores of a weight gradient (score_ms); with --model true, the time of a whole
+// Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1 without).
+//
+// Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]
+//                   [--computes FP32,TF32,BF16] [--group-size 32] [--seconds 0.5]
+//                   [--model true|false]
+// Each measurement repeats until --seconds have passed (at least 5 times) after 3 warm-up steps.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "server/core/device.h"
+#include "server/core/layers.h"
+#include "server/core/model.h"
+#if TSCALE_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include "server/cuda/kernels.h"
+#endif
+
+namespace {
+
+using tscale::core::ComputeType;
+
+void Sync(const c10::Device& device) {
+#if TSCALE_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::device_synchronize();
+#endif
+  (void)device;
+}
+
+void ResetPeak(const c10::Device& device) {
+#if TSCALE_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  (void)device;
+}
+
+// Peak bytes allocated on the device since ResetPeak; -1 off CUDA.
+double PeakMiB(const c10::Device& device) {
+#if TSCALE_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return static_cast<double>(
+               stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+                   .peak) /
+           (1 << 20);
+  }
+#endif
+  (void)device;
+  return -1;
+}
+
+// Milliseconds per call of `fn`, after 3 warm-up calls, over at least 5 calls and `seconds`.
+double TimeMs(const c10::Device& device, double seconds, const std::function<void()>& fn) {
+  for (int i = 0; i < 3; ++i) fn();
+  Sync(device);
+  int64_t n = 0;
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  do {
+    fn();
+    ++n;
+    if (n % 5 == 0 || n < 5) {
+      Sync(device);
+      elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+  } while (n < 5 || elapsed < seconds);
+  Sync(device);
+  elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return 1e3 * elapsed / static_cast<double>(n);
+}
+
+at::Tensor Mm(const at::Tensor& a, const at::Tensor& b, ComputeType compute) {
+#if TSCALE_WITH_CUDA
+  if (compute == ComputeType::kTf32) return tscale::cuda::MatmulTf32(a, b);
+#endif
+  (void)compute;
+  return a.mm(b);
+}
+
+tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
+                                     const c10::Device& device) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  tscale::core::TernaryLinearSpec spec;
+  spec.in_features = n;
+  spec.out_features = n;
+  spec.group_size = gs;
+  auto layer = tscale::core::TernaryLinear::Init(spec, gen, device);
+  if (!layer.ok()) {
+    std::fprintf(stderr, "layer_step: %s\n", layer.status().ToString().c_str());
+    std::exit(1);
+  }
+  layer->SetCompute(compute);
+  return *std::move(layer);
+}
+
+// The step: forward, both gradients, scores and update; returns the output and weight gradient
+// of the step when asked (for the comparison with FP32).
+void Step(tscale::core::TernaryLinear& layer, const at::Tensor& x, const at::Tensor& g,
+          at::Tensor* y_out = nullptr, at::Tensor* grad_w_out = nullptr) {
+  c10::AutoGradMode grad_mode(true);
+  const at::Tensor xl = x.detach().requires_grad_(true);
+  const at::Tensor& w = layer.WeightLeaf();
+  const at::Tensor y = layer.Forward(xl);
+  auto grads = torch::autograd::grad({y}, {xl, w}, {g});
+  layer.Apply(layer.Scores(grads[1]));
+  if (y_out != nullptr) *y_out = y.detach();
+  if (grad_w_out != nullptr) *grad_w_out = grads[1];
+}
+
+std::vector<int64_t> Ints(const std::string& list) {
+  std::vector<int64_t> out;
+  for (absl::string_view s : absl::StrSplit(list, ',')) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(s, &v) || v < 1) {
+      std::fprintf(stderr, "layer_step: expected positive integers, got '%s'\n", list.c_str());
+      std::exit(2);
+    }
+    out.push_back(v);
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string device_name, sizes = "4096,8192", batches = "1,16,256,4096,16384",
+                           computes = "FP32,TF32,BF16";
+  int64_t gs = 32;
+  double seconds = 0.5;
+  bool with_model = false;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--device") device_name = value;
+    else if (flag == "--sizes") sizes = value;
+    else if (flag == "--batches") batches = value;
+    else if (flag == "--computes") computes = value;
+    else if (flag == "--group-size") gs = std::stoll(value);
+    else if (flag == "--seconds") seconds = std::stod(value);
+    else if (flag == "--model") with_model = value == "true";
+    else {
+      std::fprintf(stderr, "layer_step: unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  auto device = device_name.empty() ? tscale::core::DefaultDevice()
+                                    : tscale::core::ParseDevice(device_name);
+  if (!device.ok()) {
+    std::fprintf(stderr, "layer_step: %s\n", device.status().ToString().c_str());
+    return 2;
+  }
+  std::vector<ComputeType> modes;
+  for (absl::string_view c : absl::StrSplit(computes, ',')) {
+    if (c == "FP32") modes.push_back(ComputeType::kFp32);
+    else if (c == "TF32") modes.push_back(ComputeType::kTf32);
+    else if (c == "BF16") modes.push_back(ComputeType::kBf16);
+    else {
+      std::fprintf(stderr, "layer_step: --computes: expected FP32, TF32 or BF16, got '%s'\n",
+                   std::string(c).c_str());
+      return 2;
+    }
+  }
+#if !TSCALE_WITH_CUDA
+  modes.erase(std::remove(modes.begin(), modes.end(), ComputeType::kTf32), modes.end());
+#endif
+  std::printf("device %s, group size %lld; ms per step; floor = the three GEMMs in cuBLAS "
+              "(or ATen on CPU)\n",
+              tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs));
+  std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %10s %9s %8s %8s %9s\n", "size", "batch",
+              "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB", "sign_agree",
+              "out_err", "weff_ms", "score_ms", "model_ms");
+  const at::TensorOptions f32 = at::TensorOptions(at::kFloat).device(*device);
+  for (int64_t n : Ints(sizes)) {
+    for (int64_t b : Ints(batches)) {
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(2);
+      const at::Tensor x = at::randn({b, n}, gen).to(*device);
+      const at::Tensor g = at::randn({b, n}, gen).to(*device);
+      // How far each mode is from FP32 on the layer's first step: measured first, and their
+      // tensors freed, so that the peak memory below is the step's alone.
+      std::vector<std::pair<double, double>> distance(modes.size(), {1.0, 0.0});
+      {
+        at::Tensor y32, gw32;
+        {
+          auto layer = NewLayer(n, gs, ComputeType::kFp32, *device);
+          Step(layer, x, g, &y32, &gw32);
+        }
+        const double y32_max = y32.abs().max().item<double>();
+        for (size_t i = 0; i < modes.size(); ++i) {
+          if (modes[i] == ComputeType::kFp32) continue;
+          auto layer = NewLayer(n, gs, modes[i], *device);
+          at::Tensor y, gw;
+          Step(layer, x, g, &y, &gw);
+          distance[i] = {
+              gw.to(at::kFloat).sign().eq(gw32.sign()).to(at::kDouble).mean().item<double>(),
+              (y - y32).abs().max().item<double>() / y32_max};
+        }
+      }
+      for (size_t i = 0; i < modes.size(); ++i) {
+        const ComputeType mode = modes[i];
+        const auto [agree, err] = distance[i];
+        auto layer = NewLayer(n, gs, mode, *device);
+        Step(layer, x, g);  // step > 0 from here: S from corr_accum, as in training
+        Sync(*device);
+        ResetPeak(*device);
+        Step(layer, x, g);
+        Sync(*device);
+        const double peak = PeakMiB(*device);
+        const double step_ms = TimeMs(*device, seconds, [&] { Step(layer, x, g); });
+
+        // The floor: the same three GEMMs on ready operands of the mode's type.
+        const at::ScalarType t = mode == ComputeType::kBf16 ? at::kBFloat16 : at::kFloat;
+        const at::Tensor xw = x.to(t), gw = g.to(t);
+        const at::Tensor w = at::randn({n, n}, f32).to(t);
+        const double floor_ms = TimeMs(*device, seconds, [&] {
+          Mm(xw, w.t(), mode);
+          Mm(gw, w, mode);
+          Mm(gw.t(), xw, mode);
+        });
+        // Two of the step's own kernels alone: w_eff from the state, and the scores of a gradient.
+        const at::ScalarType wt = mode == ComputeType::kBf16 ? at::kBFloat16 : at::kFloat;
+        const double weff_ms =
+            TimeMs(*device, seconds / 4, [&] { layer.state().EffectiveWeight(wt); });
+        const at::Tensor grad = at::randn({n, n}, f32).to(wt);
+        const double scores_ms = TimeMs(*device, seconds / 4, [&] { layer.Scores(grad); });
+        // The whole of Model::TrainStep (MSE) as the service calls it: host tensors in, the loss
+        // and update figures back on the host, output left on the device.
+        double model_ms = -1;
+        if (with_model) {
+          tscale::core::ModelSpec spec;
+          tscale::core::LayerSpec ls;
+          ls.name = "fc";
+          tscale::core::TernaryLinearSpec l;
+          l.in_features = n;
+          l.out_features = n;
+          l.group_size = gs;
+          ls.kind = l;
+          spec.layers.push_back(ls);
+          tscale::core::ModelOptions options;
+          options.compute = mode;
+          auto model = tscale::core::Model::Create(spec, 1, *device, options);
+          if (!model.ok()) {
+            std::fprintf(stderr, "layer_step: %s\n", model.status().ToString().c_str());
+            return 1;
+          }
+          const at::Tensor hx = x.to(at::kCPU), ht = g.to(at::kCPU);
+          int64_t step = 0;
+          model_ms = TimeMs(*device, seconds / 2, [&] {
+            auto r = (*model)->TrainStep(hx, ht, tscale::core::Loss::kMse, step++);
+            if (!r.ok()) std::fprintf(stderr, "layer_step: %s\n", r.status().ToString().c_str());
+          });
+        }
+        const double tflops = 3 * 2.0 * b * n * n / (step_ms * 1e-3) / 1e12;
+        std::printf("%6lld %6lld %5s %10.3f %10.3f %6.2f %8.1f %9.1f %10.5f %9.2e %8.3f %8.3f %9.3f\n",
+                    static_cast<long long>(n), static_cast<long long>(b),
+                    mode == ComputeType::kFp32 ? "FP32" : mode == ComputeType::kTf32 ? "TF32"
+                                                                                    : "BF16",
+                    step_ms, floor_ms, step_ms / floor_ms, tflops, peak, agree, err, weff_ms,
+                    scores_ms, model_ms);
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}

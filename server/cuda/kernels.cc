@@ -1,0 +1,122 @@
+#include "server/cuda/kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "server/cuda/launch.h"
+
+namespace tscale::cuda {
+namespace {
+
+detail::TernaryArgs Args(const TernaryView& t) {
+  TORCH_CHECK(
+      t.packed->is_cuda() && t.packed->scalar_type() == at::kByte && t.packed->is_contiguous(),
+      "packed trits: expected a contiguous uint8 CUDA tensor");
+  TORCH_CHECK(t.e->scalar_type() == at::kChar && t.e->is_contiguous(), "E: expected int8");
+  TORCH_CHECK(t.corr_accum->scalar_type() == at::kLong && t.corr_accum->is_contiguous(),
+              "corr_accum: expected int64");
+  TORCH_CHECK(t.cols > 0 && t.cols <= std::numeric_limits<int32_t>::max() && t.group_size > 0 &&
+                  t.group_size <= t.cols,
+              "ternary kernels: expected 0 < group_size <= cols < 2^31, got cols ", t.cols,
+              ", group_size ", t.group_size);
+  detail::TernaryArgs a;
+  a.packed = t.packed->data_ptr<uint8_t>();
+  a.e = t.e->data_ptr<int8_t>();
+  a.corr_accum = t.corr_accum->data_ptr<int64_t>();
+  a.scaled = t.step > 0;
+  // LibTorch divides a CUDA tensor by a CPU scalar as a multiplication by the scalar's reciprocal,
+  // computed on the host in the tensor's float type.
+  const int64_t denom = std::max<int64_t>(t.step * t.group_size, 1);
+  a.inv_denom = 1.0f / static_cast<float>(denom);
+  a.rows = t.rows;
+  a.cols = t.cols;
+  a.group_size = t.group_size;
+  return a;
+}
+
+detail::Element ElementOf(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "ternary kernels: expected float32 or bfloat16, got ", dtype);
+  return dtype == at::kFloat ? detail::Element::kFloat32 : detail::Element::kBFloat16;
+}
+
+// How cuBLAS (column-major) sees a row-major logical matrix m [r, c]: either as its transpose
+// stored with leading dimension ld (row-major storage), or as itself (column-major storage).
+struct Operand {
+  at::Tensor t;
+  bool column_major = false;
+  int64_t ld = 1;
+};
+
+Operand AsOperand(const at::Tensor& m) {
+  const int64_t r = m.size(0), c = m.size(1);
+  if (m.stride(1) == 1 && m.stride(0) >= std::max<int64_t>(c, 1)) {
+    return {m, false, m.stride(0)};
+  }
+  if (m.stride(0) == 1 && m.stride(1) >= std::max<int64_t>(r, 1)) {
+    return {m, true, m.stride(1)};
+  }
+  at::Tensor contiguous = m.contiguous();
+  return {contiguous, false, std::max<int64_t>(c, 1)};
+}
+
+}  // namespace
+
+at::Tensor EffectiveWeight(const TernaryView& t, at::ScalarType dtype) {
+  const c10::cuda::CUDAGuard guard(t.packed->device());
+  at::Tensor out = at::empty({t.rows, t.cols}, t.packed->options().dtype(dtype));
+  at::Tensor scale = at::empty({t.e->numel()}, t.packed->options().dtype(at::kFloat));
+  C10_CUDA_CHECK(detail::LaunchEffectiveWeight(Args(t), ElementOf(dtype), out.data_ptr(),
+                                               scale.data_ptr<float>(),
+                                               at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor Scores(const TernaryView& t, const at::Tensor& grad) {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == t.rows && grad.size(1) == t.cols,
+              "scores: gradient of shape ", grad.sizes(), " for a [", t.rows, ", ", t.cols,
+              "] layer");
+  TORCH_CHECK(grad.device() == t.packed->device(), "scores: gradient on ", grad.device(),
+              ", trits on ", t.packed->device());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t gpr = (t.cols + t.group_size - 1) / t.group_size;
+  at::Tensor scores = at::empty({t.rows * gpr}, grad.options().dtype(at::kLong));
+  C10_CUDA_CHECK(detail::LaunchScores(Args(t), ElementOf(grad.scalar_type()), grad.data_ptr(),
+                                      grad.stride(0), grad.stride(1), scores.data_ptr<int64_t>(),
+                                      at::cuda::getCurrentCUDAStream()));
+  return scores;
+}
+
+at::Tensor MatmulTf32(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "tf32 matmul: shapes ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(
+      a.is_cuda() && b.is_cuda() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+      "tf32 matmul: expected float32 CUDA tensors");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  at::Tensor c = at::empty({m, n}, a.options());
+  if (m == 0 || n == 0) return c;
+  if (k == 0) return c.zero_();
+  // Row-major C = A B is column-major C^T = B^T A^T.
+  const Operand ob = AsOperand(b), oa = AsOperand(a);
+  const float alpha = 1.0f, beta = 0.0f;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const cublasStatus_t status = cublasGemmEx(
+      handle, ob.column_major ? CUBLAS_OP_T : CUBLAS_OP_N,
+      oa.column_major ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+      static_cast<int>(k), &alpha, ob.t.data_ptr<float>(), CUDA_R_32F, static_cast<int>(ob.ld),
+      oa.t.data_ptr<float>(), CUDA_R_32F, static_cast<int>(oa.ld), &beta, c.data_ptr<float>(),
+      CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT);
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "tf32 matmul: cublasGemmEx failed with status ",
+              static_cast<int>(status));
+  return c;
+}
+
+}  // namespace tscale::cuda

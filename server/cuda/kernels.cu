@@ -1,0 +1,408 @@
+// The ternary layers' CUDA kernels: w_eff from packed trits, and per-group scores of a gradient.
+//
+// Arithmetic notes. log2 S is computed in the order and with the operations LibTorch's CUDA kernels
+// use for the reference's expression `E.float() + corr_accum.float() / denom * 4.0`: int64 to float
+// conversion, multiplication by the float reciprocal of the scalar denominator (LibTorch's division
+// by a CPU scalar), multiplication by 4 and addition in separate roundings (__fmul_rn and __fadd_rn
+// forbid contraction into a fused multiply-add), then exp2f. This file must not be built with
+// --use_fast_math.
+#include <cuda_bf16.h>
+
+#include "server/cuda/launch.h"
+
+namespace tscale::cuda::detail {
+namespace {
+
+constexpr int kThreads = 256;
+// Columns one block of the scores kernel covers: a multiple of every group size up to it, so that
+// groups of such sizes never straddle two blocks.
+constexpr int kScoreCols = 1024;
+// Columns a thread handles at once: their loads are issued together, to hide memory latency.
+constexpr int kBatch = 4;
+
+// The five base-3 digits of each packed byte 0..242, two bits each (digit j at bits 2j, 2j+1). Each
+// block copies it to shared memory, so that decoding a trit is a table read and a shift.
+__constant__ unsigned short kDigits[243] = {
+    0,   1,   2,   4,   5,   6,   8,   9,   10,  16,  17,  18,  20,  21,  22,  24,  25,  26,  32,
+    33,  34,  36,  37,  38,  40,  41,  42,  64,  65,  66,  68,  69,  70,  72,  73,  74,  80,  81,
+    82,  84,  85,  86,  88,  89,  90,  96,  97,  98,  100, 101, 102, 104, 105, 106, 128, 129, 130,
+    132, 133, 134, 136, 137, 138, 144, 145, 146, 148, 149, 150, 152, 153, 154, 160, 161, 162, 164,
+    165, 166, 168, 169, 170, 256, 257, 258, 260, 261, 262, 264, 265, 266, 272, 273, 274, 276, 277,
+    278, 280, 281, 282, 288, 289, 290, 292, 293, 294, 296, 297, 298, 320, 321, 322, 324, 325, 326,
+    328, 329, 330, 336, 337, 338, 340, 341, 342, 344, 345, 346, 352, 353, 354, 356, 357, 358, 360,
+    361, 362, 384, 385, 386, 388, 389, 390, 392, 393, 394, 400, 401, 402, 404, 405, 406, 408, 409,
+    410, 416, 417, 418, 420, 421, 422, 424, 425, 426, 512, 513, 514, 516, 517, 518, 520, 521, 522,
+    528, 529, 530, 532, 533, 534, 536, 537, 538, 544, 545, 546, 548, 549, 550, 552, 553, 554, 576,
+    577, 578, 580, 581, 582, 584, 585, 586, 592, 593, 594, 596, 597, 598, 600, 601, 602, 608, 609,
+    610, 612, 613, 614, 616, 617, 618, 640, 641, 642, 644, 645, 646, 648, 649, 650, 656, 657, 658,
+    660, 661, 662, 664, 665, 666, 672, 673, 674, 676, 677, 678, 680, 681, 682,
+};
+
+__device__ __forceinline__ void BuildDigitTable(unsigned short* table) {
+  for (unsigned b = threadIdx.x; b < 243; b += blockDim.x) table[b] = kDigits[b];
+}
+
+// A thread's walk along one row: column c, its group g (and c - g gs), and its trit's packed byte
+// and digit. Advancing by a fixed stride costs additions only; the divisions happen once, at the
+// start of the row. Index is uint32_t when the layer has fewer than 2^31 weights, else uint64_t.
+template <typename Index>
+struct RowWalk {
+  unsigned c, g, rem;
+  Index byte;
+  unsigned digit;
+  // The stride, split once into groups and packed bytes.
+  unsigned stride, stride_g, stride_rem;
+  Index stride_byte;
+  unsigned stride_digit;
+
+  __device__ RowWalk(int64_t row, unsigned cols, unsigned start, unsigned step, unsigned gs)
+      : c(start), stride(step) {
+    g = c / gs;
+    rem = c - g * gs;
+    const Index n = static_cast<Index>(row) * static_cast<Index>(cols) + c;
+    byte = n / 5;
+    digit = static_cast<unsigned>(n - byte * 5);
+    stride_g = step / gs;
+    stride_rem = step - stride_g * gs;
+    stride_byte = step / 5;
+    stride_digit = step - static_cast<unsigned>(stride_byte) * 5;
+  }
+  __device__ __forceinline__ int Trit(const unsigned short* table, const uint8_t* packed) const {
+    return static_cast<int>((table[packed[byte]] >> (2 * digit)) & 3u) - 1;
+  }
+  __device__ __forceinline__ void Next(unsigned gs) {
+    c += stride;
+    g += stride_g;
+    rem += stride_rem;
+    if (rem >= gs) {
+      rem -= gs;
+      ++g;
+    }
+    byte += stride_byte;
+    digit += stride_digit;
+    if (digit >= 5) {
+      digit -= 5;
+      ++byte;
+    }
+  }
+};
+
+// S per group, in the reference's operations (see the file comment).
+__global__ void ScaleKernel(TernaryArgs t, int64_t groups, float* scale) {
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float log2s = static_cast<float>(t.e[g]);
+    if (t.scaled) {
+      const float mean = __fmul_rn(static_cast<float>(t.corr_accum[g]), t.inv_denom);
+      log2s = __fadd_rn(log2s, __fmul_rn(mean, 4.0f));
+    }
+    scale[g] = exp2f(log2s);
+  }
+}
+
+__device__ __forceinline__ void Store(float* out, int64_t i, float v) { out[i] = v; }
+__device__ __forceinline__ void Store(__nv_bfloat16* out, int64_t i, float v) {
+  out[i] = __float2bfloat16_rn(v);
+}
+
+// The base-3 digit `digit` (0..4) of a packed byte (0..242), minus 1, without branches (a loop
+// whose length depends on the digit would diverge within a warp): byte / 3^digit as a
+// multiplication by ceil(2^16 / 3^digit) and a shift, exact for bytes below 256; then mod 3 the
+// same way.
+__device__ __forceinline__ int TritOf(unsigned byte, unsigned digit) {
+  const unsigned m = digit == 0   ? 65536u
+                     : digit == 1 ? 21846u
+                     : digit == 2 ? 7282u
+                     : digit == 3 ? 2428u
+                                  : 810u;
+  const unsigned q = (byte * m) >> 16;
+  return static_cast<int>(q - 3u * ((q * 21846u) >> 16)) - 1;
+}
+
+// Warps own spans of kSpan consecutive columns of one row; lane l takes columns l, l + 32, ...
+// of its span, so that every load and store of a warp is contiguous. Warps need no shared memory
+// and never wait for one another.
+constexpr int kPerLane = 8;
+constexpr int kSpan = 32 * kPerLane;
+
+template <typename T, typename Index>
+__global__ void EffectiveWeightKernel(TernaryArgs t, const float* scale, T* out) {
+  const unsigned cols = static_cast<unsigned>(t.cols), gs = static_cast<unsigned>(t.group_size);
+  const int64_t gpr = (t.cols + t.group_size - 1) / t.group_size;
+  const unsigned spans_per_row = static_cast<unsigned>((t.cols + kSpan - 1) / kSpan);
+  const unsigned lane = threadIdx.x % 32;
+  // Spans along x (one per warp), rows along y; no division maps a warp to its place.
+  const unsigned span = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (span >= spans_per_row) return;
+  const unsigned c0 = span * kSpan;
+  for (int64_t r = blockIdx.y; r < t.rows; r += gridDim.y) {
+    const float* row_scale = scale + r * gpr;
+    T* row_out = out + r * t.cols;
+    RowWalk<Index> w(r, cols, c0 + lane, 32, gs);
+    float s[kPerLane];
+    unsigned code[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      if (w.c < cols) {
+        s[k] = row_scale[w.g];
+        code[k] = static_cast<unsigned>(t.packed[w.byte]) | (w.digit << 8);
+      }
+      w.Next(gs);
+    }
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const unsigned c = c0 + lane + 32 * k;
+      if (c >= cols) break;
+      // S * T.float(), as the reference multiplies: exact for T in {-1, 0, 1}.
+      Store(row_out, c, __fmul_rn(s[k], static_cast<float>(TritOf(code[k] & 255u, code[k] >> 8))));
+    }
+  }
+}
+
+__device__ __forceinline__ float Load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float Load(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+
+// Scores when groups are whole multiples of 32 columns: warps own spans of kSpan columns as in
+// EffectiveWeightKernel; each 32-column step of a span lies in one group, so a warp sum gives its
+// part, and a running sum per group is written when the group ends. Groups inside the span are
+// stored; groups that cross a span's edge (gs not dividing kSpan) are added into zeroed scores.
+template <typename T, typename Index>
+__global__ void WarpScoresKernel(TernaryArgs t, const T* grad, int64_t stride_row,
+                                 int64_t stride_col, unsigned long long* scores) {
+  const unsigned cols = static_cast<unsigned>(t.cols), gs = static_cast<unsigned>(t.group_size);
+  const int64_t gpr = (t.cols + t.group_size - 1) / t.group_size;
+  const unsigned spans_per_row = static_cast<unsigned>((t.cols + kSpan - 1) / kSpan);
+  const bool straddle = kSpan % gs != 0;
+  const unsigned lane = threadIdx.x % 32;
+  // Spans along x (one per warp), rows along y; no division maps a warp to its place.
+  const unsigned span = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (span >= spans_per_row) return;
+  const unsigned c0 = span * kSpan;
+  for (int64_t r = blockIdx.y; r < t.rows; r += gridDim.y) {
+    const T* row_grad = grad + r * stride_row;
+    RowWalk<Index> w(r, cols, c0 + lane, 32, gs);
+    float v[kPerLane];
+    unsigned code[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      v[k] = 0.0f;
+      code[k] = 1u;  // digit 0 of byte 1: trit 0
+      if (w.c < cols) {
+        v[k] = Load(row_grad, static_cast<int64_t>(w.c) * stride_col);
+        code[k] = static_cast<unsigned>(t.packed[w.byte]) | (w.digit << 8);
+      }
+      w.Next(gs);
+    }
+    // The group of each 32-column step, advanced by additions: gs >= 32, so at most one more.
+    unsigned g = c0 / gs, rem = c0 - g * gs, step_g = g;
+    int acc = 0;
+    auto flush = [&](unsigned group, int sum) {
+      unsigned long long* out = &scores[r * gpr + group];
+      const bool inside = !straddle || (static_cast<uint64_t>(group) * gs >= c0 &&
+                                        min((static_cast<uint64_t>(group) + 1) * gs,
+                                            static_cast<uint64_t>(cols)) <= c0 + kSpan);
+      if (inside) {
+        *out = static_cast<unsigned long long>(static_cast<int64_t>(sum));
+      } else if (sum != 0) {
+        atomicAdd(out, static_cast<unsigned long long>(static_cast<int64_t>(sum)));
+      }
+    };
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const unsigned c = c0 + 32 * k;  // the step's first column: warp-uniform
+      if (c >= cols) break;
+      const int product = ((v[k] > 0.0f) - (v[k] < 0.0f)) * TritOf(code[k] & 255u, code[k] >> 8);
+      const int sum = __reduce_add_sync(0xffffffffu, product);
+      if (step_g != g) {
+        if (lane == 0) flush(g, acc);
+        g = step_g;
+        acc = 0;
+      }
+      acc += sum;
+      rem += 32;
+      if (rem >= gs) {
+        rem -= gs;
+        ++step_g;
+      }
+    }
+    if (lane == 0) flush(g, acc);
+  }
+}
+
+// Scores for group sizes that are not multiples of 32. A block covers kScoreCols columns of one
+// row: each thread takes the sign-times-trit products of its columns and sums them per group in
+// shared memory; the block then writes its groups' sums (adds them, for groups straddling blocks).
+// Integer sums: the result does not depend on order.
+template <typename T, typename Index>
+__global__ void ScoresKernel(TernaryArgs t, const T* grad, int64_t stride_row, int64_t stride_col,
+                             unsigned long long* scores) {
+  __shared__ unsigned short table[243];
+  __shared__ int sums[kScoreCols + 1];
+  BuildDigitTable(table);
+  const unsigned cols = static_cast<unsigned>(t.cols), gs = static_cast<unsigned>(t.group_size);
+  const int64_t gpr = (t.cols + t.group_size - 1) / t.group_size;
+  const unsigned c0 = blockIdx.x * kScoreCols;
+  const unsigned c1 = min(c0 + kScoreCols, cols);
+  const unsigned g0 = c0 / gs;
+  const unsigned ng = (c1 - 1) / gs - g0 + 1;  // at most kScoreCols + 1
+  // Groups never straddle two blocks when gs divides the block's columns: each block then owns its
+  // groups' scores and stores them; otherwise blocks add into zeroed scores.
+  const bool whole_groups = kScoreCols % gs == 0;
+  for (int64_t r = blockIdx.y; r < t.rows; r += gridDim.y) {
+    for (unsigned i = threadIdx.x; i < ng; i += blockDim.x) sums[i] = 0;
+    __syncthreads();
+    const T* row_grad = grad + r * stride_row;
+    if (c0 + threadIdx.x < c1) {
+      RowWalk<Index> w(r, cols, c0 + threadIdx.x, blockDim.x, gs);
+      while (w.c < c1) {
+        // kBatch columns at a time: all their loads first, independent of each other.
+        bool valid[kBatch];
+        float v[kBatch];
+        unsigned code[kBatch], keys[kBatch];
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          valid[k] = w.c < c1;
+          if (valid[k]) {
+            v[k] = Load(row_grad, static_cast<int64_t>(w.c) * stride_col);
+            code[k] = static_cast<unsigned>(t.packed[w.byte]) | (w.digit << 8);
+            keys[k] = w.g - g0;
+          }
+          w.Next(gs);
+        }
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          if (!valid[k]) break;
+          const int trit =
+              static_cast<int>((table[code[k] & 255u] >> (2 * (code[k] >> 8))) & 3u) - 1;
+          const int product = ((v[k] > 0.0f) - (v[k] < 0.0f)) * trit;
+          const unsigned key = keys[k];
+          // Lanes of one group add among themselves first: one shared atomic per group and warp.
+          const unsigned same = __match_any_sync(__activemask(), key);
+          const int sum = __reduce_add_sync(same, product);
+          if (sum != 0 && (threadIdx.x % 32) == static_cast<unsigned>(__ffs(same) - 1)) {
+            atomicAdd(&sums[key], sum);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < ng; i += blockDim.x) {
+      const int64_t sum = sums[i];
+      unsigned long long* out = &scores[r * gpr + g0 + i];
+      if (whole_groups) {
+        *out = static_cast<unsigned long long>(sum);
+      } else if (sum != 0) {
+        atomicAdd(out, static_cast<unsigned long long>(sum));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+bool Small(const TernaryArgs& t) { return t.rows * t.cols < (int64_t{1} << 31); }
+
+int64_t Blocks(int64_t work, int64_t per_block, int64_t cap) {
+  const int64_t b = (work + per_block - 1) / per_block;
+  return b < 1 ? 1 : (b > cap ? cap : b);
+}
+
+// The warp kernels' grid: kThreads / 32 spans per block along x, rows along y (striding).
+dim3 SpanGrid(const TernaryArgs& t) {
+  const int64_t spans = (t.cols + kSpan - 1) / kSpan;
+  return dim3(static_cast<unsigned>(Blocks(spans, kThreads / 32, int64_t{1} << 30)),
+              static_cast<unsigned>(t.rows < 65535 ? t.rows : 65535));
+}
+
+
+}  // namespace
+
+cudaError_t LaunchEffectiveWeight(const TernaryArgs& t, Element out_type, void* out, float* scale,
+                                  cudaStream_t stream) {
+  if (t.rows == 0 || t.cols == 0) return cudaSuccess;
+  const int64_t groups = t.rows * ((t.cols + t.group_size - 1) / t.group_size);
+  ScaleKernel<<<static_cast<unsigned>(Blocks(groups, kThreads, 1 << 16)), kThreads, 0, stream>>>(
+      t, groups, scale);
+  const dim3 grid = SpanGrid(t);
+  const bool small = Small(t);
+  if (out_type == Element::kFloat32) {
+    auto* o = static_cast<float*>(out);
+    if (small)
+      EffectiveWeightKernel<float, uint32_t><<<grid, kThreads, 0, stream>>>(t, scale, o);
+    else
+      EffectiveWeightKernel<float, uint64_t><<<grid, kThreads, 0, stream>>>(t, scale, o);
+  } else {
+    auto* o = static_cast<__nv_bfloat16*>(out);
+    if (small) {
+      EffectiveWeightKernel<__nv_bfloat16, uint32_t><<<grid, kThreads, 0, stream>>>(t, scale, o);
+    } else {
+      EffectiveWeightKernel<__nv_bfloat16, uint64_t><<<grid, kThreads, 0, stream>>>(t, scale, o);
+    }
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchScores(const TernaryArgs& t, Element grad_type, const void* grad,
+                         int64_t stride_row, int64_t stride_col, int64_t* scores,
+                         cudaStream_t stream) {
+  const int64_t groups = t.rows * ((t.cols + t.group_size - 1) / t.group_size);
+  if (groups == 0) return cudaSuccess;
+  auto* out = reinterpret_cast<unsigned long long*>(scores);
+  const bool small = Small(t);
+  // Groups that straddle two warps' or blocks' columns are added in parts into zeroed scores
+  // (two's complement: adding int64 values as unsigned 64-bit integers gives the int64 sum).
+  const bool warp_kernel = t.group_size % 32 == 0;
+  if ((warp_kernel ? kSpan : kScoreCols) % t.group_size != 0) {
+    const cudaError_t err = cudaMemsetAsync(scores, 0, groups * sizeof(int64_t), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (warp_kernel) {
+    const dim3 blocks = SpanGrid(t);
+    if (grad_type == Element::kFloat32) {
+      const auto* g = static_cast<const float*>(grad);
+      if (small) {
+        WarpScoresKernel<float, uint32_t>
+            <<<blocks, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+      } else {
+        WarpScoresKernel<float, uint64_t>
+            <<<blocks, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+      }
+    } else {
+      const auto* g = static_cast<const __nv_bfloat16*>(grad);
+      if (small) {
+        WarpScoresKernel<__nv_bfloat16, uint32_t>
+            <<<blocks, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+      } else {
+        WarpScoresKernel<__nv_bfloat16, uint64_t>
+            <<<blocks, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+      }
+    }
+    return cudaGetLastError();
+  }
+  // Blocks take several rows each (up to 4096 row slots), so that the table copy amortises.
+  const dim3 grid(static_cast<unsigned>((t.cols + kScoreCols - 1) / kScoreCols),
+                  static_cast<unsigned>(t.rows < 4096 ? t.rows : 4096));
+  if (grad_type == Element::kFloat32) {
+    const auto* g = static_cast<const float*>(grad);
+    if (small) {
+      ScoresKernel<float, uint32_t>
+          <<<grid, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+    } else {
+      ScoresKernel<float, uint64_t>
+          <<<grid, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+    }
+  } else {
+    const auto* g = static_cast<const __nv_bfloat16*>(grad);
+    if (small) {
+      ScoresKernel<__nv_bfloat16, uint32_t>
+          <<<grid, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+    } else {
+      ScoresKernel<__nv_bfloat16, uint64_t>
+          <<<grid, kThreads, 0, stream>>>(t, g, stride_row, stride_col, out);
+    }
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace tscale::cuda::detail

@@ -1,0 +1,42 @@
+// CUDA kernels of the ternary layers, built only when CUDA and a CUDA LibTorch are found
+// (TSCALE_WITH_CUDA). Every function takes and returns tensors on one CUDA device and runs on its
+// current stream; none synchronises with the host.
+//
+// Trits are read in their persistent packed form (5 per byte, DESIGN.md §3) straight from device
+// memory: 0.2 bytes per weight instead of a decoded int8 copy.
+#ifndef TSCALE_SERVER_CUDA_KERNELS_H_
+#define TSCALE_SERVER_CUDA_KERNELS_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace tscale::cuda {
+
+// The shape and state of one ternary layer as the kernels need it.
+struct TernaryView {
+  const at::Tensor* packed;      // uint8 [ceil(rows*cols/5)] on the device
+  const at::Tensor* e;           // int8 [groups]
+  const at::Tensor* corr_accum;  // int64 [groups]
+  int64_t step = 0;
+  int64_t rows = 0, cols = 0, group_size = 0;
+};
+
+// w_eff = S * T as `dtype` (float32 or bfloat16) [rows, cols], S = 2^(E + 4 corr_accum / (step gs))
+// per group, computed as LibTorch's CUDA kernels compute the reference's expression (the division
+// by the scalar as a multiplication by its float32 reciprocal), so that float32 w_eff is
+// bit-identical to the reference's on the same GPU.
+at::Tensor EffectiveWeight(const TernaryView& t, at::ScalarType dtype);
+
+// Per-group scores of a weight gradient (float32 or bfloat16 [rows, cols], any strides): sum over
+// the group's columns of sign(grad) * T, as int64 [groups]. No sign tensor is made.
+at::Tensor Scores(const TernaryView& t, const at::Tensor& grad);
+
+// a @ b for float32 matrices on tensor cores in TF32 (inputs rounded to 10-bit mantissas, float32
+// accumulation), whatever LibTorch's global TF32 setting is: a per-call choice, so that a TF32
+// model never changes the arithmetic of an FP32 model running at the same time.
+at::Tensor MatmulTf32(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace tscale::cuda
+
+#endif  // TSCALE_SERVER_CUDA_KERNELS_H_

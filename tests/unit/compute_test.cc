@@ -1,0 +1,270 @@
+// Compute types and the layers' own GEMMs and kernels: FP32 keeps F.linear's bits, BF16 and TF32
+// are opt-in and close to FP32, and on CUDA the fused kernels equal the reference's tensor
+// expressions bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "server/core/device.h"
+#include "server/core/model.h"
+#include "server/core/trits.h"
+#include "tests/unit/test_util.h"
+
+namespace tscale {
+namespace {
+
+using core::ComputeType;
+using core::Loss;
+using core::Model;
+using ::testing::HasSubstr;
+using testing::StatusIs;
+
+const c10::Device kCpu(c10::kCPU);
+
+at::Tensor Randn(std::vector<int64_t> shape, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen);
+}
+
+core::ModelSpec LinearSpec(int64_t in, int64_t out, int64_t gs, bool bias = false) {
+  core::ModelSpec spec;
+  core::LayerSpec layer;
+  layer.name = "fc";
+  core::TernaryLinearSpec l;
+  l.in_features = in;
+  l.out_features = out;
+  l.group_size = gs;
+  l.bias = bias;
+  layer.kind = l;
+  spec.layers.push_back(layer);
+  return spec;
+}
+
+core::ModelSpec MlpSpec() {
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc1", "ternary_linear": {"in_features": 24, "out_features": 32, "group_size": 8}},
+    {"name": "norm", "ternary_rms_norm": {"dim": 32, "group_size": 8}},
+    {"name": "act", "activation": {"kind": "GELU"}},
+    {"name": "fc2", "ternary_linear": {"in_features": 32, "out_features": 6, "bias": true}}]})");
+  EXPECT_TRUE(spec.ok()) << spec.status();
+  return *spec;
+}
+
+bool BitEqual(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return false;
+  const at::Tensor ca = a.to(at::kCPU).contiguous(), cb = b.to(at::kCPU).contiguous();
+  return std::memcmp(ca.data_ptr(), cb.data_ptr(), ca.nbytes()) == 0;
+}
+
+// The layer's autograd node gives exactly what F.linear's autograd gives: output, input gradient
+// and weight gradient, bit for bit, for ordinary shapes and the degenerate ones where LibTorch's
+// backward formulas switch to column-major products.
+TEST(ComputeTest, Fp32LayerEqualsLinearAutogradBitForBit) {
+  struct Shape {
+    int64_t batch, in, out, gs;
+  };
+  for (const Shape& sh : {Shape{5, 40, 12, 8}, Shape{1, 1, 7, 1}, Shape{3, 1, 4, 1},
+                          Shape{1, 9, 1, 4}, Shape{17, 33, 65, 32}}) {
+    SCOPED_TRACE(::testing::Message() << "batch " << sh.batch << " in " << sh.in << " out "
+                                      << sh.out);
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
+    core::TernaryLinearSpec spec;
+    spec.in_features = sh.in;
+    spec.out_features = sh.out;
+    spec.group_size = sh.gs;
+    auto layer = core::TernaryLinear::Init(spec, gen, kCpu);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    const at::Tensor x0 = Randn({sh.batch, sh.in}, 1), g = Randn({sh.batch, sh.out}, 2);
+
+    c10::AutoGradMode grad_mode(true);
+    at::Tensor x = x0.clone().requires_grad_(true);
+    const at::Tensor w = layer->WeightLeaf();
+    at::Tensor y = layer->Forward(x);
+    auto grads = torch::autograd::grad({y}, {x, w}, {g});
+
+    at::Tensor rx = x0.clone().requires_grad_(true);
+    at::Tensor rw = w.detach().clone().requires_grad_(true);
+    at::Tensor ry = at::linear(rx, rw);
+    auto rgrads = torch::autograd::grad({ry}, {rx, rw}, {g});
+
+    EXPECT_TRUE(BitEqual(y, ry));
+    EXPECT_TRUE(BitEqual(grads[0], rgrads[0]));
+    EXPECT_TRUE(BitEqual(grads[1], rgrads[1]));
+  }
+}
+
+TEST(ComputeTest, Tf32IsRefusedOffCuda) {
+  core::ModelOptions options;
+  options.compute = ComputeType::kTf32;
+  EXPECT_THAT(Model::Create(MlpSpec(), 1, kCpu, options),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       HasSubstr("compute: COMPUTE_TF32 runs on CUDA tensor cores; the model's "
+                                 "device is cpu. Use COMPUTE_FP32 or COMPUTE_BF16")));
+  auto fp32 = Model::Create(MlpSpec(), 1, kCpu);
+  ASSERT_TRUE(fp32.ok());
+  EXPECT_THAT(Model::Import(MlpSpec(), (*fp32)->ExportState().tensors, std::nullopt, kCpu,
+                            options),
+              StatusIs(absl::StatusCode::kUnimplemented, HasSubstr("COMPUTE_TF32")));
+  options.compute = static_cast<ComputeType>(7);
+  EXPECT_THAT(Model::Create(MlpSpec(), 1, kCpu, options),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("compute: expected")));
+}
+
+// How far a faster mode is from FP32 after one forward and backward of the same model: the
+// relative output error and the fraction of weight-gradient signs equal to FP32's.
+struct Distance {
+  double output_error = 0;
+  double sign_agreement = 0;
+};
+
+Distance Compare(c10::Device device, ComputeType compute, int64_t batch) {
+  const core::ModelSpec spec = LinearSpec(256, 128, 32);
+  core::ModelOptions options;
+  options.compute = compute;
+  auto fast = Model::Create(spec, 5, device, options);
+  auto exact = Model::Create(spec, 5, device);
+  EXPECT_TRUE(fast.ok()) << fast.status();
+  EXPECT_TRUE(exact.ok()) << exact.status();
+  const at::Tensor x = Randn({batch, 256}, 8), g = Randn({batch, 128}, 9);
+  auto f1 = (*fast)->Forward(x, true);
+  auto f0 = (*exact)->Forward(x, true);
+  EXPECT_TRUE(f1.ok() && f0.ok());
+  EXPECT_EQ(f1->output.scalar_type(), at::kFloat);
+  Distance d;
+  d.output_error = ((f1->output - f0->output).abs().max() / f0->output.abs().max()).item<double>();
+  EXPECT_TRUE((*fast)->Backward(f1->pass_id, g, false).ok());
+  EXPECT_TRUE((*exact)->Backward(f0->pass_id, g, false).ok());
+  // The weight-gradient signs decide the update: compare the scores they give.
+  auto u1 = (*fast)->UpdateCorrelation(0);
+  auto u0 = (*exact)->UpdateCorrelation(0);
+  EXPECT_TRUE(u1.ok() && u0.ok());
+  const at::Tensor c1 = (*fast)->ExportState().tensors.at("fc.corr_accum");
+  const at::Tensor c0 = (*exact)->ExportState().tensors.at("fc.corr_accum");
+  d.sign_agreement = c1.eq(c0).to(at::kDouble).mean().item<double>();
+  return d;
+}
+
+TEST(ComputeTest, Bf16TrainsCloseToFp32OnCpu) {
+  const Distance d = Compare(kCpu, ComputeType::kBf16, 64);
+  // bfloat16 keeps 8 bits of mantissa: outputs within a few parts in a hundred of FP32's.
+  EXPECT_GT(d.output_error, 0.0) << "BF16 computed exactly what FP32 did: not in bfloat16";
+  EXPECT_LT(d.output_error, 0.05);
+  // Most groups get the same score; gradients near zero may change sign.
+  EXPECT_GT(d.sign_agreement, 0.8);
+  std::printf("BF16 on cpu: output error %.3g, groups with FP32's score %.4f\n", d.output_error,
+              d.sign_agreement);
+
+  // A BF16 model trains through every path: passes, several Backward calls, TrainStep, export.
+  core::ModelOptions options;
+  options.compute = ComputeType::kBf16;
+  auto m = Model::Create(MlpSpec(), 2, kCpu, options);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->compute(), ComputeType::kBf16);
+  for (int i = 0; i < 2; ++i) {
+    auto f = (*m)->Forward(Randn({4, 24}, 20 + i), true);
+    ASSERT_TRUE(f.ok()) << f.status();
+    auto gi = (*m)->Backward(f->pass_id, Randn({4, 6}, 30 + i), true);
+    ASSERT_TRUE(gi.ok()) << gi.status();
+    EXPECT_EQ(gi->scalar_type(), at::kFloat);
+  }
+  ASSERT_TRUE((*m)->UpdateCorrelation(0).ok());
+  auto t = (*m)->TrainStep(Randn({4, 24}, 40), at::randint(6, {4}, at::kLong),
+                           Loss::kCrossEntropy, 1);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE(std::isfinite(t->loss));
+  EXPECT_EQ((*m)->step(), 2);
+  EXPECT_EQ((*m)->ExportState().tensors.at("fc1.step_counter").item<int64_t>(), 2);
+}
+
+TEST(ComputeTest, NonFiniteLossAppliesNothing) {
+  auto m = Model::Create(LinearSpec(4, 3, 2), 1, kCpu);
+  ASSERT_TRUE(m.ok());
+  const core::StateDict before = (*m)->ExportState().tensors;
+  // Finite inputs whose squared error overflows float32.
+  const at::Tensor x = at::full({2, 4}, 3e38f), target = at::full({2, 3}, -3e38f);
+  EXPECT_THAT((*m)->TrainStep(x, target, Loss::kMse, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("loss: the MSE loss of this batch is not finite")));
+  EXPECT_EQ((*m)->step(), 0);
+  EXPECT_TRUE(testing::SameState((*m)->ExportState().tensors, before));
+}
+
+// ---------------------------------------------------------------- CUDA
+
+bool HaveCuda() { return core::CudaDeviceCount() > 0; }
+
+// The reference's w_eff, in its tensor operations on the same device.
+at::Tensor ReferenceWeight(const core::StateDict& s, const std::string& name, int64_t rows,
+                           int64_t cols, int64_t gs, c10::Device device) {
+  const int64_t step = s.at(name + ".step_counter").item<int64_t>();
+  auto trits = core::UnpackTernary(s.at(name + ".T_packed"), rows * cols);
+  EXPECT_TRUE(trits.ok());
+  at::Tensor e = s.at(name + ".E").to(device).to(at::kFloat);
+  if (step > 0) {
+    e = e + s.at(name + ".corr_accum").to(device).to(at::kFloat) / std::max<int64_t>(step * gs, 1) *
+                4.0;
+  }
+  const int64_t gpr = (cols + gs - 1) / gs;
+  at::Tensor scale = at::exp2(e).view({rows, gpr}).repeat_interleave(gs, 1).narrow(1, 0, cols);
+  return scale * trits->view({rows, cols}).to(device).to(at::kFloat);
+}
+
+TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
+  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
+  const c10::Device cuda(c10::kCUDA, 0);
+  // Ragged groups (cols not a multiple of gs), gs 1, and whole warps inside groups (gs a multiple
+  // of 32 over columns a multiple of 32: the scores kernel's warp-sum path).
+  struct Shape {
+    int64_t rows, cols, gs;
+  };
+  // Groups straddling the kernels' 1024-column blocks: gs 48 over 2100 columns, gs 1 over 1500.
+  for (const Shape& sh : {Shape{64, 100, 32}, Shape{7, 13, 1}, Shape{33, 257, 16},
+                          Shape{3, 2100, 48}, Shape{2, 1500, 1}, Shape{40, 128, 32},
+                          Shape{5, 2048, 64}, Shape{3, 1000, 96}, Shape{2, 1300, 512}}) {
+    SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs);
+    auto m = Model::Create(LinearSpec(sh.cols, sh.rows, sh.gs), 3, cuda);
+    ASSERT_TRUE(m.ok()) << m.status();
+    for (int64_t step = 0; step < 3; ++step) {
+      auto f = (*m)->Forward(Randn({8, sh.cols}, 50 + step), true);
+      ASSERT_TRUE(f.ok()) << f.status();
+      const core::StateDict s = (*m)->ExportState().tensors;
+      // Forward's output = x @ w_eff^T with the reference's w_eff.
+      const at::Tensor w = ReferenceWeight(s, "fc", sh.rows, sh.cols, sh.gs, cuda);
+      EXPECT_TRUE(BitEqual(f->output, at::linear(Randn({8, sh.cols}, 50 + step).to(cuda), w)));
+      // The update's scores = the reference's sign(grad) * T summed per group.
+      const at::Tensor g = Randn({8, sh.rows}, 60 + step).to(cuda);
+      ASSERT_TRUE((*m)->Backward(f->pass_id, g, false).ok());
+      const at::Tensor grad_w = g.t().mm(Randn({8, sh.cols}, 50 + step).to(cuda));
+      auto trits = core::UnpackTernary(s.at("fc.T_packed"), sh.rows * sh.cols);
+      at::Tensor signed_t =
+          grad_w.sign().to(at::kChar) * trits->view({sh.rows, sh.cols}).to(cuda);
+      const int64_t gpr = (sh.cols + sh.gs - 1) / sh.gs;
+      signed_t = at::constant_pad_nd(signed_t, {0, gpr * sh.gs - sh.cols});
+      const at::Tensor scores =
+          signed_t.view({sh.rows, gpr, sh.gs}).sum(2, false, at::kLong).flatten().to(at::kCPU);
+      ASSERT_TRUE((*m)->UpdateCorrelation(step).ok());
+      EXPECT_TRUE(at::equal((*m)->ExportState().tensors.at("fc.corr_accum"),
+                            s.at("fc.corr_accum") - scores));
+    }
+  }
+}
+
+TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
+  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
+  const c10::Device cuda(c10::kCUDA, 0);
+  for (ComputeType compute : {ComputeType::kTf32, ComputeType::kBf16}) {
+    const Distance d = Compare(cuda, compute, 64);
+    EXPECT_GT(d.output_error, 0.0) << core::ComputeName(compute) << " computed FP32's bits";
+    EXPECT_LT(d.output_error, 0.05) << core::ComputeName(compute);
+    EXPECT_GT(d.sign_agreement, 0.8) << core::ComputeName(compute);
+    std::printf("%s on cuda: output error %.3g, groups with FP32's score %.4f\n",
+                std::string(core::ComputeName(compute)).c_str(), d.output_error,
+                d.sign_agreement);
+  }
+}
+
+}  // namespace
+}  // namespace tscale
