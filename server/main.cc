@@ -210,6 +210,9 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &action, nullptr);
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGHUP, &action, nullptr);
+  // A file-size limit (ulimit -f) reached while writing a checkpoint must fail that save
+  // (RESOURCE_EXHAUSTED), not kill the server: ignored, SIGXFSZ leaves write() to return EFBIG.
+  signal(SIGXFSZ, SIG_IGN);
 
   auto server = tscale::service::Server::Start(options);
   if (!server.ok()) {

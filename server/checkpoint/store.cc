@@ -32,7 +32,8 @@ constexpr uint64_t kMaxHeaderBytes = 64 << 20;
 absl::Status IoError(absl::string_view what, const std::string& path) {
   const int err = errno;
   std::string msg = absl::StrCat("checkpoint: ", what, " ", path, ": ", std::strerror(err));
-  if (err == ENOSPC || err == EDQUOT) return absl::ResourceExhaustedError(msg);
+  // Out of room: a full disk, a quota, or a file-size limit (EFBIG, with SIGXFSZ ignored).
+  if (err == ENOSPC || err == EDQUOT || err == EFBIG) return absl::ResourceExhaustedError(msg);
   return absl::InternalError(msg);
 }
 
