@@ -97,7 +97,9 @@ absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt
     grpc::ClientContext context;
     absl::Time attempt_deadline = deadline;
     bool cut_short = false;  // whether the attempt's deadline is earlier than the call's
-    if (retry.attempt_timeout > absl::ZeroDuration()) {
+    // The last attempt is not cut short: nothing would follow it, so it may use what remains of
+    // the call's deadline.
+    if (retry.attempt_timeout > absl::ZeroDuration() && n < max_attempts) {
       const absl::Time t = absl::Now() + retry.attempt_timeout;
       if (t < deadline) {
         attempt_deadline = t;

@@ -56,8 +56,8 @@ struct RetryPolicy {
   absl::Duration initial_backoff = absl::Milliseconds(100);
   absl::Duration max_backoff = absl::Seconds(5);
   double multiplier = 2.0;
-  // The longest one attempt may take; an attempt cut short by it may be retried. Zero: each
-  // attempt may use what remains of the call's deadline.
+  // The longest one attempt may take; an attempt cut short by it may be retried. The last
+  // attempt, and every attempt when this is zero, may use what remains of the call's deadline.
   absl::Duration attempt_timeout = absl::ZeroDuration();
 };
 

@@ -582,6 +582,33 @@ TEST_F(ClientTest, DeadlineAlreadyPassed) {
   EXPECT_THAT(impatient.GetModel("x"), StatusIs(absl::StatusCode::kDeadlineExceeded, _));
 }
 
+// Attempts cut short by attempt_timeout are retried; the last attempt may use the rest of the
+// call's deadline, so a server slower than attempt_timeout still answers.
+TEST_F(ClientTest, TheLastAttemptIsNotCutShort) {
+  Create("slow");
+  ClientOptions options;
+  options.retry.max_attempts = 2;
+  options.retry.initial_backoff = absl::Milliseconds(1);
+  options.retry.attempt_timeout = absl::Microseconds(1);  // shorter than any call
+  std::atomic<int> retries{0};
+  options.on_retry = [&](int, const absl::Status& status, absl::Duration) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
+    ++retries;
+  };
+  Client client(server_->address(), options);
+  // A batch large enough that no attempt answers within a microsecond.
+  v1::TrainStepRequest request;
+  request.set_model_id("slow");
+  *request.mutable_input() = Proto(Input(4096, 64, 1));
+  *request.mutable_target() = Proto(Input(4096, 10, 2));
+  request.set_loss(v1::TrainStepRequest::MSE);
+  request.set_expected_step(0);
+  absl::StatusOr<v1::TrainStepResponse> r = client.TrainStep(request);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->step(), 1);  // applied once, by the first attempt or the second
+  EXPECT_EQ(retries.load(), 1);
+}
+
 struct RetryLog {
   std::atomic<int> retries{0};
   ClientOptions Options(int max_attempts, absl::Duration initial_backoff) {

@@ -269,7 +269,7 @@ TEST_F(StoreTest, WriteErrorLeavesEarlierCheckpoints) {
   auto saved = store_->Save("m", m->step(), file);
   setrlimit(RLIMIT_FSIZE, &old_limit);
   std::signal(SIGXFSZ, old_handler);
-  EXPECT_THAT(saved, StatusIs(absl::StatusCode::kInternal,
+  EXPECT_THAT(saved, StatusIs(absl::StatusCode::kResourceExhausted,
                               AllOf(HasSubstr("writing"), HasSubstr(".tmp"))));
   for (const std::string& name : testing::ListDir(dir_ + "/m")) {
     EXPECT_THAT(name, ::testing::Not(HasSubstr(".tmp")));
