@@ -21,10 +21,10 @@ detail::TernaryArgs Args(const TernaryView& t) {
   TORCH_CHECK(t.e->scalar_type() == at::kChar && t.e->is_contiguous(), "E: expected int8");
   TORCH_CHECK(t.corr_accum->scalar_type() == at::kLong && t.corr_accum->is_contiguous(),
               "corr_accum: expected int64");
-  TORCH_CHECK(t.cols > 0 && t.cols <= std::numeric_limits<int32_t>::max() && t.group_size > 0 &&
-                  t.group_size <= t.cols,
-              "ternary kernels: expected 0 < group_size <= cols < 2^31, got cols ", t.cols,
-              ", group_size ", t.group_size);
+  TORCH_CHECK(t.rows > 0 && t.cols > 0 && t.cols <= std::numeric_limits<int32_t>::max() &&
+                  t.group_size > 0,
+              "ternary kernels: expected rows > 0, 0 < cols < 2^31 and group_size > 0, got rows ",
+              t.rows, ", cols ", t.cols, ", group_size ", t.group_size);
   detail::TernaryArgs a;
   a.packed = t.packed->data_ptr<uint8_t>();
   a.e = t.e->data_ptr<int8_t>();
@@ -36,7 +36,9 @@ detail::TernaryArgs Args(const TernaryView& t) {
   a.inv_denom = 1.0f / static_cast<float>(denom);
   a.rows = t.rows;
   a.cols = t.cols;
-  a.group_size = t.group_size;
+  // A group wider than a row is the whole row: the same groups, with sizes the kernels' 32-bit
+  // column arithmetic holds. The scale's denominator above keeps the real group size.
+  a.group_size = std::min(t.group_size, t.cols);
   return a;
 }
 

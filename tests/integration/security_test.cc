@@ -42,7 +42,7 @@ grpc::Status Call(const std::shared_ptr<grpc::Channel>& channel, const std::stri
 
 std::unique_ptr<service::Server> Start(service::ServerOptions options) {
   options.listen = "127.0.0.1:0";
-  options.device = "cpu";
+  options.device = testing::TestDeviceName();
   auto server = service::Server::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? *std::move(server) : nullptr;

@@ -102,7 +102,7 @@ class ServiceTest : public ::testing::Test {
   void Start(service::ServerOptions options) {
     if (server_) server_->Shutdown(std::chrono::milliseconds(0));
     options.listen = "127.0.0.1:0";
-    options.device = "cpu";
+    options.device = testing::TestDeviceName();
     auto server = service::Server::Start(options);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
@@ -234,7 +234,7 @@ TEST_F(ServiceTest, CreateGetListDelete) {
   v1::ModelInfo info;
   ASSERT_TRUE(Create("m1", Spec(), 7, &info).ok());
   EXPECT_EQ(info.model_id(), "m1");
-  EXPECT_EQ(info.device(), "cpu");
+  EXPECT_EQ(info.device(), testing::TestDeviceName());
   EXPECT_EQ(info.compute(), v1::COMPUTE_FP32);
   EXPECT_EQ(info.step(), 0);
   EXPECT_EQ(info.in_features(), 12);
@@ -776,7 +776,7 @@ TEST_F(ServiceTest, ServerInfo) {
   v1::ServerInfo info;
   ASSERT_TRUE(stub_->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info).ok());
   EXPECT_FALSE(info.version().empty());
-  EXPECT_EQ(info.default_device(), "cpu");
+  EXPECT_EQ(info.default_device(), testing::TestDeviceName());
   EXPECT_THAT(info.devices(), ::testing::Contains("cpu"));
   EXPECT_EQ(info.max_message_bytes(), 256 << 20);
   EXPECT_EQ(info.max_pending_passes(), 1024);

@@ -24,6 +24,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/cpp/client.h"
+#include "tests/unit/test_util.h"
 #include "server/checkpoint/safetensors.h"
 #include "server/service/server.h"
 #include "tests/unit/files.h"
@@ -182,7 +183,7 @@ class BadInputTest : public ::testing::Test {
   void SetUp() override {
     service::ServerOptions options;
     options.listen = "127.0.0.1:0";
-    options.device = "cpu";
+    options.device = testing::TestDeviceName();
     options.max_message_bytes = kMaxMessageBytes;
     options.max_import_bytes = kMaxImportBytes;
     options.checkpoint_dir = dir_.path();

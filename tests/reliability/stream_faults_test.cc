@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "client/cpp/client.h"
+#include "tests/unit/test_util.h"
 #include "server/service/server.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
@@ -37,7 +38,7 @@ class StreamFaultsTest : public ::testing::Test {
   void SetUp() override {
     service::ServerOptions options;
     options.listen = "127.0.0.1:0";
-    options.device = "cpu";
+    options.device = testing::TestDeviceName();
     auto server = service::Server::Start(options);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);

@@ -216,14 +216,16 @@ TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   const c10::Device cuda(c10::kCUDA, 0);
   // Ragged groups (cols not a multiple of gs), gs 1, and whole warps inside groups (gs a multiple
-  // of 32 over columns a multiple of 32: the scores kernel's warp-sum path).
+  // of 32 over columns a multiple of 32: the scores kernel's warp-sum path), and groups wider than
+  // the row.
   struct Shape {
     int64_t rows, cols, gs;
   };
   // Groups straddling the kernels' 1024-column blocks: gs 48 over 2100 columns, gs 1 over 1500.
   for (const Shape& sh : {Shape{64, 100, 32}, Shape{7, 13, 1}, Shape{33, 257, 16},
                           Shape{3, 2100, 48}, Shape{2, 1500, 1}, Shape{40, 128, 32},
-                          Shape{5, 2048, 64}, Shape{3, 1000, 96}, Shape{2, 1300, 512}}) {
+                          Shape{5, 2048, 64}, Shape{3, 1000, 96}, Shape{2, 1300, 512},
+                          Shape{4, 20, 32}}) {
     SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs);
     auto m = Model::Create(LinearSpec(sh.cols, sh.rows, sh.gs), 3, cuda);
     ASSERT_TRUE(m.ok()) << m.status();

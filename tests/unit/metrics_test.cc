@@ -26,7 +26,6 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using testing::StatusIs;
 
-const c10::Device kCpu(c10::kCPU);
 
 // Sample lines of the exposition, "name{labels}" -> value.
 std::map<std::string, std::string> Samples(const std::string& text) {
@@ -49,12 +48,12 @@ core::ModelSpec OneLayer() {
 // fc: 2 rows x 64 columns, groups of 32, at step 4: corr_accum -128, 0, 20, 127 gives drift
 // -4, 0, 0.625, 3.96875.
 std::shared_ptr<core::Model> KnownModel() {
-  auto fresh = core::Model::Create(OneLayer(), 1, kCpu);
+  auto fresh = core::Model::Create(OneLayer(), 1, testing::TestDevice());
   EXPECT_TRUE(fresh.ok());
   core::StateDict state = (*fresh)->ExportState().tensors;
   state["fc.corr_accum"] = at::tensor({-128, 0, 20, 127}, at::kLong);
   state["fc.step_counter"] = at::tensor({4}, at::kLong);
-  auto m = core::Model::Import(OneLayer(), state, std::nullopt, kCpu);
+  auto m = core::Model::Import(OneLayer(), state, std::nullopt, testing::TestDevice());
   EXPECT_TRUE(m.ok()) << m.status();
   return *std::move(m);
 }
@@ -82,11 +81,16 @@ TEST(MetricsTest, ExactDriftBucketsOfAKnownState) {
   EXPECT_EQ(s["tscale_layer_saturated_ratio{" + l + "}"], "0.5");
   EXPECT_EQ(s[R"(tscale_model_step{model="m"})"], "4");
   EXPECT_EQ(s[R"(tscale_model_pending_passes{model="m"})"], "0");
-  EXPECT_EQ(s[R"(tscale_model_info{compute="COMPUTE_FP32",device="cpu",model="m"})"], "1");
+  const std::string device = testing::TestDeviceName();
+  EXPECT_EQ(s[R"(tscale_model_info{compute="COMPUTE_FP32",device=")" + device + R"(",model="m"})"],
+            "1");
   EXPECT_EQ(s["tscale_models"], "1");
   EXPECT_EQ(s[R"(tscale_build_info{version="1.2.3"})"], "1");
-  // Device bytes: 128 decoded trits, 4 E, 4 corr_accum of 8 bytes; no w_eff computed yet.
-  EXPECT_EQ(s[R"(tscale_model_device_bytes{device="cpu",model="m"})"], "164");
+  // Device bytes: the trits (128 decoded on the CPU; on CUDA 26 packed bytes, which the kernels
+  // read), 4 E, 4 corr_accum of 8 bytes; no w_eff computed yet.
+  const bool packed = device != "cpu";
+  EXPECT_EQ(s[R"(tscale_model_device_bytes{device=")" + device + R"(",model="m"})"],
+            packed ? "62" : "164");
   EXPECT_EQ(s[R"(tscale_model_persistent_bytes{model="m"})"],
             std::to_string(registry.Get("m").value()->persistent_bytes()));
 }
@@ -98,7 +102,7 @@ TEST(MetricsTest, LayersBeyondTheCapAreCountedNotExported) {
     {"name": "c", "ternary_linear": {"in_features": 8, "out_features": 4}}]})");
   ASSERT_TRUE(spec.ok());
   core::ModelRegistry registry;
-  ASSERT_TRUE(registry.Add("m", *core::Model::Create(*spec, 1, kCpu)).ok());
+  ASSERT_TRUE(registry.Add("m", *core::Model::Create(*spec, 1, testing::TestDevice())).ok());
   metrics::MetricsOptions options;
   options.max_layers_per_model = 1;
   metrics::Metrics metrics(&registry, options, "v");

@@ -23,7 +23,6 @@ using ::testing::HasSubstr;
 using testing::SameState;
 using testing::StatusIs;
 
-const c10::Device kCpu(c10::kCPU);
 
 ModelSpec SmallSpec() {
   auto spec = core::SpecFromJson(R"({"layers": [
@@ -39,7 +38,7 @@ ModelSpec SmallSpec() {
 }
 
 std::unique_ptr<Model> NewModel(uint64_t seed = 1, core::ModelOptions options = {}) {
-  auto m = Model::Create(SmallSpec(), seed, kCpu, options);
+  auto m = Model::Create(SmallSpec(), seed, testing::TestDevice(), options);
   EXPECT_TRUE(m.ok()) << m.status();
   return *std::move(m);
 }
@@ -283,7 +282,7 @@ TEST(ModelTest, ForwardComputesResidualsAndActivations) {
   at::Tensor y = at::matmul(h, weight("fc2", 5, 16, 32).t());
   auto got = m->Forward(x, false);
   ASSERT_TRUE(got.ok());
-  EXPECT_TRUE(at::allclose(got->output, y, 1e-5, 1e-6)) << got->output << y;
+  EXPECT_TRUE(at::allclose(got->output.to(at::kCPU), y, 1e-5, 1e-6)) << got->output << y;
 }
 
 TEST(ModelTest, ExportImportRoundTripContinuesIdentically) {
@@ -292,7 +291,7 @@ TEST(ModelTest, ExportImportRoundTripContinuesIdentically) {
   TrainStep(*a, 20);
   const auto snap = a->ExportState();
   EXPECT_EQ(snap.step, 2);
-  auto b = Model::Import(a->spec(), snap.tensors, std::nullopt, kCpu);
+  auto b = Model::Import(a->spec(), snap.tensors, std::nullopt, testing::TestDevice());
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_EQ((*b)->step(), 2);
   EXPECT_TRUE(SameState(snap.tensors, (*b)->ExportState().tensors));
@@ -304,7 +303,7 @@ TEST(ModelTest, ExportImportRoundTripContinuesIdentically) {
   // Unknown keys are ignored.
   core::StateDict extra = snap.tensors;
   extra["optimizer.something"] = at::zeros({3});
-  EXPECT_TRUE(Model::Import(a->spec(), extra, 2, kCpu).ok());
+  EXPECT_TRUE(Model::Import(a->spec(), extra, 2, testing::TestDevice()).ok());
 }
 
 TEST(ModelTest, ImportValidatesEveryTensor) {
@@ -317,7 +316,7 @@ TEST(ModelTest, ImportValidatesEveryTensor) {
     core::StateDict s;
     for (const auto& [k, v] : good) s[k] = v.clone();
     edit(s);
-    return Model::Import(spec, s, step, kCpu).status();
+    return Model::Import(spec, s, step, testing::TestDevice()).status();
   };
   EXPECT_THAT(import_with([](auto& s) { s.erase("fc2.E"); }),
               StatusIs(absl::StatusCode::kInvalidArgument,

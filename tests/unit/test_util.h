@@ -2,6 +2,7 @@
 #ifndef TSCALE_TESTS_UNIT_TEST_UTIL_H_
 #define TSCALE_TESTS_UNIT_TEST_UTIL_H_
 
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -14,10 +15,25 @@
 #include "absl/status/status.h"
 #include "server/checkpoint/safetensors.h"
 #include "server/checkpoint/state_file.h"
+#include "server/core/device.h"
 #include "server/core/layers.h"
 #include "server/core/spec.h"
 
 namespace tscale::testing {
+
+// The device the core and service tests put their models on: $TSCALE_TEST_DEVICE, "cpu" unless set
+// (ctest runs the same tests again with "cuda:0" in builds with CUDA). Without the device asked
+// for, the test binary exits 77, which ctest counts as skipped.
+inline std::string TestDeviceName() {
+  const char* d = std::getenv("TSCALE_TEST_DEVICE");
+  const std::string name = d != nullptr && *d != '\0' ? d : "cpu";
+  if (name != "cpu" && !core::ParseDevice(name).ok()) {
+    std::fprintf(stderr, "skipped: TSCALE_TEST_DEVICE=%s is not available here\n", name.c_str());
+    std::exit(77);
+  }
+  return name;
+}
+inline c10::Device TestDevice() { return c10::Device(TestDeviceName()); }
 
 inline const absl::Status& internal_status(const absl::Status& s) { return s; }
 template <typename T>

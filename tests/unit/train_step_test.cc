@@ -21,7 +21,6 @@ using ::testing::HasSubstr;
 using testing::SameState;
 using testing::StatusIs;
 
-const c10::Device kCpu(c10::kCPU);
 
 core::ModelSpec MlpSpec() {
   auto spec = core::SpecFromJson(R"({"layers": [
@@ -34,7 +33,7 @@ core::ModelSpec MlpSpec() {
 }
 
 std::unique_ptr<Model> NewModel(uint64_t seed = 3) {
-  auto m = Model::Create(MlpSpec(), seed, kCpu);
+  auto m = Model::Create(MlpSpec(), seed, testing::TestDevice());
   EXPECT_TRUE(m.ok()) << m.status();
   return *std::move(m);
 }
@@ -52,7 +51,7 @@ at::Tensor Classes(int64_t batch, int64_t classes, uint64_t seed) {
 // The loss's gradient w.r.t. y, as a client would compute it for Backward.
 at::Tensor LossGrad(const at::Tensor& y, const at::Tensor& target, Loss loss) {
   c10::AutoGradMode grad_mode(true);
-  at::Tensor leaf = y.detach().requires_grad_(true);
+  at::Tensor leaf = y.detach().to(at::kCPU).requires_grad_(true);
   at::Tensor value = loss == Loss::kMse ? at::mse_loss(leaf, target)
                                         : at::cross_entropy_loss(leaf, target);
   return torch::autograd::grad({value}, {leaf})[0];
@@ -76,8 +75,10 @@ TEST_P(TrainStepLossTest, EqualsTheThreeCalls) {
     auto f = steps->Forward(x, true);
     ASSERT_TRUE(f.ok()) << f.status();
     EXPECT_TRUE(at::equal(r->output, f->output));
+    // The loss computed where the model computes it, so that the reduction rounds alike.
+    const at::Tensor y = f->output, td = t.to(y.device());
     const at::Tensor expected_loss =
-        loss == Loss::kMse ? at::mse_loss(f->output, t) : at::cross_entropy_loss(f->output, t);
+        loss == Loss::kMse ? at::mse_loss(y, td) : at::cross_entropy_loss(y, td);
     EXPECT_EQ(r->loss, expected_loss.item<double>());
     ASSERT_TRUE(steps->Backward(f->pass_id, LossGrad(f->output, t, loss), false).ok());
     auto u = steps->UpdateCorrelation(s);
@@ -197,13 +198,13 @@ TEST(ScaleStatsTest, ExactForAKnownState) {
   auto spec = core::SpecFromJson(R"({"layers": [
     {"name": "fc", "ternary_linear": {"in_features": 64, "out_features": 2}}]})");
   ASSERT_TRUE(spec.ok());
-  auto fresh = Model::Create(*spec, 1, kCpu);
+  auto fresh = Model::Create(*spec, 1, testing::TestDevice());
   ASSERT_TRUE(fresh.ok());
   core::StateDict state = (*fresh)->ExportState().tensors;
   // At step 4, groups of 32: ratio = corr / 128 -> -1, 0, 0.15625, 0.9921875; drift = 4 ratio.
   state["fc.corr_accum"] = at::tensor({-128, 0, 20, 127}, at::kLong);
   state["fc.step_counter"] = at::tensor({4}, at::kLong);
-  auto m = Model::Import(*spec, state, std::nullopt, kCpu);
+  auto m = Model::Import(*spec, state, std::nullopt, testing::TestDevice());
   ASSERT_TRUE(m.ok()) << m.status();
 
   core::ModelScaleStats stats = (*m)->ScaleStats(/*per_group=*/true);
