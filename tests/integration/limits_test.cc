@@ -33,11 +33,16 @@
 #include "server/service/trainer_service.h"
 #include "server/service/worker_pool.h"
 #include "tests/unit/files.h"
+#include "tests/integration/rpc_test_util.h"
 #include "tests/unit/test_util.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
 namespace tscale {
 namespace {
+
+using testing::Floats;
+using testing::GrpcIs;
+using testing::MlpSpec;
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -45,47 +50,7 @@ using ::tscale::testing::StatusIs;
 
 // ---------------------------------------------------------------- helpers
 
-v1::Tensor Floats(std::vector<int64_t> shape, float start = 0.1f) {
-  v1::Tensor t;
-  t.set_dtype(v1::FP32);
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    t.add_shape(d);
-    n *= d;
-  }
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = std::sin(start + 0.37f * static_cast<float>(i));
-  t.set_data(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
-  return t;
-}
 
-// in -> hidden (group size 8) -> RELU -> residual(hidden -> hidden, bias) -> RMSNorm -> out.
-v1::ModelSpec Spec(int64_t in = 12, int64_t hidden = 16, int64_t out = 5) {
-  v1::ModelSpec spec;
-  auto* fc1 = spec.add_layers();
-  fc1->set_name("fc1");
-  fc1->mutable_ternary_linear()->set_in_features(in);
-  fc1->mutable_ternary_linear()->set_out_features(hidden);
-  fc1->mutable_ternary_linear()->set_group_size(8);
-  auto* act = spec.add_layers();
-  act->set_name("act");
-  act->mutable_activation()->set_kind(v1::Activation::RELU);
-  auto* block = spec.add_layers();
-  block->set_name("block");
-  auto* up = block->mutable_residual()->add_layers();
-  up->set_name("up");
-  up->mutable_ternary_linear()->set_in_features(hidden);
-  up->mutable_ternary_linear()->set_out_features(hidden);
-  up->mutable_ternary_linear()->set_bias(true);
-  auto* norm = spec.add_layers();
-  norm->set_name("norm");
-  norm->mutable_ternary_rms_norm()->set_dim(hidden);
-  auto* fc2 = spec.add_layers();
-  fc2->set_name("fc2");
-  fc2->mutable_ternary_linear()->set_in_features(hidden);
-  fc2->mutable_ternary_linear()->set_out_features(out);
-  return spec;
-}
 
 int64_t Estimate(const v1::ModelSpec& spec) {
   auto core_spec = service::SpecFromProto(spec);
@@ -100,13 +65,6 @@ void SetDeadline(grpc::ClientContext* ctx, absl::Duration after) {
   if (after > absl::ZeroDuration()) ctx->set_deadline(absl::ToChronoTime(absl::Now() + after));
 }
 
-MATCHER_P2(GrpcIs, code, msg, "") {
-  if (arg.error_code() != code) {
-    *result_listener << "status is " << arg.error_code() << ": " << arg.error_message();
-    return false;
-  }
-  return ::testing::ExplainMatchResult(msg, arg.error_message(), result_listener);
-}
 
 class LimitsTest : public ::testing::Test {
  protected:
@@ -283,7 +241,7 @@ class LimitsTest : public ::testing::Test {
 // ---------------------------------------------------------------- the estimate (core)
 
 core::ModelSpec CoreSpec(int64_t in = 12, int64_t hidden = 16, int64_t out = 5) {
-  return *service::SpecFromProto(Spec(in, hidden, out));
+  return *service::SpecFromProto(MlpSpec(in, hidden, out));
 }
 
 at::Tensor Input(int64_t batch, int64_t features) {
@@ -407,13 +365,13 @@ TEST(InterruptTest, AnInterruptedUpdateChangesNothing) {
 // ---------------------------------------------------------------- the device budget
 
 TEST_F(LimitsTest, CreateBeyondTheBudgetIsResourceExhausted) {
-  const int64_t e = Estimate(Spec());
+  const int64_t e = Estimate(MlpSpec());
   service::ServerOptions options;
   options.max_device_bytes = 2 * e + e / 2;  // room for two
   Start(options);
-  ASSERT_TRUE(Create("a", Spec()).ok());
-  ASSERT_TRUE(Create("b", Spec()).ok());
-  EXPECT_THAT(Create("c", Spec()),
+  ASSERT_TRUE(Create("a", MlpSpec()).ok());
+  ASSERT_TRUE(Create("b", MlpSpec()).ok());
+  EXPECT_THAT(Create("c", MlpSpec()),
               GrpcIs(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      AllOf(HasSubstr(absl::StrCat("model 'c' needs ", e, " bytes")),
                            HasSubstr(absl::StrCat("the models hold ", 2 * e, " bytes")),
@@ -425,15 +383,15 @@ TEST_F(LimitsTest, CreateBeyondTheBudgetIsResourceExhausted) {
   EXPECT_EQ(info.device_bytes_in_use(), 2 * e);
   EXPECT_EQ(info.models(), 2);
   // A smaller model fits in what is left; deleting one makes room for another.
-  EXPECT_TRUE(Create("small", Spec(4, 4, 2)).ok());
+  EXPECT_TRUE(Create("small", MlpSpec(4, 4, 2)).ok());
   ASSERT_TRUE(Delete("a").ok());
-  EXPECT_TRUE(Create("c", Spec()).ok());
-  EXPECT_EQ(ServerInfo().device_bytes_in_use(), 2 * e + Estimate(Spec(4, 4, 2)));
+  EXPECT_TRUE(Create("c", MlpSpec()).ok());
+  EXPECT_EQ(ServerInfo().device_bytes_in_use(), 2 * e + Estimate(MlpSpec(4, 4, 2)));
 }
 
 // Check and registration are one step: of many concurrent creates only those that fit pass.
 TEST_F(LimitsTest, ConcurrentCreatesCannotTogetherPassTheBudget) {
-  const v1::ModelSpec spec = Spec(64, 256, 10);
+  const v1::ModelSpec spec = MlpSpec(64, 256, 10);
   const int64_t e = Estimate(spec);
   service::ServerOptions options;
   options.max_device_bytes = 2 * e + e / 2;
@@ -457,19 +415,19 @@ TEST_F(LimitsTest, ConcurrentCreatesCannotTogetherPassTheBudget) {
 }
 
 TEST_F(LimitsTest, ImportBeyondTheBudgetAndReplacing) {
-  const int64_t e = Estimate(Spec());
-  const int64_t large_e = Estimate(Spec(12, 64, 5));
+  const int64_t e = Estimate(MlpSpec());
+  const int64_t large_e = Estimate(MlpSpec(12, 64, 5));
   // The state of a larger model, made on a server without a budget.
   Start({});
-  ASSERT_TRUE(Create("large", Spec(12, 64, 5)).ok());
+  ASSERT_TRUE(Create("large", MlpSpec(12, 64, 5)).ok());
   const std::string large = State("large");
 
   service::ServerOptions options;
   options.max_device_bytes = 2 * e + e / 2;
   ASSERT_GT(large_e, options.max_device_bytes);
   Start(options);
-  ASSERT_TRUE(Create("a", Spec(), 1).ok());
-  ASSERT_TRUE(Create("b", Spec(), 2).ok());
+  ASSERT_TRUE(Create("a", MlpSpec(), 1).ok());
+  ASSERT_TRUE(Create("b", MlpSpec(), 2).ok());
   const std::string a = State("a");
   const std::string b = State("b");
   EXPECT_THAT(Import("c", a, false),
@@ -493,14 +451,14 @@ TEST_F(LimitsTest, ImportBeyondTheBudgetAndReplacing) {
 
 TEST_F(LimitsTest, RestoreBeyondTheBudgetChangesNothing) {
   testing::TempDir dir;
-  const int64_t e = Estimate(Spec());
-  const int64_t large_e = Estimate(Spec(12, 64, 5));
+  const int64_t e = Estimate(MlpSpec());
+  const int64_t large_e = Estimate(MlpSpec(12, 64, 5));
   service::ServerOptions options;
   options.checkpoint_dir = dir.path();
   options.max_device_bytes = large_e + e / 2;
   Start(options);
   // "large" checkpointed at steps 1 and 2, then deleted (its checkpoints stay).
-  ASSERT_TRUE(Create("large", Spec(12, 64, 5)).ok());
+  ASSERT_TRUE(Create("large", MlpSpec(12, 64, 5)).ok());
   for (int64_t step = 0; step < 2; ++step) {
     ASSERT_TRUE(TrainStep("large", 2, 12, 5, step).ok());
     grpc::ClientContext ctx;
@@ -510,8 +468,8 @@ TEST_F(LimitsTest, RestoreBeyondTheBudgetChangesNothing) {
     ASSERT_TRUE(stub_->SaveCheckpoint(&ctx, req, &info).ok());
   }
   ASSERT_TRUE(Delete("large").ok());
-  ASSERT_TRUE(Create("a", Spec()).ok());
-  ASSERT_TRUE(Create("b", Spec()).ok());
+  ASSERT_TRUE(Create("a", MlpSpec()).ok());
+  ASSERT_TRUE(Create("b", MlpSpec()).ok());
   auto restore = [&](const std::string& name) {
     grpc::ClientContext ctx;
     v1::RestoreCheckpointRequest req;
@@ -544,9 +502,9 @@ TEST_F(LimitsTest, MaxModels) {
   service::ServerOptions options;
   options.max_models = 2;
   Start(options);
-  ASSERT_TRUE(Create("a", Spec()).ok());
-  ASSERT_TRUE(Create("b", Spec()).ok());
-  EXPECT_THAT(Create("c", Spec()),
+  ASSERT_TRUE(Create("a", MlpSpec()).ok());
+  ASSERT_TRUE(Create("b", MlpSpec()).ok());
+  EXPECT_THAT(Create("c", MlpSpec()),
               GrpcIs(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      AllOf(HasSubstr("the server holds 2 models"), HasSubstr("the limit is 2"),
                            HasSubstr("--max-models"))));
@@ -558,7 +516,7 @@ TEST_F(LimitsTest, MaxModels) {
   EXPECT_EQ(ModelCount(), 2);
   EXPECT_EQ(ServerInfo().max_models(), 2);
   ASSERT_TRUE(Delete("a").ok());
-  EXPECT_TRUE(Create("c", Spec()).ok());
+  EXPECT_TRUE(Create("c", MlpSpec()).ok());
 }
 
 // ---------------------------------------------------------------- pending passes expire
@@ -568,7 +526,7 @@ TEST_F(LimitsTest, UnusedPassesExpire) {
   options.pending_pass_ttl_seconds = 1;
   Start(options);
   EXPECT_EQ(ServerInfo().pending_pass_ttl_seconds(), 1);
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::ForwardResponse f;
   ASSERT_TRUE(Forward("m", Floats({3, 12}), true, &f).ok());
   EXPECT_EQ(Info("m").pending_passes(), 1);
@@ -631,7 +589,7 @@ class QueuedTest : public LimitsTest {
 // A request whose deadline passes, or that its client cancels, while it waits for a worker is
 // not run when a worker takes it up.
 TEST_F(QueuedTest, RequestsExpiredOrCancelledInTheQueueAreNotRun) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::ForwardResponse f;
   ASSERT_TRUE(Forward("m", Floats({3, 12}), true, &f).ok());
   ASSERT_TRUE(Backward("m", f.pass_id(), Floats({3, 5})).ok());
@@ -681,7 +639,7 @@ TEST_F(LimitsTest, UpdatesPastTheirDeadlineAtTheCommitApplyNothing) {
   service::ServerOptions options;
   options.worker_threads = 4;
   Start(options);
-  ASSERT_TRUE(Create("wide", Spec(16, kWide, 16)).ok());
+  ASSERT_TRUE(Create("wide", MlpSpec(16, kWide, 16)).ok());
   v1::ForwardResponse f;
   ASSERT_TRUE(Forward("wide", Floats({1, 16}), true, &f).ok());
   ASSERT_TRUE(Backward("wide", f.pass_id(), Floats({1, 16})).ok());

@@ -20,80 +20,28 @@
 #include "server/checkpoint/state_file.h"
 #include "server/service/server.h"
 #include "tests/unit/files.h"
+#include "tests/integration/rpc_test_util.h"
 #include "tests/unit/test_util.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
 namespace tscale {
 namespace {
 
+using testing::Floats;
+using testing::GrpcIs;
+using testing::Longs;
+using testing::MlpSpec;
+using testing::Values;
+
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 // ---------------------------------------------------------------- helpers
 
-v1::Tensor Floats(std::vector<int64_t> shape, float start = 0.1f, float step = 0.37f) {
-  v1::Tensor t;
-  t.set_dtype(v1::FP32);
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    t.add_shape(d);
-    n *= d;
-  }
-  std::vector<float> v(n);
-  // Deterministic values of both signs.
-  for (int64_t i = 0; i < n; ++i) v[i] = std::sin(start + step * static_cast<float>(i));
-  t.set_data(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
-  return t;
-}
 
-v1::Tensor Longs(const std::vector<int64_t>& v) {
-  v1::Tensor t;
-  t.set_dtype(v1::INT64);
-  t.add_shape(static_cast<int64_t>(v.size()));
-  t.set_data(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(int64_t));
-  return t;
-}
 
-std::vector<float> Values(const v1::Tensor& t) {
-  std::vector<float> v(t.data().size() / sizeof(float));
-  std::memcpy(v.data(), t.data().data(), t.data().size());
-  return v;
-}
 
-v1::ModelSpec Spec(int64_t in = 12, int64_t hidden = 16, int64_t out = 5) {
-  v1::ModelSpec spec;
-  auto* fc1 = spec.add_layers();
-  fc1->set_name("fc1");
-  fc1->mutable_ternary_linear()->set_in_features(in);
-  fc1->mutable_ternary_linear()->set_out_features(hidden);
-  fc1->mutable_ternary_linear()->set_group_size(8);
-  auto* act = spec.add_layers();
-  act->set_name("act");
-  act->mutable_activation()->set_kind(v1::Activation::RELU);
-  auto* block = spec.add_layers();
-  block->set_name("block");
-  auto* up = block->mutable_residual()->add_layers();
-  up->set_name("up");
-  up->mutable_ternary_linear()->set_in_features(hidden);
-  up->mutable_ternary_linear()->set_out_features(hidden);
-  up->mutable_ternary_linear()->set_bias(true);
-  auto* norm = spec.add_layers();
-  norm->set_name("norm");
-  norm->mutable_ternary_rms_norm()->set_dim(hidden);
-  auto* fc2 = spec.add_layers();
-  fc2->set_name("fc2");
-  fc2->mutable_ternary_linear()->set_in_features(hidden);
-  fc2->mutable_ternary_linear()->set_out_features(out);
-  return spec;
-}
 
-MATCHER_P2(GrpcIs, code, msg, "") {
-  if (arg.error_code() != code) {
-    *result_listener << "status is " << arg.error_code() << ": " << arg.error_message();
-    return false;
-  }
-  return ::testing::ExplainMatchResult(msg, arg.error_message(), result_listener);
-}
 
 class ServiceTest : public ::testing::Test {
  protected:
@@ -201,7 +149,7 @@ class ServiceTest : public ::testing::Test {
     return ImportMessages(messages, info);
   }
 
-  // A TrainStep taking a while: model "big" (Spec(2048, 2048, 16)) at this batch.
+  // A TrainStep taking a while: model "big" (MlpSpec(2048, 2048, 16)) at this batch.
   grpc::Status BigTrainStep(int64_t batch) {
     v1::TrainStepRequest req;
     req.set_model_id("big");
@@ -232,7 +180,7 @@ class ServiceTest : public ::testing::Test {
 
 TEST_F(ServiceTest, CreateGetListDelete) {
   v1::ModelInfo info;
-  ASSERT_TRUE(Create("m1", Spec(), 7, &info).ok());
+  ASSERT_TRUE(Create("m1", MlpSpec(), 7, &info).ok());
   EXPECT_EQ(info.model_id(), "m1");
   EXPECT_EQ(info.device(), testing::TestDeviceName());
   EXPECT_EQ(info.compute(), v1::COMPUTE_FP32);
@@ -246,7 +194,7 @@ TEST_F(ServiceTest, CreateGetListDelete) {
   EXPECT_EQ(info.spec().layers(4).ternary_linear().group_size(), 32);
   EXPECT_EQ(info.spec().layers(2).residual().layers(0).name(), "up");
 
-  ASSERT_TRUE(Create("m0", Spec(), 7).ok());
+  ASSERT_TRUE(Create("m0", MlpSpec(), 7).ok());
   v1::ModelInfo got;
   ASSERT_TRUE(GetModel("m1", &got).ok());
   EXPECT_EQ(got.SerializeAsString(), info.SerializeAsString());
@@ -270,22 +218,22 @@ TEST_F(ServiceTest, CreateGetListDelete) {
 }
 
 TEST_F(ServiceTest, CreateErrors) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
-  EXPECT_THAT(Create("m", Spec()),
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
+  EXPECT_THAT(Create("m", MlpSpec()),
               GrpcIs(grpc::StatusCode::ALREADY_EXISTS, HasSubstr("model_id: a model 'm' already exists")));
-  EXPECT_THAT(Create("", Spec()), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
+  EXPECT_THAT(Create("", MlpSpec()), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
                                          HasSubstr("model_id: expected 1-64 characters")));
-  EXPECT_THAT(Create("a b", Spec()), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("'a b'")));
-  v1::ModelSpec bad = Spec();
+  EXPECT_THAT(Create("a b", MlpSpec()), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("'a b'")));
+  v1::ModelSpec bad = MlpSpec();
   bad.mutable_layers(4)->mutable_ternary_linear()->set_in_features(15);
   EXPECT_THAT(Create("x", bad),
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
                      HasSubstr("layers[4] (fc2).ternary_linear.in_features: expected 16")));
-  v1::ModelSpec empty_kind = Spec();
+  v1::ModelSpec empty_kind = MlpSpec();
   empty_kind.mutable_layers(1)->clear_activation();
   EXPECT_THAT(Create("x", empty_kind),
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("layers[1] (act)")));
-  v1::ModelSpec bad_kind = Spec();
+  v1::ModelSpec bad_kind = MlpSpec();
   bad_kind.mutable_layers(1)->mutable_activation()->set_kind(static_cast<v1::Activation::Kind>(9));
   EXPECT_THAT(Create("x", bad_kind),
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
@@ -297,7 +245,7 @@ TEST_F(ServiceTest, CreateErrors) {
     grpc::ClientContext ctx;
     v1::CreateModelRequest req;
     req.set_model_id("x");
-    *req.mutable_spec() = Spec();
+    *req.mutable_spec() = MlpSpec();
     req.set_device(device);
     v1::ModelInfo info;
     EXPECT_THAT(stub_->CreateModel(&ctx, req, &info),
@@ -312,7 +260,7 @@ TEST_F(ServiceTest, CreateErrors) {
     grpc::ClientContext ctx;
     v1::CreateModelRequest req;
     req.set_model_id("x");
-    *req.mutable_spec() = Spec();
+    *req.mutable_spec() = MlpSpec();
     req.set_device("cpu");
     req.set_compute(static_cast<v1::ComputeType>(compute));
     v1::ModelInfo info;
@@ -326,9 +274,9 @@ TEST_F(ServiceTest, CreateErrors) {
 }
 
 TEST_F(ServiceTest, SameSeedSameModel) {
-  ASSERT_TRUE(Create("a", Spec(), 5).ok());
-  ASSERT_TRUE(Create("b", Spec(), 5).ok());
-  ASSERT_TRUE(Create("c", Spec(), 6).ok());
+  ASSERT_TRUE(Create("a", MlpSpec(), 5).ok());
+  ASSERT_TRUE(Create("b", MlpSpec(), 5).ok());
+  ASSERT_TRUE(Create("c", MlpSpec(), 6).ok());
   v1::ForwardResponse a, b, c;
   ASSERT_TRUE(Forward("a", Floats({2, 12}), false, &a).ok());
   ASSERT_TRUE(Forward("b", Floats({2, 12}), false, &b).ok());
@@ -340,7 +288,7 @@ TEST_F(ServiceTest, SameSeedSameModel) {
 // ---------------------------------------------------------------- training
 
 TEST_F(ServiceTest, ForwardBackwardUpdate) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::ForwardResponse f;
   ASSERT_TRUE(Forward("m", Floats({3, 12}), true, &f).ok());
   EXPECT_EQ(f.output().dtype(), v1::FP32);
@@ -397,7 +345,7 @@ TEST_F(ServiceTest, ForwardBackwardUpdate) {
 }
 
 TEST_F(ServiceTest, TrainingErrors) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::ForwardResponse f;
   v1::BackwardResponse b;
   v1::UpdateCorrelationResponse u;
@@ -476,7 +424,7 @@ TEST_F(ServiceTest, ImportChunksOfExactlyTheMessageLimit) {
   service::ServerOptions options;
   options.max_message_bytes = 2048;
   Start(options);
-  ASSERT_TRUE(Create("m", Spec(12, 64, 5), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(12, 64, 5), 3).ok());
   std::string bytes;
   ASSERT_TRUE(Export("m", &bytes).ok());
   ASSERT_GT(bytes.size(), 2 * 2048u);
@@ -495,7 +443,7 @@ TEST_F(ServiceTest, PendingPassLimit) {
   service::ServerOptions options;
   options.max_pending_passes = 2;
   Start(options);
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::ForwardResponse f;
   ASSERT_TRUE(Forward("m", Floats({2, 12}), true, &f).ok());
   ASSERT_TRUE(Forward("m", Floats({2, 12}), true, &f).ok());
@@ -506,7 +454,7 @@ TEST_F(ServiceTest, PendingPassLimit) {
 }
 
 TEST_F(ServiceTest, TrainStepBothLosses) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::TrainStepRequest req;
   req.set_model_id("m");
   *req.mutable_input() = Floats({4, 12});
@@ -544,7 +492,7 @@ TEST_F(ServiceTest, TrainStepBothLosses) {
 }
 
 TEST_F(ServiceTest, TrainStepErrors) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   v1::TrainStepRequest req;
   req.set_model_id("m");
   *req.mutable_input() = Floats({4, 12});
@@ -574,7 +522,7 @@ TEST_F(ServiceTest, TrainStepErrors) {
 // ---------------------------------------------------------------- state
 
 TEST_F(ServiceTest, ExportImportRoundTrip) {
-  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   for (int s = 0; s < 3; ++s) TrainOnce("m", s);
   std::string bytes;
   ASSERT_TRUE(Export("m", &bytes).ok());
@@ -621,7 +569,7 @@ TEST_F(ServiceTest, ExportImportRoundTrip) {
 }
 
 TEST_F(ServiceTest, ImportWithoutMetadataTakesTheSpecFromTheHeader) {
-  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   TrainOnce("m", 0);
   std::string bytes;
   ASSERT_TRUE(Export("m", &bytes).ok());
@@ -641,13 +589,13 @@ TEST_F(ServiceTest, ImportWithoutMetadataTakesTheSpecFromTheHeader) {
   EXPECT_THAT(Import(header, bare, &info),
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
                      HasSubstr("header.spec: expected a spec, in the header or in the file's")));
-  *header.mutable_spec() = Spec();
+  *header.mutable_spec() = MlpSpec();
   ASSERT_TRUE(Import(header, bare, &info).ok());
   EXPECT_EQ(info.step(), 1);  // from the layers' step_counter
 }
 
 TEST_F(ServiceTest, ImportErrors) {
-  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   std::string bytes;
   ASSERT_TRUE(Export("m", &bytes).ok());
   v1::ModelInfo info;
@@ -687,7 +635,7 @@ TEST_F(ServiceTest, ImportErrors) {
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("gpu7")));
   // A spec that does not fit the file's tensors.
   v1::ImportHeader other_spec = header;
-  *other_spec.mutable_spec() = Spec(12, 24, 5);
+  *other_spec.mutable_spec() = MlpSpec(12, 24, 5);
   EXPECT_THAT(Import(other_spec, bytes, &info),
               GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("fc1.")));
   // None of it created a model.
@@ -698,7 +646,7 @@ TEST_F(ServiceTest, ImportSizeLimit) {
   service::ServerOptions options;
   options.max_import_bytes = 2000;
   Start(options);
-  ASSERT_TRUE(Create("m", Spec(12, 64, 5), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(12, 64, 5), 3).ok());
   std::string bytes;
   ASSERT_TRUE(Export("m", &bytes).ok());
   ASSERT_GT(bytes.size(), 2000u);
@@ -716,7 +664,7 @@ TEST_F(ServiceTest, ExportUnknownModel) {
 }
 
 TEST_F(ServiceTest, ExportOfALargeModelStreamsInChunks) {
-  ASSERT_TRUE(Create("big", Spec(1024, 2048, 10), 1).ok());
+  ASSERT_TRUE(Create("big", MlpSpec(1024, 2048, 10), 1).ok());
   grpc::ClientContext ctx;
   v1::ExportStateRequest req;
   req.set_model_id("big");
@@ -737,7 +685,7 @@ TEST_F(ServiceTest, ExportOfALargeModelStreamsInChunks) {
 // ---------------------------------------------------------------- statistics, server, limits
 
 TEST_F(ServiceTest, ScaleStats) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   for (int s = 0; s < 4; ++s) TrainOnce("m", s);
   grpc::ClientContext ctx;
   v1::GetScaleStatsRequest req;
@@ -771,7 +719,7 @@ TEST_F(ServiceTest, ScaleStats) {
 }
 
 TEST_F(ServiceTest, ServerInfo) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   grpc::ClientContext ctx;
   v1::ServerInfo info;
   ASSERT_TRUE(stub_->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info).ok());
@@ -784,7 +732,7 @@ TEST_F(ServiceTest, ServerInfo) {
 }
 
 TEST_F(ServiceTest, CheckpointCallsNeedACheckpointFolder) {
-  ASSERT_TRUE(Create("m", Spec()).ok());
+  ASSERT_TRUE(Create("m", MlpSpec()).ok());
   grpc::ClientContext ctx;
   v1::SaveCheckpointRequest req;
   req.set_model_id("m");
@@ -847,7 +795,7 @@ class CheckpointServiceTest : public ServiceTest {
 };
 
 TEST_F(CheckpointServiceTest, SaveListRestore) {
-  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   std::vector<core::StateDict> states;
   for (int s = 0; s < 3; ++s) {
     TrainOnce("m", s);
@@ -896,7 +844,7 @@ TEST_F(CheckpointServiceTest, SaveListRestore) {
 }
 
 TEST_F(CheckpointServiceTest, DamagedCheckpointIsDataLoss) {
-  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   for (int s = 0; s < 2; ++s) {
     TrainOnce("m", s);
     v1::CheckpointInfo info;
@@ -921,8 +869,8 @@ TEST_F(CheckpointServiceTest, DamagedCheckpointIsDataLoss) {
 }
 
 TEST_F(CheckpointServiceTest, RestartRestoresEveryModelAndShutdownSavesTheLastSteps) {
-  ASSERT_TRUE(Create("a", Spec(), 1).ok());
-  ASSERT_TRUE(Create("b", Spec(), 2).ok());
+  ASSERT_TRUE(Create("a", MlpSpec(), 1).ok());
+  ASSERT_TRUE(Create("b", MlpSpec(), 2).ok());
   for (int s = 0; s < 3; ++s) TrainOnce("a", s);
   TrainOnce("b", 0);
   const core::StateDict a = State("a"), b = State("b");
@@ -945,7 +893,7 @@ TEST_F(CheckpointServiceTest, NoShutdownSaveWhenTurnedOff) {
   service::ServerOptions options;
   options.checkpoint_on_shutdown = false;
   StartWith(options);
-  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 1).ok());
   TrainOnce("m", 0);
   v1::CheckpointInfo ci;
   ASSERT_TRUE(Save("m", &ci).ok());
@@ -962,7 +910,7 @@ TEST_F(CheckpointServiceTest, StepPolicyAndRetention) {
   options.checkpoint_keep = 2;
   options.checkpoint_on_shutdown = false;
   StartWith(options);
-  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 1).ok());
   for (int s = 0; s < 7; ++s) TrainOnce("m", s);
   // Saves run in the background; wait for the last one (step 6) and its retention.
   v1::ListCheckpointsResponse list;
@@ -984,7 +932,7 @@ TEST_F(CheckpointServiceTest, TimePolicySavesChangedModelsOnly) {
   options.checkpoint_every_seconds = 1;
   options.checkpoint_on_shutdown = false;
   StartWith(options);
-  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 1).ok());
   TrainOnce("m", 0);
   TrainOnce("m", 1);
   v1::ListCheckpointsResponse list;
@@ -1002,19 +950,19 @@ TEST_F(CheckpointServiceTest, TimePolicySavesChangedModelsOnly) {
 }
 
 TEST_F(CheckpointServiceTest, CheckpointedIdsAreNotTakenByNewModels) {
-  ASSERT_TRUE(Create("m", Spec(), 1).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 1).ok());
   v1::CheckpointInfo ci;
   ASSERT_TRUE(Save("m", &ci).ok());
   ASSERT_TRUE(Delete("m", false).ok());
   // Its checkpoints remain: a new model may not take the id...
-  EXPECT_THAT(Create("m", Spec(), 2),
+  EXPECT_THAT(Create("m", MlpSpec(), 2),
               GrpcIs(grpc::StatusCode::FAILED_PRECONDITION,
                      AllOf(HasSubstr("checkpoints of a model 'm' are on disk"),
                            HasSubstr("delete_checkpoints"))));
   // ...until they are deleted too (the model need not be loaded).
   ASSERT_TRUE(Delete("m", true).ok());
   EXPECT_FALSE(testing::Exists(dir_.path() + "/m"));
-  EXPECT_TRUE(Create("m", Spec(), 2).ok());
+  EXPECT_TRUE(Create("m", MlpSpec(), 2).ok());
   EXPECT_THAT(Delete("ghost", true), GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("'ghost'")));
 }
 
@@ -1022,7 +970,7 @@ TEST_F(ServiceTest, MessageSizeLimitNamesTheFlag) {
   service::ServerOptions options;
   options.max_message_bytes = 64 << 10;
   Start(options);
-  ASSERT_TRUE(Create("m", Spec(1024, 16, 5)).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(1024, 16, 5)).ok());
   v1::ForwardResponse f;
   // 20 x 1024 floats = 80 KiB: beyond the limit, within gRPC's own hard limit.
   EXPECT_THAT(Forward("m", Floats({20, 1024}), false, &f),
@@ -1033,7 +981,7 @@ TEST_F(ServiceTest, MessageSizeLimitNamesTheFlag) {
   EXPECT_THAT(Forward("m", Floats({100, 1024}), false, &f),
               GrpcIs(grpc::StatusCode::RESOURCE_EXHAUSTED, ::testing::_));
   // A response that would be too large is refused before the pass is made.
-  ASSERT_TRUE(Create("wide", Spec(4, 16, 4096)).ok());
+  ASSERT_TRUE(Create("wide", MlpSpec(4, 16, 4096)).ok());
   EXPECT_THAT(Forward("wide", Floats({8, 4}), true, &f),
               GrpcIs(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      AllOf(HasSubstr("output"), HasSubstr("--max-message-bytes"))));
@@ -1083,7 +1031,7 @@ TEST(ServerTest, AddressInUse) {
 // step may be answered with that update (replayed), which its gradients were part of.
 TEST_F(ServiceTest, ConcurrentClientsWithRetriedUpdates) {
   constexpr int kModels = 3, kClientsPerModel = 3, kAttempts = 12;
-  for (int m = 0; m < kModels; ++m) ASSERT_TRUE(Create("m" + std::to_string(m), Spec(), m).ok());
+  for (int m = 0; m < kModels; ++m) ASSERT_TRUE(Create("m" + std::to_string(m), MlpSpec(), m).ok());
   std::atomic<int> applied[kModels] = {};
   std::atomic<int> replayed{0}, bad{0}, joined{0};
   absl::Mutex mu;
@@ -1207,8 +1155,8 @@ TEST_F(ServiceTest, ConcurrentClientsWithRetriedUpdates) {
 
 // A long request on one model does not hold up requests on another.
 TEST_F(ServiceTest, DifferentModelsRunInParallel) {
-  ASSERT_TRUE(Create("big", Spec(2048, 2048, 16), 1).ok());
-  ASSERT_TRUE(Create("small", Spec(), 1).ok());
+  ASSERT_TRUE(Create("big", MlpSpec(2048, 2048, 16), 1).ok());
+  ASSERT_TRUE(Create("small", MlpSpec(), 1).ok());
   std::atomic<bool> big_done{false};
   bool small_finished_first = false;
   std::thread big([&] {
@@ -1226,7 +1174,7 @@ TEST_F(ServiceTest, DifferentModelsRunInParallel) {
 
 // A request in flight when the server shuts down still completes.
 TEST_F(ServiceTest, ShutdownFinishesCallsInFlight) {
-  ASSERT_TRUE(Create("big", Spec(2048, 2048, 16), 1).ok());
+  ASSERT_TRUE(Create("big", MlpSpec(2048, 2048, 16), 1).ok());
   std::atomic<bool> done{false};
   grpc::Status status;
   std::thread caller([&] {

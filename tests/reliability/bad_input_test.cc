@@ -24,6 +24,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/cpp/client.h"
+#include "tests/integration/rpc_test_util.h"
 #include "tests/unit/test_util.h"
 #include "server/checkpoint/safetensors.h"
 #include "server/service/server.h"
@@ -32,6 +33,11 @@
 
 namespace tscale {
 namespace {
+
+using testing::Floats;
+using testing::LinearSpec;
+using testing::Longs;
+using testing::MlpSpec;
 
 using Json = nlohmann::json;
 using Code = grpc::StatusCode;
@@ -43,27 +49,7 @@ constexpr int64_t kInt64Min = std::numeric_limits<int64_t>::min();
 
 // ---------------------------------------------------------------- requests
 
-v1::Tensor Floats(std::vector<int64_t> shape, float start = 0.3f) {
-  v1::Tensor t;
-  t.set_dtype(v1::FP32);
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    t.add_shape(d);
-    n *= d;
-  }
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = std::sin(start + 0.41f * static_cast<float>(i));
-  t.set_data(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
-  return t;
-}
 
-v1::Tensor Longs(const std::vector<int64_t>& v) {
-  v1::Tensor t;
-  t.set_dtype(v1::INT64);
-  t.add_shape(static_cast<int64_t>(v.size()));
-  t.set_data(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(int64_t));
-  return t;
-}
 
 // `t` with the float at `index` replaced.
 v1::Tensor WithFloat(v1::Tensor t, int index, float value) {
@@ -77,43 +63,7 @@ v1::Tensor WithShape(v1::Tensor t, std::vector<int64_t> shape) {
   return t;
 }
 
-// 12 -> 16 (RELU) -> residual(16 -> 16, bias) -> RMSNorm(16) -> 5.
-v1::ModelSpec Spec() {
-  v1::ModelSpec spec;
-  auto* fc1 = spec.add_layers();
-  fc1->set_name("fc1");
-  fc1->mutable_ternary_linear()->set_in_features(12);
-  fc1->mutable_ternary_linear()->set_out_features(16);
-  fc1->mutable_ternary_linear()->set_group_size(8);
-  auto* act = spec.add_layers();
-  act->set_name("act");
-  act->mutable_activation()->set_kind(v1::Activation::RELU);
-  auto* block = spec.add_layers();
-  block->set_name("block");
-  auto* up = block->mutable_residual()->add_layers();
-  up->set_name("up");
-  up->mutable_ternary_linear()->set_in_features(16);
-  up->mutable_ternary_linear()->set_out_features(16);
-  up->mutable_ternary_linear()->set_bias(true);
-  auto* norm = spec.add_layers();
-  norm->set_name("norm");
-  norm->mutable_ternary_rms_norm()->set_dim(16);
-  auto* fc2 = spec.add_layers();
-  fc2->set_name("fc2");
-  fc2->mutable_ternary_linear()->set_in_features(16);
-  fc2->mutable_ternary_linear()->set_out_features(5);
-  return spec;
-}
 
-v1::ModelSpec Linear(int64_t in, int64_t out, int32_t group_size = 0) {
-  v1::ModelSpec spec;
-  auto* fc = spec.add_layers();
-  fc->set_name("fc");
-  fc->mutable_ternary_linear()->set_in_features(in);
-  fc->mutable_ternary_linear()->set_out_features(out);
-  fc->mutable_ternary_linear()->set_group_size(group_size);
-  return spec;
-}
 
 // ---------------------------------------------------------------- safetensors surgery
 
@@ -374,7 +324,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   // pending pass P of the current step. "n": a second model with a pending pass whose Backward
   // ran (so UpdateCorrelation at its step would apply). "d": its only checkpoint damaged. "gone":
   // deleted, its checkpoint still on disk. "many": 80000 scale groups; "wide": 4096 outputs.
-  ASSERT_TRUE(Create("m", Spec(), 3).ok());
+  ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   {
     v1::ForwardResponse f;
     ASSERT_TRUE(Forward("m", Floats({3, 12}), true, &f).ok());
@@ -397,11 +347,11 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   const std::string P = pending.pass_id();
   const int64_t kStep = 2;
 
-  ASSERT_TRUE(Create("n", Spec(), 4).ok());
+  ASSERT_TRUE(Create("n", MlpSpec(), 4).ok());
   v1::ForwardResponse n_pass;
   ASSERT_TRUE(Forward("n", Floats({2, 12}), true, &n_pass).ok());
 
-  ASSERT_TRUE(Create("d", Linear(8, 4), 5).ok());
+  ASSERT_TRUE(Create("d", LinearSpec(8, 4), 5).ok());
   ASSERT_TRUE(Save("d").ok());
   {
     const std::string path = dir_.path() + "/d/step-00000000.safetensors";
@@ -413,11 +363,11 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
     fputc(c ^ 0x40, f);
     fclose(f);
   }
-  ASSERT_TRUE(Create("gone", Linear(8, 4), 6).ok());
+  ASSERT_TRUE(Create("gone", LinearSpec(8, 4), 6).ok());
   ASSERT_TRUE(Save("gone").ok());
   ASSERT_TRUE(Delete("gone").ok());
-  ASSERT_TRUE(Create("many", Linear(2, 40000, 1), 7).ok());
-  ASSERT_TRUE(Create("wide", Linear(4, 4096), 8).ok());
+  ASSERT_TRUE(Create("many", LinearSpec(2, 40000, 1), 7).ok());
+  ASSERT_TRUE(Create("wide", LinearSpec(4, 4096), 8).ok());
 
   std::string good;  // m's state file
   ASSERT_TRUE(Export("m", &good).ok());
@@ -444,7 +394,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   for (const std::string& id : bad_ids) {
     const std::string tag = absl::StrCat("model_id '", id.substr(0, 12), "' (", id.size(), ")");
     add("CreateModel " + tag, Code::INVALID_ARGUMENT, "model_id",
-        [=] { return Create(id, Spec()); });
+        [=] { return Create(id, MlpSpec()); });
     add("GetModel " + tag, Code::INVALID_ARGUMENT, "model_id", [=] {
       v1::ModelInfo info;
       return GetModel(id, &info);
@@ -511,9 +461,9 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   });
   add("GetScaleStats unknown", Code::NOT_FOUND, "model_id", [=] { return ScaleStats("nope", false); });
   // Ids that are taken, or held by checkpoints on disk.
-  add("CreateModel taken", Code::ALREADY_EXISTS, "model_id", [=] { return Create("m", Spec()); });
+  add("CreateModel taken", Code::ALREADY_EXISTS, "model_id", [=] { return Create("m", MlpSpec()); });
   add("CreateModel checkpointed id", Code::FAILED_PRECONDITION, "model_id",
-      [=] { return Create("gone", Linear(8, 4)); });
+      [=] { return Create("gone", LinearSpec(8, 4)); });
   add("ImportState taken without replace", Code::ALREADY_EXISTS, "model_id", [=] {
     v1::ImportHeader header;
     header.set_model_id("n");
@@ -529,7 +479,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   std::vector<std::pair<std::string, std::pair<v1::ModelSpec, std::string>>> bad_specs;
   auto spec_case = [&](std::string name, std::string field,
                        const std::function<void(v1::ModelSpec&)>& edit) {
-    v1::ModelSpec spec = Spec();
+    v1::ModelSpec spec = MlpSpec();
     edit(spec);
     bad_specs.push_back({std::move(name), {spec, std::move(field)}});
   };
@@ -602,7 +552,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
     at->mutable_activation()->set_kind(v1::Activation::RELU);
   });
   spec_case("too many weights", "weights", [&](v1::ModelSpec& s) {
-    s = Linear(int64_t{1} << 21, int64_t{1} << 20);
+    s = LinearSpec(int64_t{1} << 21, int64_t{1} << 20);
   });
   for (const auto& [name, spec_field] : bad_specs) {
     const v1::ModelSpec spec = spec_field.first;
@@ -616,13 +566,13 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
     });
   }
   add("CreateModel device", Code::INVALID_ARGUMENT, "device",
-      [=] { return Create("fresh", Spec(), 1, "tpu:0"); });
+      [=] { return Create("fresh", MlpSpec(), 1, "tpu:0"); });
   add("CreateModel device cuda:-1", Code::INVALID_ARGUMENT, "cuda:-1",
-      [=] { return Create("fresh", Spec(), 1, "cuda:-1"); });
+      [=] { return Create("fresh", MlpSpec(), 1, "cuda:-1"); });
   add("CreateModel compute 42", Code::INVALID_ARGUMENT, "compute",
-      [=] { return Create("fresh", Spec(), 1, "", 42); });
+      [=] { return Create("fresh", MlpSpec(), 1, "", 42); });
   add("CreateModel compute -3", Code::INVALID_ARGUMENT, "compute",
-      [=] { return Create("fresh", Spec(), 1, "", -3); });
+      [=] { return Create("fresh", MlpSpec(), 1, "", -3); });
   add("RestoreCheckpoint device", Code::INVALID_ARGUMENT, "device",
       [=] { return Restore("m", "", "abacus"); });
   add("RestoreCheckpoint compute 42", Code::INVALID_ARGUMENT, "compute",
@@ -1079,7 +1029,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
       });
   add("CreateModel spec beyond --max-message-bytes", Code::RESOURCE_EXHAUSTED,
       "--max-message-bytes", [=] {
-        v1::ModelSpec spec = Linear(4, 4);
+        v1::ModelSpec spec = LinearSpec(4, 4);
         for (int i = 0; i < 30000; ++i) {
           auto* l = spec.add_layers();
           l->set_name(absl::StrCat("a", i));

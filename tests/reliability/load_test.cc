@@ -52,6 +52,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "client/cpp/client.h"
+#include "tests/integration/rpc_test_util.h"
 #include "tests/unit/files.h"
 #include "tscale/v1/trainer.grpc.pb.h"
 
@@ -59,6 +60,8 @@ extern char** environ;
 
 namespace tscale {
 namespace {
+
+using testing::MlpSpec;
 
 // Resident memory may grow this much from the end of warm-up to the end of the run. Generous on
 // purpose: glibc's per-thread arenas and LibTorch's allocator caches settle at a level that
@@ -196,31 +199,6 @@ v1::Tensor Classes(int64_t batch, int64_t classes, std::mt19937_64& rng) {
 
 constexpr int64_t kIn = 64, kHidden = 128, kOut = 10, kBatch = 16;
 
-// 64 -> 128 (SILU) -> residual(128 -> 128) -> RMSNorm(128) -> 10.
-v1::ModelSpec Spec() {
-  v1::ModelSpec spec;
-  auto* fc1 = spec.add_layers();
-  fc1->set_name("fc1");
-  fc1->mutable_ternary_linear()->set_in_features(kIn);
-  fc1->mutable_ternary_linear()->set_out_features(kHidden);
-  auto* act = spec.add_layers();
-  act->set_name("act");
-  act->mutable_activation()->set_kind(v1::Activation::SILU);
-  auto* block = spec.add_layers();
-  block->set_name("block");
-  auto* up = block->mutable_residual()->add_layers();
-  up->set_name("up");
-  up->mutable_ternary_linear()->set_in_features(kHidden);
-  up->mutable_ternary_linear()->set_out_features(kHidden);
-  auto* norm = spec.add_layers();
-  norm->set_name("norm");
-  norm->mutable_ternary_rms_norm()->set_dim(kHidden);
-  auto* fc2 = spec.add_layers();
-  fc2->set_name("fc2");
-  fc2->mutable_ternary_linear()->set_in_features(kHidden);
-  fc2->mutable_ternary_linear()->set_out_features(kOut);
-  return spec;
-}
 
 enum Rpc { kForwardTrain, kForwardInfer, kBackward, kUpdate, kTrainStep, kGetModel, kStats, kRpcs };
 const char* kRpcNames[kRpcs] = {"Forward(train)", "Forward(infer)", "Backward",
@@ -444,7 +422,7 @@ TEST(LoadTest, ClientsTrainingModelsAtOnce) {
   for (int m = 0; m < models; ++m) {
     v1::CreateModelRequest req;
     req.set_model_id(absl::StrCat("load", m));
-    *req.mutable_spec() = Spec();
+    *req.mutable_spec() = MlpSpec(kIn, kHidden, kOut, v1::Activation::SILU, 0, false);
     req.set_seed(m);
     ASSERT_TRUE(admin.CreateModel(req).ok());
   }

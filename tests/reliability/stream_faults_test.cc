@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "client/cpp/client.h"
+#include "tests/integration/rpc_test_util.h"
 #include "tests/unit/test_util.h"
 #include "server/service/server.h"
 #include "tscale/v1/trainer.grpc.pb.h"
@@ -23,15 +24,8 @@
 namespace tscale {
 namespace {
 
-v1::ModelSpec Linear(int64_t in, int64_t out, int32_t group_size) {
-  v1::ModelSpec spec;
-  auto* fc = spec.add_layers();
-  fc->set_name("fc");
-  fc->mutable_ternary_linear()->set_in_features(in);
-  fc->mutable_ternary_linear()->set_out_features(out);
-  fc->mutable_ternary_linear()->set_group_size(group_size);
-  return spec;
-}
+using testing::LinearSpec;
+
 
 class StreamFaultsTest : public ::testing::Test {
  protected:
@@ -46,7 +40,7 @@ class StreamFaultsTest : public ::testing::Test {
     // About 9 MiB of state (group size 1: one int64 corr_accum per weight): nine export chunks.
     v1::CreateModelRequest req;
     req.set_model_id("big");
-    *req.mutable_spec() = Linear(1024, 1024, 1);
+    *req.mutable_spec() = LinearSpec(1024, 1024, 1);
     req.set_seed(1);
     ASSERT_TRUE(client_->CreateModel(req).ok());
     auto state = client_->ExportState("big");
@@ -149,7 +143,7 @@ TEST_F(StreamFaultsTest, ImportIntoAnExistingIdCancelledLeavesItAsItWas) {
     // Another model's state, so that a replacement would show.
     v1::CreateModelRequest other;
     other.set_model_id("other");
-    *other.mutable_spec() = Linear(1024, 1024, 1);
+    *other.mutable_spec() = LinearSpec(1024, 1024, 1);
     other.set_seed(99);
     ASSERT_TRUE(client_->CreateModel(other).ok());
     auto other_state = client_->ExportState("other");
