@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   # toolchain
   g++ make cmake pkg-config git
+  # fuzzing (scripts/test.sh --fuzz): clang and its libFuzzer and sanitizer runtimes
+  clang libclang-rt-14-dev
   # C++ libraries (find_package in CMakeLists.txt)
   libtorch-dev libopenblas0-pthread
   libblas3  # the reference BLAS, on which the golden vectors are bit-equal

@@ -1,5 +1,6 @@
 #include "server/core/spec.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <set>
@@ -191,6 +192,38 @@ void NormalizeLayers(std::vector<LayerSpec>* layers) {
 }
 
 // ---------------------------------------------------------------- JSON
+
+// A valid spec nests 4 levels ({"layers": [{"ternary_linear": {...}}]}) plus 3 per residual block
+// (the block's object, its "layers" array, the inner layer). Deeper JSON is refused before it is
+// parsed: nlohmann's dump() recurses once per level, and error messages dump offending values, so
+// a deep enough value would overflow the stack.
+constexpr int kMaxJsonDepth = 4 + 3 * kMaxResidualDepth;
+
+// Maximum nesting of '[' / '{' outside strings; never below what the parser would reach.
+int MaxNestingDepth(absl::string_view text) {
+  int depth = 0;
+  int max_depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (char ch : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (ch == '\\') {
+        escaped = true;
+      } else if (ch == '"') {
+        in_string = false;
+      }
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      max_depth = std::max(max_depth, ++depth);
+    } else if ((ch == ']' || ch == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return max_depth;
+}
 
 // Looks a field up by its proto name or its lowerCamelCase JSON name.
 const json* Field(const json& obj, const char* proto_name, const char* camel_name) {
@@ -453,6 +486,11 @@ absl::string_view ActivationName(ActivationKind kind) {
 }
 
 absl::StatusOr<ModelSpec> SpecFromJson(absl::string_view text) {
+  if (MaxNestingDepth(text) > kMaxJsonDepth) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "spec: expected JSON nested at most ", kMaxJsonDepth, " levels (", kMaxResidualDepth,
+        " residual blocks), got deeper"));
+  }
   json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
     return absl::InvalidArgumentError("spec: expected JSON, got text that does not parse");

@@ -206,5 +206,27 @@ TEST(SpecTest, JsonErrorsNameTheField) {
                        HasSubstr("group_size: expected an integer from -2147483648 to 2147483647")));
 }
 
+// Found by fuzzing: a spec whose JSON nests a few hundred thousand levels (in a state file's
+// metadata, up to the header limit) overflowed the stack when an error message dumped the value.
+TEST(SpecTest, JsonNestedTooDeepIsRefusedBeforeParsing) {
+  const int levels = 300000;
+  const std::string deep = std::string(levels, '[') + std::string(levels, ']');
+  EXPECT_THAT(core::SpecFromJson(R"({"layers": [{"name": )" + deep + "}]}"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("spec: expected JSON nested at most 100 levels")));
+  // Brackets inside strings do not count.
+  auto in_string = core::SpecFromJson(R"({"layers": [{"name": ")" + deep + R"("}]})");
+  ASSERT_TRUE(in_string.ok()) << in_string.status();
+  EXPECT_EQ(in_string->layers[0].name, deep);
+  // The deepest valid spec, 32 nested residual blocks, still parses.
+  LayerSpec inner = Linear("fc", 8, 8);
+  for (int i = 0; i < 32; ++i) inner = Res("r", {inner});
+  const ModelSpec spec{{Linear("in", 8, 8), inner}};
+  ASSERT_TRUE(core::ValidateSpec(spec).ok());
+  auto back = core::SpecFromJson(core::SpecToJson(spec));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(core::SpecToJson(*back), core::SpecToJson(spec));
+}
+
 }  // namespace
 }  // namespace tscale
