@@ -96,9 +96,10 @@ absl::StatusOr<TernaryState> TernaryState::Import(const StateDict& state, const 
   auto step = Expect(state, name + ".step_counter", at::kLong, {1});
   if (!step.ok()) return step.status();
   const int64_t step_counter = step->item<int64_t>();
-  if (step_counter < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, ".step_counter: expected a value >= 0, got ", step_counter));
+  if (step_counter < 0 || step_counter > kMaxStep) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ".step_counter: expected a value within [0, 2^47 = ", kMaxStep, "], got ",
+        step_counter));
   }
   // States the update rule cannot reach are refused: each step moves a group's corr_accum by at
   // most group_size, and E is set at initialisation within [kMinE, kMaxE] and never changes.

@@ -32,6 +32,11 @@ enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
 inline constexpr int kMinE = -8;
 inline constexpr int kMaxE = 0;
 
+// The largest step a model counts to: 2^47 steps (at a million steps a second, four years), so
+// that step_counter * group_size, which the scale divides by, stays far inside int64. States
+// beyond it are refused, and an update at it is refused.
+inline constexpr int64_t kMaxStep = int64_t{1} << 47;
+
 // The state both ternary layers share: T (rows x cols trits), E and corr_accum per group,
 // step_counter. Groups cover `group_size` consecutive columns of a row.
 class TernaryState {

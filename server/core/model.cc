@@ -221,8 +221,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec,
   auto summary = ValidateSpec(spec);
   if (!summary.ok()) return summary.status();
   if (absl::Status s = CheckCompute(options.compute, device); !s.ok()) return s;
-  if (step.has_value() && *step < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("step: expected >= 0, got ", *step));
+  if (step.has_value() && (*step < 0 || *step > kMaxStep)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step: expected a value within [0, 2^47 = ", kMaxStep, "], got ", *step));
   }
   std::unique_ptr<Model> model(new Model(NormalizeSpec(spec), *summary, device, options));
   absl::Status s = model->Build(&state, nullptr);
@@ -415,6 +416,10 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
 
 absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra,
                                                 StepLoss* loss) {
+  if (step_ >= kMaxStep) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "update: the model is at step ", step_, ", the largest this server counts to (2^47)"));
+  }
   try {
     // Compute everything first, then commit: an error leaves the state as it was.
     std::vector<at::Tensor> scores;

@@ -368,8 +368,34 @@ TEST(ModelTest, ImportValidatesEveryTensor) {
                                  "got 1")));
   EXPECT_THAT(import_with([](auto& s) { s["fc1.step_counter"].fill_(-1); }),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("fc1.step_counter: expected a value >= 0, got -1")));
+                       HasSubstr("fc1.step_counter: expected a value within [0, 2^47 = "
+                                 "140737488355328], got -1")));
+  // A step counter so large that step_counter * group_size would overflow the scale's divisor.
+  EXPECT_THAT(import_with([](auto& s) { s["fc1.step_counter"].fill_(int64_t{1} << 62); }),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("got 4611686018427387904")));
+  EXPECT_THAT(import_with([](auto&) {}, core::kMaxStep + 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("step: expected a value")));
   EXPECT_TRUE(import_with([](auto&) {}, 1).ok());
+}
+
+// A model at the largest step trains no further: the update is refused, the state unchanged.
+TEST(ModelTest, UpdateAtTheLargestStepIsRefused) {
+  auto m = NewModel();
+  core::StateDict s = m->ExportState().tensors;
+  for (auto& [key, t] : s) {
+    if (key.size() > 13 && key.substr(key.size() - 13) == ".step_counter") t.fill_(core::kMaxStep);
+  }
+  auto at_max = Model::Import(m->spec(), s, std::nullopt, testing::TestDevice());
+  ASSERT_TRUE(at_max.ok()) << at_max.status();
+  auto f = (*at_max)->Forward(Input(4, 12, 1), true);
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_TRUE((*at_max)->Backward(f->pass_id, Input(4, 5, 2), false).ok());
+  EXPECT_THAT((*at_max)->UpdateCorrelation(core::kMaxStep),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("the largest this server counts to")));
+  EXPECT_EQ((*at_max)->step(), core::kMaxStep);
+  EXPECT_TRUE(SameState((*at_max)->ExportState().tensors, s));
 }
 
 TEST(ModelTest, ConcurrentClientsWithRetriedUpdatesLoseAndDoubleNothing) {
