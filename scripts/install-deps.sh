@@ -23,6 +23,7 @@ packages=(
   # deploy tests: promtool checks the Prometheus config and rules; prometheus scrapes the server
   prometheus
   python3-yaml  # tests/deploy/deploy_files_test.py parses the deployment files
+  openssl       # TLS tests make their certificates at run time
 )
 
 missing=()
