@@ -45,8 +45,7 @@ RUN python3 -m venv /opt/torch \
 ENV PATH=${PATH}:/opt/torch/bin
 WORKDIR /src
 COPY . .
-RUN TORCH_CMAKE="$(/opt/torch/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
- && bash scripts/build.sh -DCMAKE_PREFIX_PATH="${TORCH_CMAKE}" \
+RUN PYTHON=/opt/torch/bin/python bash scripts/build.sh --torch-from-python \
       -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES}" \
  && if [ "${RUN_TESTS}" = 1 ]; then cd build && ctest --output-on-failure; fi
 # The Ubuntu packages whose shared libraries the binaries load (LibTorch's come with /opt/torch).
