@@ -165,9 +165,11 @@ class DockerfileTest(unittest.TestCase):
         self.assertGreater(j, i, "cpu-build must run scripts/build.sh after install-deps.sh")
         self.assertNotRegex(cpu_runs.split("RUN_TESTS")[0], r"\bctest\b", "tests run only on request")
         cuda_runs = " ".join(r for k, r in self.by_name["cuda-build"].instructions if k == "RUN")
-        self.assertIn("bash scripts/build.sh", cuda_runs)
-        self.assertIn("-DCMAKE_PREFIX_PATH=", cuda_runs)
-        self.assertIn("torch.utils.cmake_prefix_path", cuda_runs)
+        # The CUDA build is the README's: scripts/build.sh against the wheel's LibTorch.
+        self.assertIn("bash scripts/build.sh --torch-from-python", cuda_runs)
+        self.assertIn("PYTHON=/opt/torch/bin/python", cuda_runs)
+        with open(os.path.join(ROOT, "scripts", "build.sh")) as f:
+            self.assertIn("torch.utils.cmake_prefix_path", f.read())
         self.assertIn("80;86;89;90", " ".join(r for k, r in self.by_name["cuda-build"].instructions))
 
     def test_runtime_stages(self):
