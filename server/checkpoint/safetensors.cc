@@ -24,6 +24,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
+#include "server/core/json_depth.h"
 
 namespace tscale::checkpoint {
 namespace {
@@ -100,42 +101,6 @@ absl::Status TensorError(absl::string_view name, absl::string_view message) {
   return HeaderError(absl::StrCat("tensor ", Quote(name), ": ", message));
 }
 
-// Maximum nesting depth of '[' / '{' outside strings. Exact for valid JSON and never below what
-// the parser would reach on invalid JSON, so it bounds the parser's per-level allocations.
-int MaxNestingDepth(absl::string_view text) {
-  int depth = 0;
-  int max_depth = 0;
-  bool in_string = false;
-  bool escaped = false;
-  for (char ch : text) {
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (ch == '\\') {
-        escaped = true;
-      } else if (ch == '"') {
-        in_string = false;
-      }
-      continue;
-    }
-    switch (ch) {
-      case '"':
-        in_string = true;
-        break;
-      case '[':
-      case '{':
-        max_depth = std::max(max_depth, ++depth);
-        break;
-      case ']':
-      case '}':
-        if (depth > 0) --depth;
-        break;
-      default:
-        break;
-    }
-  }
-  return max_depth;
-}
 
 // Parses the header JSON, rejecting duplicate keys in any object (nlohmann keeps the last one
 // silently, which would let two readers disagree about a file).
@@ -145,7 +110,7 @@ absl::StatusOr<Json> ParseHeaderJson(absl::string_view text) {
   if (const size_t nul = text.find('\0'); nul != absl::string_view::npos) {
     return HeaderError(absl::StrCat("invalid JSON: NUL byte at header offset ", nul));
   }
-  if (MaxNestingDepth(text) > kMaxJsonDepth) {
+  if (core::JsonNestingDepth(text) > kMaxJsonDepth) {
     return HeaderError(absl::StrCat("JSON nested deeper than ", kMaxJsonDepth, " levels"));
   }
   struct Frame {

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/json_depth.h"
 
 namespace tscale::core {
 namespace {
@@ -199,31 +200,6 @@ void NormalizeLayers(std::vector<LayerSpec>* layers) {
 // a deep enough value would overflow the stack.
 constexpr int kMaxJsonDepth = 4 + 3 * kMaxResidualDepth;
 
-// Maximum nesting of '[' / '{' outside strings; never below what the parser would reach.
-int MaxNestingDepth(absl::string_view text) {
-  int depth = 0;
-  int max_depth = 0;
-  bool in_string = false;
-  bool escaped = false;
-  for (char ch : text) {
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (ch == '\\') {
-        escaped = true;
-      } else if (ch == '"') {
-        in_string = false;
-      }
-    } else if (ch == '"') {
-      in_string = true;
-    } else if (ch == '[' || ch == '{') {
-      max_depth = std::max(max_depth, ++depth);
-    } else if ((ch == ']' || ch == '}') && depth > 0) {
-      --depth;
-    }
-  }
-  return max_depth;
-}
 
 // Looks a field up by its proto name or its lowerCamelCase JSON name.
 const json* Field(const json& obj, const char* proto_name, const char* camel_name) {
@@ -486,7 +462,7 @@ absl::string_view ActivationName(ActivationKind kind) {
 }
 
 absl::StatusOr<ModelSpec> SpecFromJson(absl::string_view text) {
-  if (MaxNestingDepth(text) > kMaxJsonDepth) {
+  if (JsonNestingDepth(text) > kMaxJsonDepth) {
     return absl::InvalidArgumentError(absl::StrCat(
         "spec: expected JSON nested at most ", kMaxJsonDepth, " levels (", kMaxResidualDepth,
         " residual blocks), got deeper"));
