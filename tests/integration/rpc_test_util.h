@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -87,6 +89,18 @@ inline v1::ModelSpec LinearSpec(int64_t in, int64_t out, int32_t group_size = 0)
   fc->mutable_ternary_linear()->set_out_features(out);
   fc->mutable_ternary_linear()->set_group_size(group_size);
   return spec;
+}
+
+// A plaintext channel to `address` without message-size limits on the client's side (the tests
+// meet the server's own limits). With `own_connection`, it shares no connection with other
+// channels, as a client in another process would not.
+inline std::shared_ptr<grpc::Channel> UnlimitedChannel(const std::string& address,
+                                                       bool own_connection = false) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  if (own_connection) args.SetInt("grpc.use_local_subchannel_pool", 1);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
 // Matches a grpc::Status with this code and a message matching `msg`.

@@ -54,11 +54,7 @@ class ServiceTest : public ::testing::Test {
     auto server = service::Server::Start(options);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    args.SetMaxSendMessageSize(-1);
-    channel_ = grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(),
-                                         args);
+    channel_ = testing::UnlimitedChannel(server_->address());
     stub_ = v1::TernaryTrainer::NewStub(channel_);
   }
 
@@ -1041,10 +1037,7 @@ TEST_F(ServiceTest, ConcurrentClientsWithRetriedUpdates) {
     for (int c = 0; c < kClientsPerModel; ++c) {
       clients.emplace_back([&, m, c] {
         // Each client has its own channel, as separate processes would.
-        grpc::ChannelArguments args;
-        args.SetInt("grpc.use_local_subchannel_pool", 1);
-        auto channel = grpc::CreateCustomChannel(server_->address(),
-                                                 grpc::InsecureChannelCredentials(), args);
+        auto channel = testing::UnlimitedChannel(server_->address(), /*own_connection=*/true);
         auto stub = v1::TernaryTrainer::NewStub(channel);
         const std::string id = "m" + std::to_string(m);
         for (int i = 0; i < kAttempts; ++i) {

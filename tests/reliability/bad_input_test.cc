@@ -141,11 +141,7 @@ class BadInputTest : public ::testing::Test {
     auto server = service::Server::Start(options);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    args.SetMaxSendMessageSize(-1);
-    channel_ = grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(),
-                                         args);
+    channel_ = testing::UnlimitedChannel(server_->address());
     stub_ = v1::TernaryTrainer::NewStub(channel_);
   }
   void TearDown() override { server_->Shutdown(std::chrono::seconds(5)); }

@@ -223,12 +223,8 @@ class Worker {
   Worker(const std::string& address, int index, int models, absl::Time end)
       : model_(index % models), id_(absl::StrCat("load", model_)), end_(end),
         cut_attempts_(model_ % 2 == 1), rng_(1000 + index) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    args.SetMaxSendMessageSize(-1);
     // Its own connection, as a client in another process would have.
-    args.SetInt("grpc.use_local_subchannel_pool", 1);
-    auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    auto channel = testing::UnlimitedChannel(address, /*own_connection=*/true);
     client::ClientOptions options;
     options.timeout = absl::Seconds(60);
     client_ = std::make_unique<client::Client>(channel, options);

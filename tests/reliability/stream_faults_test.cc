@@ -52,11 +52,7 @@ class StreamFaultsTest : public ::testing::Test {
 
   // A channel of its own (its own connection), as another process would have.
   std::shared_ptr<grpc::Channel> NewChannel() {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    args.SetMaxSendMessageSize(-1);
-    args.SetInt("grpc.use_local_subchannel_pool", 1);
-    return grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(), args);
+    return testing::UnlimitedChannel(server_->address(), /*own_connection=*/true);
   }
 
   // The server is up, "big" is as it was, `id` holds no model, and a full import into `id` and
