@@ -38,6 +38,9 @@ expect 1 "models with a wrong token" "$cli" "${mtls[@]}" --auth-token-file "$dir
 grep -q UNAUTHENTICATED "$dir/last"
 expect 1 "no client certificate" "$cli" --server "$addr" --timeout 5 --tls-ca "$dir/ca.pem" \
   --auth-token-file "$dir/good" models
+expect 1 "a client certificate from another CA" "$cli" --server "$addr" --timeout 5 \
+  --tls-ca "$dir/ca.pem" --tls-cert "$dir/stranger.pem" --tls-key "$dir/stranger.key" \
+  --auth-token-file "$dir/good" models
 expect 1 "a CA that did not sign the server" "$cli" --server "$addr" --timeout 5 \
   --tls-ca "$dir/other-ca.pem" --tls-cert "$dir/client.pem" --tls-key "$dir/client.key" \
   --auth-token-file "$dir/good" models

@@ -73,8 +73,12 @@ class ServerProcess:
     The server's stdout and stderr go to a log file per run (``log()`` reads the current one;
     ``remove_logs()`` deletes them all)."""
 
-    def __init__(self, *args, device=DEVICE, start_timeout=120.0, popen_kwargs=None):
+    def __init__(self, *args, device=DEVICE, start_timeout=120.0, popen_kwargs=None,
+                 client_kwargs=None):
         self.args = list(args)
+        # tscale.Client arguments for the readiness check and client(): TLS options for a
+        # server started with --tls-cert (health needs no token).
+        self.client_kwargs = dict(client_kwargs or {})
         self.device = device
         self.start_timeout = start_timeout
         # Extra subprocess.Popen arguments, e.g. preexec_fn and restore_signals for resource
@@ -112,7 +116,7 @@ class ServerProcess:
         _live.add(self.proc)
         try:
             self.address = self._wait_listening(cmd)
-            with tscale.Client(self.address, timeout=5) as client:
+            with tscale.Client(self.address, timeout=5, **self.client_kwargs) as client:
                 client.wait_ready(timeout=self.start_timeout)
         except BaseException:
             self.kill()
@@ -134,7 +138,7 @@ class ServerProcess:
 
     def client(self, **kwargs):
         kwargs.setdefault("timeout", 120)
-        return tscale.Client(self.address, **kwargs)
+        return tscale.Client(self.address, **{**self.client_kwargs, **kwargs})
 
     def log(self):
         if self._log is None:

@@ -15,3 +15,8 @@ done
 # A second CA that signed nothing of the above.
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -keyout other-ca.key -out other-ca.pem \
   -subj "/CN=another CA" 2>/dev/null
+# A client certificate that CA signed: valid, but not for a server that trusts only ca.pem.
+openssl req -newkey rsa:2048 -nodes -keyout stranger.key -out stranger.csr -subj "/CN=stranger" \
+  2>/dev/null
+openssl x509 -req -in stranger.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -days 1 \
+  -extfile client.ext -out stranger.pem 2>/dev/null

@@ -59,13 +59,16 @@ class SecurityTest : public ::testing::Test {
   static void TearDownTestSuite() { delete dir_; }
   static std::string Path(const std::string& name) { return dir_->path() + "/" + name; }
 
-  static std::shared_ptr<grpc::Channel> TlsChannel(const std::string& address, bool client_cert,
+  // client: "" for no client certificate, else the name of one ("client": signed by ca.pem;
+  // "stranger": signed by other-ca.pem).
+  static std::shared_ptr<grpc::Channel> TlsChannel(const std::string& address,
+                                                   const std::string& client,
                                                    const std::string& ca = "ca.pem") {
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = Read(Path(ca));
-    if (client_cert) {
-      ssl.pem_private_key = Read(Path("client.key"));
-      ssl.pem_cert_chain = Read(Path("client.pem"));
+    if (!client.empty()) {
+      ssl.pem_private_key = Read(Path(client + ".key"));
+      ssl.pem_cert_chain = Read(Path(client + ".pem"));
     }
     return grpc::CreateChannel(address, grpc::SslCredentials(ssl));
   }
@@ -81,12 +84,12 @@ TEST_F(SecurityTest, Tls) {
   options.tls_key = Path("server.key");
   auto server = Start(options);
   ASSERT_NE(server, nullptr);
-  EXPECT_TRUE(Call(TlsChannel(server->address(), false)).ok());
+  EXPECT_TRUE(Call(TlsChannel(server->address(), "")).ok());
   // Plaintext to a TLS server, or a server certificate from an unknown CA: no connection.
   EXPECT_EQ(Call(grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials()))
                 .error_code(),
             grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(Call(TlsChannel(server->address(), false, "other-ca.pem")).error_code(),
+  EXPECT_EQ(Call(TlsChannel(server->address(), "", "other-ca.pem")).error_code(),
             grpc::StatusCode::UNAVAILABLE);
 }
 
@@ -97,9 +100,11 @@ TEST_F(SecurityTest, MutualTls) {
   options.tls_client_ca = Path("ca.pem");
   auto server = Start(options);
   ASSERT_NE(server, nullptr);
-  EXPECT_TRUE(Call(TlsChannel(server->address(), true)).ok());
-  // No client certificate: refused.
-  EXPECT_EQ(Call(TlsChannel(server->address(), false)).error_code(),
+  EXPECT_TRUE(Call(TlsChannel(server->address(), "client")).ok());
+  // No client certificate, or one from a CA the server does not trust: refused.
+  EXPECT_EQ(Call(TlsChannel(server->address(), "")).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Call(TlsChannel(server->address(), "stranger")).error_code(),
             grpc::StatusCode::UNAVAILABLE);
 }
 

@@ -72,6 +72,16 @@ def _enum(enum_type, value, prefix, field):
     raise ValueError(f"{field}: expected one of {', '.join(enum_type.keys())}, got {value!r}")
 
 
+def _read_file(field, path):
+    """The bytes of a file named by a client option; ValueError naming the option otherwise."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{field}: expected a readable file, got {path!r} "
+                         f"({e.strerror})") from None
+
+
 def to_spec(spec):
     """A ``trainer_pb2.ModelSpec`` from a ModelSpec, a dict in the proto's JSON form
     (``{"layers": [{"name": "fc1", "ternary_linear": {"in_features": 64, ...}}]}``) or that JSON
@@ -97,8 +107,15 @@ class Client:
         timeout: seconds allowed for each attempt of a call (per-call ``timeout=`` overrides).
         retries: extra attempts for the calls that are safe to repeat (see the module docstring).
         credentials: ``grpc.ChannelCredentials`` for TLS (e.g. ``grpc.ssl_channel_credentials``);
-            None: an insecure channel.
+            None: an insecure channel, unless one of the TLS options below is given.
         token: sent as ``authorization: Bearer <token>`` on every call (server --auth-token-file).
+        The CLI's options, by the same names (paths to PEM files; not with ``credentials``):
+        tls: True for TLS trusting the system's root certificates (the CLI's ``--tls``).
+        tls_ca: TLS, trusting the root certificates in this file (``--tls-ca``).
+        tls_cert, tls_key: the client certificate chain and its key, for mutual TLS (``--tls-cert``,
+            ``--tls-key``; both or neither).
+        token_file: a file holding the token, surrounding whitespace stripped
+            (``--auth-token-file``; not with ``token``).
         backoff: seconds before the first retry; doubles per retry, at most 2 s.
         options: extra gRPC channel options, appended to the defaults.
 
@@ -107,11 +124,30 @@ class Client:
     """
 
     def __init__(self, address, timeout=60.0, retries=3, credentials=None, token=None,
-                 backoff=0.05, options=()):
+                 backoff=0.05, options=(), tls=False, tls_ca=None, tls_cert=None, tls_key=None,
+                 token_file=None):
         self.address = address
         self.timeout = timeout
         self.retries = int(retries)
         self.backoff = backoff
+        tls_files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+        if tls or any(v is not None for v in tls_files.values()):
+            if credentials is not None:
+                raise ValueError("credentials: expected either credentials or the tls options, "
+                                 "got both")
+            if (tls_cert is None) != (tls_key is None):
+                raise ValueError("tls_cert, tls_key: expected both (mutual TLS) or neither, got "
+                                 f"only {'tls_cert' if tls_key is None else 'tls_key'}")
+            pem = {k: _read_file(k, v) for k, v in tls_files.items() if v is not None}
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=pem.get("tls_ca"), private_key=pem.get("tls_key"),
+                certificate_chain=pem.get("tls_cert"))
+        if token_file is not None:
+            if token is not None:
+                raise ValueError("token_file: expected either token or token_file, got both")
+            token = _read_file("token_file", token_file).decode("utf-8", "replace").strip()
+            if not token:
+                raise ValueError(f"token_file: expected a token in {token_file}, got an empty file")
         opts = [("grpc.max_send_message_length", -1),
                 ("grpc.max_receive_message_length", -1)] + list(options)
         if credentials is not None:

@@ -1,0 +1,194 @@
+"""The Python client against a tscale-server with TLS, mutual TLS and bearer tokens, through the
+client's own options (tls_ca, tls_cert, tls_key, token_file, as the CLI names them): health stays
+open without a token, every other call needs one, a client without the CA, the certificate or the
+token is refused, SIGHUP re-reads the tokens, and --reflection false turns reflection off."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+import grpc
+import numpy as np
+
+import tscale
+from server_process import ServerProcess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAKE_CERTS = os.path.join(os.path.dirname(HERE), "integration", "make_test_certs.sh")
+SPEC = {"layers": [{"name": "fc", "ternary_linear": {"in_features": 8, "out_features": 4}}]}
+
+
+def setUpModule():
+    global DIR
+    if shutil.which("openssl") is None:
+        raise unittest.SkipTest("openssl is not installed (scripts/install-deps.sh installs it)")
+    DIR = tempfile.mkdtemp(prefix="tscale-security-")
+    subprocess.run(["bash", MAKE_CERTS, DIR], check=True)
+
+
+def tearDownModule():
+    shutil.rmtree(DIR, ignore_errors=True)
+
+
+def path(name):
+    return os.path.join(DIR, name)
+
+
+def write(name, text):
+    with open(path(name), "w") as f:
+        f.write(text)
+    return path(name)
+
+
+class MutualTlsWithTokensTest(unittest.TestCase):
+    """One server with --tls-cert, --tls-key, --tls-client-ca and --auth-token-file."""
+
+    @classmethod
+    def setUpClass(cls):
+        write("tokens", "# clients\ntoken-one\n")
+        cls.mtls = {"tls_ca": path("ca.pem"), "tls_cert": path("client.pem"),
+                    "tls_key": path("client.key")}
+        cls.server = ServerProcess(
+            "--tls-cert", path("server.pem"), "--tls-key", path("server.key"),
+            "--tls-client-ca", path("ca.pem"), "--auth-token-file", path("tokens"),
+            client_kwargs=cls.mtls).start()
+        # The server's certificate names localhost and 127.0.0.1.
+        cls.address = cls.server.address
+
+    @classmethod
+    def tearDownClass(cls):
+        status = cls.server.stop()
+        if status != 0:
+            raise AssertionError(f"tscale-server exited with {status}:\n{cls.server.log()}")
+        cls.server.remove_logs()
+
+    def client(self, **kwargs):
+        kwargs.setdefault("timeout", 10)
+        kwargs.setdefault("retries", 0)
+        return tscale.Client(self.address, **kwargs)
+
+    def assert_refused(self, code, fn, what):
+        with self.assertRaises(tscale.Error, msg=what) as cm:
+            fn()
+        self.assertEqual(cm.exception.code, code, f"{what}: {cm.exception}")
+        return cm.exception
+
+    def test_token_file_and_mutual_tls(self):
+        good = write("good.token", "  token-one\n")
+        with self.client(token_file=good, **self.mtls) as c:
+            self.assertEqual(c.health(), "SERVING")
+            c.create_model("secured", SPEC, seed=1)
+            x = np.random.RandomState(0).randn(2, 8).astype(np.float32)
+            r = c.train_step("secured", x, np.zeros((2, 4), np.float32), expected_step=0)
+            self.assertEqual(r.step, 1)
+            self.assertIn("secured", [m.model_id for m in c.list_models()])
+            c.delete_model("secured")
+
+    def test_health_needs_no_token(self):
+        with self.client(**self.mtls) as c:
+            self.assertEqual(c.health(), "SERVING")
+            self.assertEqual(c.health(tscale.SERVICE_NAME), "SERVING")
+
+    def test_calls_without_the_right_token_are_unauthenticated(self):
+        with self.client(**self.mtls) as c:
+            e = self.assert_refused(grpc.StatusCode.UNAUTHENTICATED, c.list_models, "no token")
+            self.assertIn("authorization", e.message)
+        with self.client(token="token-two", **self.mtls) as c:
+            e = self.assert_refused(grpc.StatusCode.UNAUTHENTICATED, c.server_info, "wrong token")
+            self.assertNotIn("token-one", e.message)
+        # Streams too: ExportState of a model that need not exist is refused before the lookup.
+        with self.client(**self.mtls) as c:
+            self.assert_refused(grpc.StatusCode.UNAUTHENTICATED, lambda: c.export_state("m"),
+                                "ExportState without a token")
+
+    def test_clients_without_the_ca_or_certificate_are_refused(self):
+        good = write("good.token", "token-one\n")
+        cases = {
+            "no client certificate": {"tls_ca": path("ca.pem")},
+            "a client certificate from another CA": {
+                "tls_ca": path("ca.pem"), "tls_cert": path("stranger.pem"),
+                "tls_key": path("stranger.key")},
+            "a CA that did not sign the server": {
+                "tls_ca": path("other-ca.pem"), "tls_cert": path("client.pem"),
+                "tls_key": path("client.key")},
+            "plaintext": {},
+        }
+        for what, tls in cases.items():
+            with self.client(token_file=good, **tls) as c:
+                self.assert_refused(grpc.StatusCode.UNAVAILABLE, c.health, what)
+                self.assert_refused(grpc.StatusCode.UNAVAILABLE, c.list_models, what)
+
+    def test_sighup_reads_the_tokens_again(self):
+        try:
+            write("tokens", "token-three\n")
+            os.kill(self.server.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "SIGHUP" not in self.server.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with self.client(token="token-three", **self.mtls) as c:
+                self.assertGreaterEqual(len(c.list_models()), 0)
+            with self.client(token="token-one", **self.mtls) as c:
+                self.assert_refused(grpc.StatusCode.UNAUTHENTICATED, c.list_models,
+                                    "the old token after SIGHUP")
+        finally:
+            write("tokens", "# clients\ntoken-one\n")
+            os.kill(self.server.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    with self.client(token="token-one", **self.mtls) as c:
+                        c.list_models()
+                    break
+                except tscale.Error:
+                    time.sleep(0.05)
+
+    def test_bad_client_options_name_the_option(self):
+        cases = [
+            ({"tls_ca": path("ca.pem"), "tls_cert": path("client.pem")}, "tls_cert, tls_key"),
+            ({"tls_ca": path("no-such.pem")}, "tls_ca: expected a readable file"),
+            ({"token_file": path("no-such.token")}, "token_file: expected a readable file"),
+            ({"token_file": write("empty.token", "\n \n")}, "token_file: expected a token"),
+            ({"token": "a", "token_file": path("good.token")}, "token_file: expected either"),
+            ({"tls": True, "credentials": grpc.ssl_channel_credentials()},
+             "credentials: expected either"),
+        ]
+        for kwargs, message in cases:
+            with self.assertRaises(ValueError, msg=str(kwargs)) as cm:
+                tscale.Client(self.address, **kwargs)
+            self.assertIn(message, str(cm.exception))
+
+
+class ReflectionTest(unittest.TestCase):
+    """--reflection false: the reflection service is not there; the API and health are."""
+
+    def test_reflection_off(self):
+        server = ServerProcess("--reflection", "false").start()
+        try:
+            with server.client(timeout=10, retries=0) as c:
+                with self.assertRaises(tscale.Error) as cm:
+                    c.list_services()
+                self.assertEqual(cm.exception.code, grpc.StatusCode.UNIMPLEMENTED)
+                self.assertEqual(c.health(), "SERVING")
+                self.assertEqual(len(c.list_models()), 0)
+            self.assertEqual(server.stop(), 0, server.log())
+        finally:
+            server.kill()
+            server.remove_logs()
+
+    def test_reflection_on_by_default(self):
+        server = ServerProcess().start()
+        try:
+            with server.client(timeout=10, retries=0) as c:
+                self.assertIn(tscale.SERVICE_NAME, c.list_services())
+            self.assertEqual(server.stop(), 0, server.log())
+        finally:
+            server.kill()
+            server.remove_logs()
+
+
+if __name__ == "__main__":
+    unittest.main()
