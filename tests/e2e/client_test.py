@@ -79,27 +79,6 @@ class ClientTest(ServerTestCase):
         self._models.append(model_id)
         return self.client.create_model(model_id, spec, seed=seed)
 
-    def assertError(self, code, *substrings):
-        """A context manager: the block must raise tscale.Error with that code and a message
-        holding every substring."""
-        test = self
-
-        class _Check:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, exc_type, exc, tb):
-                if exc_type is None:
-                    test.fail(f"expected tscale.Error {code.name}, nothing was raised")
-                if not issubclass(exc_type, tscale.Error):
-                    return False
-                test.assertEqual(exc.code, code, f"message: {exc.message}")
-                for s in substrings:
-                    test.assertIn(s, exc.message)
-                self.error = exc
-                return True
-        return _Check()
-
     # ------------------------------------------------------------ server
 
     def test_health(self):

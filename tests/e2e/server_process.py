@@ -217,7 +217,32 @@ class ServerProcess:
             self._log.close()
 
 
-class ServerTestCase(unittest.TestCase):
+class ErrorAssertions:
+    """assertError for unittest.TestCase subclasses."""
+
+    def assertError(self, code, *substrings):
+        """A context manager: the block must raise tscale.Error with that code and a message
+        holding every substring."""
+        test = self
+
+        class _Check:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc_type is None:
+                    test.fail(f"expected tscale.Error {code.name}, nothing was raised")
+                if not issubclass(exc_type, tscale.Error):
+                    return False
+                test.assertEqual(exc.code, code, f"message: {exc.message}")
+                for s in substrings:
+                    test.assertIn(s, exc.message)
+                self.error = exc
+                return True
+        return _Check()
+
+
+class ServerTestCase(ErrorAssertions, unittest.TestCase):
     """A test class sharing one server; ``server_args`` are extra flags. The server must exit 0
     on SIGTERM at the end (tearDownClass fails otherwise)."""
 

@@ -58,8 +58,8 @@ class SigtermTest(unittest.TestCase):
             # call cancelled by gRPC's shutdown (CANCELLED); only one probe can straddle that
             # moment, so the next one, on a connection made after it, must be refused.
             refusals = []
-            while thread.is_alive() and grpc.StatusCode.UNAVAILABLE not in [
-                    e.code for e in refusals]:
+            while thread.is_alive() and not (
+                    refusals and refusals[-1].code == grpc.StatusCode.UNAVAILABLE):
                 with tscale.Client(self.server.address, timeout=5, retries=0,
                                    options=[("grpc.use_local_subchannel_pool", 1)]) as fresh:
                     try:
