@@ -3,11 +3,14 @@
 // each shape, batch and compute type. Each row prints the step's time, the cuBLAS floor of the
 // step's three GEMMs (forward, input gradient, weight gradient) in the same compute type measured
 // in the same run, their ratio, the achieved TFLOP/s of the three GEMMs' work, the peak device
-// memory of one step, and for TF32 and BF16 how far they are from FP32: the fraction of
+// memory of one step and what of it was already allocated when the step began (the layer's state,
+// cuBLAS's workspaces, the batch), and for TF32 and BF16 how far they are from FP32: the fraction of
 // weight-gradient signs equal to FP32's and the largest output error relative to FP32's largest
 // output; then the times of two of the step's kernels alone: w_eff from the state (weff_ms) and
 // the per-group scores of a weight gradient (score_ms); with --model true, the time of a whole
-// Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1 without).
+// Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1 without). At batch
+// 1 the weight gradient stays in its two factors, as in TrainStep (no weight-gradient GEMM); the
+// floor still counts three GEMMs, and a line after the row times the scores both ways.
 //
 // Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]
 //                   [--computes FP32,TF32,BF16] [--group-size 32] [--seconds 0.5]
@@ -56,18 +59,18 @@ void ResetPeak(const c10::Device& device) {
   (void)device;
 }
 
-// Peak bytes allocated on the device since ResetPeak; -1 off CUDA.
-double PeakMiB(const c10::Device& device) {
+// Bytes allocated on the device: the peak since ResetPeak, or now; -1 off CUDA.
+double AllocatedMiB(const c10::Device& device, bool peak) {
 #if TSCALE_WITH_CUDA
   if (device.is_cuda()) {
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    return static_cast<double>(
-               stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
-                   .peak) /
-           (1 << 20);
+    const auto& bytes =
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return static_cast<double>(peak ? bytes.peak : bytes.current) / (1 << 20);
   }
 #endif
   (void)device;
+  (void)peak;
   return -1;
 }
 
@@ -116,17 +119,34 @@ tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
 }
 
 // The step: forward, both gradients, scores and update; returns the output and weight gradient
-// of the step when asked (for the comparison with FP32).
+// of the step when asked (for the comparison with FP32). With one sample, as TrainStep does, the
+// weight gradient stays in its two factors (the output gradient and the input): the scores come
+// from TernaryLinear::ScoresOfSample and no [out, in] gradient is made. Its exactness flag is
+// checked on the first step of each shape (`check`); random normal inputs never clear it.
 void Step(tscale::core::TernaryLinear& layer, const at::Tensor& x, const at::Tensor& g,
-          at::Tensor* y_out = nullptr, at::Tensor* grad_w_out = nullptr) {
+          at::Tensor* y_out = nullptr, at::Tensor* grad_w_out = nullptr, bool check = false) {
   c10::AutoGradMode grad_mode(true);
   const at::Tensor xl = x.detach().requires_grad_(true);
   const at::Tensor& w = layer.WeightLeaf();
-  const at::Tensor y = layer.Forward(xl);
-  auto grads = torch::autograd::grad({y}, {xl, w}, {g});
-  layer.Apply(layer.Scores(grads[1]));
+  at::Tensor pre_bias;
+  const at::Tensor y = layer.Forward(xl, &pre_bias);
+  at::Tensor grad_w;
+  if (x.size(0) == 1) {
+    auto grads = torch::autograd::grad({y}, {xl, pre_bias}, {g});
+    auto sample = layer.ScoresOfSample(grads[1], x);
+    if (check && !sample.exact.item<bool>()) {
+      std::fprintf(stderr, "layer_step: a product of the sample's factors could underflow\n");
+      std::exit(1);
+    }
+    if (grad_w_out != nullptr) grad_w = layer.WeightGradient(grads[1], x);
+    layer.Apply(sample.scores);
+  } else {
+    auto grads = torch::autograd::grad({y}, {xl, w}, {g});
+    grad_w = grads[1];
+    layer.Apply(layer.Scores(grad_w));
+  }
   if (y_out != nullptr) *y_out = y.detach();
-  if (grad_w_out != nullptr) *grad_w_out = grads[1];
+  if (grad_w_out != nullptr) *grad_w_out = grad_w;
 }
 
 std::vector<int64_t> Ints(const std::string& list) {
@@ -187,9 +207,9 @@ int main(int argc, char** argv) {
   std::printf("device %s, group size %lld; ms per step; floor = the three GEMMs in cuBLAS "
               "(or ATen on CPU)\n",
               tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs));
-  std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %10s %9s %8s %8s %9s\n", "size", "batch",
-              "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB", "sign_agree",
-              "out_err", "weff_ms", "score_ms", "model_ms");
+  std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %9s %10s %9s %8s %8s %9s\n", "size", "batch",
+              "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB", "resid_MiB",
+              "sign_agree", "out_err", "weff_ms", "score_ms", "model_ms");
   const at::TensorOptions f32 = at::TensorOptions(at::kFloat).device(*device);
   for (int64_t n : Ints(sizes)) {
     for (int64_t b : Ints(batches)) {
@@ -203,14 +223,14 @@ int main(int argc, char** argv) {
         at::Tensor y32, gw32;
         {
           auto layer = NewLayer(n, gs, ComputeType::kFp32, *device);
-          Step(layer, x, g, &y32, &gw32);
+          Step(layer, x, g, &y32, &gw32, /*check=*/true);
         }
         const double y32_max = y32.abs().max().item<double>();
         for (size_t i = 0; i < modes.size(); ++i) {
           if (modes[i] == ComputeType::kFp32) continue;
           auto layer = NewLayer(n, gs, modes[i], *device);
           at::Tensor y, gw;
-          Step(layer, x, g, &y, &gw);
+          Step(layer, x, g, &y, &gw, /*check=*/true);
           distance[i] = {
               gw.to(at::kFloat).sign().eq(gw32.sign()).to(at::kDouble).mean().item<double>(),
               (y - y32).abs().max().item<double>() / y32_max};
@@ -223,9 +243,10 @@ int main(int argc, char** argv) {
         Step(layer, x, g);  // step > 0 from here: S from corr_accum, as in training
         Sync(*device);
         ResetPeak(*device);
+        const double resident = AllocatedMiB(*device, /*peak=*/false);
         Step(layer, x, g);
         Sync(*device);
-        const double peak = PeakMiB(*device);
+        const double peak = AllocatedMiB(*device, /*peak=*/true);
         const double step_ms = TimeMs(*device, seconds, [&] { Step(layer, x, g); });
 
         // The floor: the same three GEMMs on ready operands of the mode's type.
@@ -270,13 +291,29 @@ int main(int argc, char** argv) {
             if (!r.ok()) std::fprintf(stderr, "layer_step: %s\n", r.status().ToString().c_str());
           });
         }
+        // At batch 1: the scores of the weight gradient from its two factors, against forming the
+        // gradient and taking its scores (the way of larger batches).
+        double factored_ms = -1, whole_ms = -1;
+        if (b == 1) {
+          const at::Tensor gy = g.to(at::kFloat);
+          factored_ms = TimeMs(*device, seconds / 4, [&] { layer.ScoresOfSample(gy, x); });
+          whole_ms = TimeMs(*device, seconds / 4,
+                            [&] { layer.Scores(layer.WeightGradient(gy, x)); });
+        }
         const double tflops = 3 * 2.0 * b * n * n / (step_ms * 1e-3) / 1e12;
-        std::printf("%6lld %6lld %5s %10.3f %10.3f %6.2f %8.1f %9.1f %10.5f %9.2e %8.3f %8.3f %9.3f\n",
-                    static_cast<long long>(n), static_cast<long long>(b),
-                    mode == ComputeType::kFp32 ? "FP32" : mode == ComputeType::kTf32 ? "TF32"
-                                                                                    : "BF16",
-                    step_ms, floor_ms, step_ms / floor_ms, tflops, peak, agree, err, weff_ms,
-                    scores_ms, model_ms);
+        std::printf(
+            "%6lld %6lld %5s %10.3f %10.3f %6.2f %8.1f %9.1f %9.1f %10.5f %9.2e %8.3f %8.3f %9.3f\n",
+            static_cast<long long>(n), static_cast<long long>(b),
+            mode == ComputeType::kFp32   ? "FP32"
+            : mode == ComputeType::kTf32 ? "TF32"
+                                         : "BF16",
+            step_ms, floor_ms, step_ms / floor_ms, tflops, peak, resident, agree, err, weff_ms,
+            scores_ms, model_ms);
+        if (b == 1) {
+          std::printf("%6s %6s %5s   batch-1 weight-gradient scores: %.3f ms from the factors, "
+                      "%.3f ms through the whole gradient\n",
+                      "", "", "", factored_ms, whole_ms);
+        }
         std::fflush(stdout);
       }
     }

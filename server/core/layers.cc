@@ -187,8 +187,18 @@ at::Tensor TernaryState::Scores(const at::Tensor& grad) const {
 #if TSCALE_WITH_CUDA
   if (fused()) return cuda::Scores(View(), grad);
 #endif
+  return GroupSums(grad.sign().to(at::kChar) * trits_);
+}
+
+at::Tensor TernaryState::ScoresOfRepeatedRow(const at::Tensor& row) const {
+#if TSCALE_WITH_CUDA
+  if (fused()) return cuda::Scores(View(), row.view({1, cols_}).expand({rows_, cols_}));
+#endif
+  return GroupSums(trits_ * row.sign().to(at::kChar).view({1, cols_}));
+}
+
+at::Tensor TernaryState::GroupSums(at::Tensor signed_t) const {
   const int64_t gpr = groups_per_row();
-  at::Tensor signed_t = grad.sign().to(at::kChar) * trits_;
   const int64_t pad = gpr * group_size_ - cols_;
   if (pad > 0) signed_t = at::constant_pad_nd(signed_t, {0, pad});
   return signed_t.view({rows_, gpr, group_size_}).sum(2, /*keepdim=*/false, at::kLong).flatten();
@@ -289,6 +299,12 @@ at::Tensor Matmul(const at::Tensor& a, const at::Tensor& b, ComputeType compute)
   return a.mm(b);
 }
 
+// The weight gradient of g [batch, out] and x [batch, in], both already in the compute type's
+// storage (bfloat16 in BF16): mm_mat2_backward of w^T (always column-major), transposed back.
+at::Tensor WeightGradientOf(const at::Tensor& g, const at::Tensor& x, ComputeType compute) {
+  return Matmul(g.t(), x, compute);
+}
+
 // y = x @ w^T with its two gradients, as one autograd node. In FP32 every GEMM is the call
 // LibTorch's autograd makes for F.linear (mm and its mm_mat1/mm_mat2 backward formulas, including
 // their choice for column-major operands), so outputs and gradients keep the reference's bits.
@@ -322,20 +338,52 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       }
       if (compute == ComputeType::kBf16) grad_x = grad_x.to(at::kFloat);
     }
-    if (ctx->needs_input_grad(1)) {
-      // mm_mat2_backward of w^T (always column-major), transposed back: g^T @ x.
-      grad_w = Matmul(g.t(), x, compute);
-    }
+    if (ctx->needs_input_grad(1)) grad_w = WeightGradientOf(g, x, compute);
     return {grad_x, grad_w, at::Tensor()};
   }
 };
 
 }  // namespace
 
-at::Tensor TernaryLinear::Forward(const at::Tensor& x) {
+at::Tensor TernaryLinear::Forward(const at::Tensor& x, at::Tensor* pre_bias) {
   at::Tensor y = LinearFunction::apply(x, WeightLeaf(), static_cast<int64_t>(compute_));
+  if (pre_bias != nullptr) *pre_bias = y;
   if (bias_.defined()) y = y + bias_.to(at::kFloat);
   return y;
+}
+
+at::Tensor TernaryLinear::WeightGradient(const at::Tensor& g, const at::Tensor& x) const {
+  if (compute_ == ComputeType::kBf16) {
+    return WeightGradientOf(g.to(at::kBFloat16), x.to(at::kBFloat16), compute_);
+  }
+  return WeightGradientOf(g, x, compute_);
+}
+
+TernaryLinear::SampleScores TernaryLinear::ScoresOfSample(const at::Tensor& g,
+                                                          const at::Tensor& x) const {
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == 1 && g.size(1) == state_.rows() && x.dim() == 2 &&
+                  x.size(0) == 1 && x.size(1) == state_.cols(),
+              "scores of a sample: expected g [1, ", state_.rows(), "] and x [1, ",
+              state_.cols(), "], got ", g.sizes(), " and ", x.sizes());
+  const at::Tensor gf = g.detach().to(at::kFloat).flatten();
+  const at::Tensor xf = x.detach().to(at::kFloat).flatten();
+  // The smallest nonzero magnitude of each factor (infinity when all are zero).
+  auto smallest = [](const at::Tensor& v) {
+    const at::Tensor a = v.abs();
+    return at::where(a > 0, a, at::full({}, INFINITY, a.options())).min().to(at::kDouble);
+  };
+  const at::Tensor gmin = smallest(gf), xmin = smallest(xf);
+  const double normal = std::ldexp(1.0, -126), product = std::ldexp(1.0, -125);
+  const at::Tensor exact = gmin.ge(normal).logical_and(xmin.ge(normal)).logical_and(
+      (gmin * xmin).ge(product));
+  // Sum over each group's columns of sign(x_c) T[r, c], for every row: the scores of a
+  // gradient whose rows are all x ...
+  const at::Tensor per_row = state_.ScoresOfRepeatedRow(xf);
+  // ... times sign(g_r) for the groups of row r.
+  const at::Tensor row_sign = gf.sign().to(at::kLong).view({-1, 1});
+  const at::Tensor scores =
+      (per_row.view({state_.rows(), state_.groups_per_row()}) * row_sign).flatten();
+  return {scores, exact};
 }
 
 at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {

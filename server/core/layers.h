@@ -78,11 +78,16 @@ class TernaryState {
   // Per-group score of a weight gradient (float32 or bfloat16 [rows, cols]): sum over the group's
   // columns of sign(grad) * T, int64 [groups]. On CUDA one fused kernel, without a sign tensor.
   at::Tensor Scores(const at::Tensor& grad) const;
+  // Scores(g) of a gradient g whose every row is `row` (float32 [cols]), without forming g: on
+  // CUDA the scores kernel reads a stride-0 view; elsewhere sign(row) multiplies T's rows.
+  at::Tensor ScoresOfRepeatedRow(const at::Tensor& row) const;
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
 
  private:
   int64_t rows_ = 0, cols_ = 0, group_size_ = 0;
+  // Per-group sums of signed trits int8 [rows, cols], int64 [groups].
+  at::Tensor GroupSums(at::Tensor signed_t) const;
   // Puts T on `device`: packed for the CUDA kernels, else decoded.
   void Place(const at::Tensor& trits, at::Device device);
 #if TSCALE_WITH_CUDA
@@ -121,11 +126,31 @@ class TernaryLinear {
   // that requires grad, so that autograd returns d loss / d w_eff for it.
   const at::Tensor& WeightLeaf();
   // x: float32 [batch, in]. The GEMMs of the forward and of both gradients are those of
-  // F.linear in FP32 (the same calls, so the same bits); TF32 and BF16 are opt-in.
-  at::Tensor Forward(const at::Tensor& x);
+  // F.linear in FP32 (the same calls, so the same bits); TF32 and BF16 are opt-in. With
+  // `pre_bias`, also the output before the bias: the tensor at which autograd's gradient of the
+  // layer's product is taken (the g of g^T x).
+  at::Tensor Forward(const at::Tensor& x, at::Tensor* pre_bias = nullptr);
 
   // Per-group scores of the summed weight gradient (undefined: no gradient, scores 0).
   at::Tensor Scores(const at::Tensor& grad_sum) const;
+
+  // The weight gradient g^T x of output gradients g [batch, out] at the pre-bias output and
+  // inputs x [batch, in], in the compute type, as the layer's autograd node computes it.
+  at::Tensor WeightGradient(const at::Tensor& g, const at::Tensor& x) const;
+
+  // The scores of one sample's weight gradient (g [1, out], x [1, in]) without forming it: with
+  // one sample, grad_w[r, c] is the single product g_r x_c, and its sign is sign(g_r) sign(x_c)
+  // whenever the product cannot underflow to zero. Then score_g = sign(g_r) * sum over the
+  // group's columns of sign(x_c) T[r, c]: no [out, in] gradient, no GEMM. `exact` (a 0-dim bool
+  // tensor on the device, so that reading it can wait for the step's one synchronisation) is
+  // true when every nonzero |g_r| and |x_c| is a normal float and the smallest product is at
+  // least 2^-125: then no compute type's rounding of the operands or the product can reach zero,
+  // and `scores` equals Scores(WeightGradient(g, x)) exactly. When false, use that instead.
+  struct SampleScores {
+    at::Tensor scores;
+    at::Tensor exact;
+  };
+  SampleScores ScoresOfSample(const at::Tensor& g, const at::Tensor& x) const;
   // corr_accum -= scores, step_counter += 1; the next forward computes the new w_eff.
   void Apply(const at::Tensor& scores);
 

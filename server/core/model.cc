@@ -1,5 +1,6 @@
 #include "server/core/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -30,11 +31,19 @@ class Node {
 
 namespace {
 
+// Tap: Model::Tap (a template parameter, since the type is private to Model).
+template <typename Tap>
 class LinearNode : public Node {
  public:
-  explicit LinearNode(TernaryLinear layer) : layer(std::move(layer)) {}
-  at::Tensor Forward(const at::Tensor& x) override { return layer.Forward(x); }
+  explicit LinearNode(TernaryLinear layer)
+      : layer(std::move(layer)), tap(std::make_shared<Tap>()) {}
+  at::Tensor Forward(const at::Tensor& x) override {
+    if (!tap->on) return layer.Forward(x);
+    tap->input = x;
+    return layer.Forward(x, &tap->pre_bias);
+  }
   TernaryLinear layer;
+  std::shared_ptr<Tap> tap;
 };
 
 class NormNode : public Node {
@@ -161,10 +170,10 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
           auto layer = state ? TernaryLinear::Import(*l, *state, name, model->device_)
                              : TernaryLinear::Init(*l, *gen, model->device_);
           if (!layer.ok()) return layer.status();
-          auto node = std::make_unique<LinearNode>(*std::move(layer));
+          auto node = std::make_unique<LinearNode<Model::Tap>>(*std::move(layer));
           node->layer.SetCompute(model->options_.compute);
           model->persistent_bytes_ += node->layer.persistent_bytes();
-          model->linears_.push_back({name, &node->layer, at::Tensor()});
+          model->linears_.push_back({name, &node->layer, at::Tensor(), node->tap});
           model->stateful_.push_back({name, &node->layer.state(), /*frozen=*/false});
           out->push_back(std::move(node));
         } else if (const auto* n = std::get_if<TernaryRMSNormSpec>(&spec.kind)) {
@@ -415,29 +424,56 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
 }
 
 absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra,
-                                                StepLoss* loss) {
+                                                StepLoss* loss,
+                                                const std::vector<at::Tensor>* sample_inputs) {
   if (step_ >= kMaxStep) {
     return absl::FailedPreconditionError(absl::StrCat(
         "update: the model is at step ", step_, ", the largest this server counts to (2^47)"));
   }
   try {
     // Compute everything first, then commit: an error leaves the state as it was.
-    std::vector<at::Tensor> scores;
+    std::vector<at::Tensor> scores, exact(linears_.size());
     for (size_t i = 0; i < linears_.size(); ++i) {
+      const bool given = i < extra.size() && extra[i].defined();
+      if (sample_inputs != nullptr && given) {
+        auto sample = linears_[i].layer->ScoresOfSample(extra[i], (*sample_inputs)[i]);
+        scores.push_back(sample.scores);
+        exact[i] = sample.exact;
+        continue;
+      }
       at::Tensor sum = linears_[i].grad_sum;
-      if (i < extra.size() && extra[i].defined()) sum = AddGradient(sum, extra[i]);
+      if (given) sum = AddGradient(sum, extra[i]);
       scores.push_back(linears_[i].layer->Scores(sum));
     }
-    std::vector<at::Tensor> stats;
-    for (size_t i = 0; i < linears_.size(); ++i) {
-      const at::Tensor after = linears_[i].layer->state().corr_accum() - scores[i];
-      stats.push_back(scores[i].sum());
-      stats.push_back(after.abs().sum());
+    // The figures of the update, the loss and the exactness flags of factored scores, in one copy
+    // to the host: the loss's float64 bits and the flags ride along as int64s.
+    auto figures = [&] {
+      std::vector<at::Tensor> stats;
+      for (size_t i = 0; i < linears_.size(); ++i) {
+        const at::Tensor after = linears_[i].layer->state().corr_accum() - scores[i];
+        stats.push_back(scores[i].sum());
+        stats.push_back(after.abs().sum());
+      }
+      for (const at::Tensor& e : exact) {
+        if (e.defined()) stats.push_back(e.to(at::kLong));
+      }
+      if (loss != nullptr) stats.push_back(loss->value.detach().to(at::kDouble).view(at::kLong));
+      return stats.empty() ? at::Tensor() : at::stack(stats).to(at::kCPU).contiguous();
+    };
+    at::Tensor host = figures();
+    // Where a sample's factored scores could differ from the whole gradient's (a product that
+    // could underflow), take them from the whole gradient, and the figures again.
+    bool refigure = false;
+    for (size_t i = 0, k = 2 * linears_.size(); i < exact.size(); ++i) {
+      if (!exact[i].defined()) continue;
+      if (host.data_ptr<int64_t>()[k++] == 0) {
+        scores[i] = linears_[i].layer->Scores(
+            linears_[i].layer->WeightGradient(extra[i], (*sample_inputs)[i]));
+        refigure = true;
+      }
+      exact[i].reset();
     }
-    // The loss's float64 bits ride along as an int64, so that one copy brings everything.
-    if (loss != nullptr) stats.push_back(loss->value.detach().to(at::kDouble).view(at::kLong));
-    const at::Tensor host =
-        stats.empty() ? at::Tensor() : at::stack(stats).to(at::kCPU).contiguous();
+    if (refigure) host = figures();
     if (loss != nullptr) {
       std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
       if (!std::isfinite(loss->host)) {
@@ -530,18 +566,39 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     StepLoss step_loss;
     std::vector<at::Tensor> weights;
     std::vector<at::Tensor> grads;
+    // One sample and no pending gradient sums: each linear layer's weight gradient is an outer
+    // product, taken in its two factors (the gradient at the layer's pre-bias output and its
+    // input) instead of an [out, in] matrix; autograd then runs no weight-gradient GEMM.
+    const bool factored =
+        batch == 1 && !linears_.empty() &&
+        std::all_of(linears_.begin(), linears_.end(),
+                    [](const Linear& l) { return !l.grad_sum.defined(); });
+    std::vector<at::Tensor> sample_inputs;
     {
       c10::AutoGradMode grad_mode(true);
-      for (const Linear& l : linears_) weights.push_back(l.layer->WeightLeaf());
+      for (const Linear& l : linears_) {
+        weights.push_back(l.layer->WeightLeaf());
+        l.tap->on = factored;
+      }
       int64_t bytes = 0;
       result.output = Run(x, &bytes);
+      std::vector<at::Tensor> at_outputs;
+      for (const Linear& l : linears_) {
+        l.tap->on = false;
+        if (!factored) continue;
+        at_outputs.push_back(l.tap->pre_bias);
+        sample_inputs.push_back(l.tap->input.detach());
+        l.tap->pre_bias.reset();
+        l.tap->input.reset();
+      }
       step_loss.value = loss == Loss::kMse ? at::mse_loss(result.output, t)
                                            : at::cross_entropy_loss(result.output, t);
       step_loss.kind = loss;
       const at::Tensor& value = step_loss.value;
       if (!weights.empty()) {
-        grads = torch::autograd::grad({value}, weights, {}, /*retain_graph=*/false,
-                                      /*create_graph=*/false, /*allow_unused=*/true);
+        grads = torch::autograd::grad({value}, factored ? at_outputs : weights, {},
+                                      /*retain_graph=*/false, /*create_graph=*/false,
+                                      /*allow_unused=*/true);
       }
     }
     result.output = result.output.detach();
@@ -549,7 +606,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     if (interrupt) {
       if (absl::Status s = interrupt(); !s.ok()) return s;
     }
-    auto update = ApplyUpdate(grads, &step_loss);
+    auto update = ApplyUpdate(grads, &step_loss, factored ? &sample_inputs : nullptr);
     if (!update.ok()) return update.status();
     result.loss = step_loss.host;
     result.update = *std::move(update);
@@ -573,7 +630,7 @@ StateSnapshot Model::ExportState() const {
       for (size_t i = 0; i < nodes.size(); ++i) {
         const std::string name =
             prefix.empty() ? layers[i].name : absl::StrCat(prefix, ".", layers[i].name);
-        if (auto* l = dynamic_cast<const LinearNode*>(nodes[i].get())) {
+        if (auto* l = dynamic_cast<const LinearNode<Tap>*>(nodes[i].get())) {
           l->layer.Export(name, out);
         } else if (auto* n = dynamic_cast<const NormNode*>(nodes[i].get())) {
           n->layer.Export(name, out);

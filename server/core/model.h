@@ -170,10 +170,17 @@ class Model {
     at::Tensor output;                // with its autograd graph
     std::vector<at::Tensor> weights;  // the w_eff leaves of the linear layers
   };
+  // What a linear layer's node keeps of a forward while `on`: its input and its pre-bias output,
+  // for a TrainStep that takes the weight gradient of one sample in factored form.
+  struct Tap {
+    bool on = false;
+    at::Tensor input, pre_bias;
+  };
   struct Linear {
     std::string name;
     TernaryLinear* layer;
     at::Tensor grad_sum;  // float32 sum of this step's weight gradients
+    std::shared_ptr<Tap> tap;
   };
   struct Stateful {
     std::string name;
@@ -187,7 +194,10 @@ class Model {
   std::string NewPassId(int64_t step);
   absl::Status CheckInput(const at::Tensor& input) const;
   // The update from this step's gradient sums plus `extra` (one per linear layer, or empty);
-  // commits only when everything has been computed.
+  // commits only when everything has been computed. With `sample_inputs` (one per linear layer),
+  // `extra` holds instead the gradients at the layers' pre-bias outputs of a one-sample pass
+  // whose inputs these are, and no gradient sums are pending: the scores then come from
+  // TernaryLinear::ScoresOfSample, or from the whole gradient where that cannot be exact.
   // A TrainStep's loss (a 0-dim device tensor) travels to the host with the update's figures, in
   // the step's one synchronisation; a loss that is not finite stops the update before it commits.
   struct StepLoss {
@@ -196,7 +206,8 @@ class Model {
     double host = 0;
   };
   absl::StatusOr<UpdateResult> ApplyUpdate(const std::vector<at::Tensor>& extra,
-                                           StepLoss* loss = nullptr)
+                                           StepLoss* loss = nullptr,
+                                           const std::vector<at::Tensor>* sample_inputs = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UnknownPass(absl::string_view pass_id) const;
   // Releases the passes older than the TTL that no Backward used. Also from const accessors, so

@@ -197,6 +197,42 @@ class ReferenceInteropTest(ServerTestCase):
         self.assertEqual(info.step, 4)
         self.assert_state_equal(want, tensors, "checkpoint vs reference after 4 steps")
 
+    def test_one_sample_train_steps_match_reference(self):
+        """TrainStep with one sample takes each layer's weight gradient in its two factors (no
+        [out, in] gradient); the integer state must still be the reference's, which forms the
+        whole gradient. A step of several samples in between takes the ordinary path."""
+        model_id = "one-sample"
+        torch.manual_seed(4321)
+        model = reference_model()
+        info = self.client.import_state(model_id, safetensors.dumps(reference_state(model)),
+                                        spec=SPEC)
+        self.assertEqual(info.step, 0)
+        rng = np.random.RandomState(77)
+        for step in range(8):
+            n = 4 if step == 3 else 1
+            x = rng.randn(n, IN).astype(np.float32)
+            if step % 2 == 0:
+                loss, target = "mse", rng.randn(n, OUT).astype(np.float32)
+            else:
+                loss, target = "cross_entropy", rng.randint(0, OUT, size=n).astype(np.int64)
+            got = self.client.train_step(model_id, x, target, loss=loss, expected_step=step)
+            self.assertEqual((got.step, got.replayed), (step + 1, False))
+
+            y = model(torch.from_numpy(x.copy()))
+            t = torch.from_numpy(target.copy())
+            value = (torch.nn.functional.mse_loss(y, t) if loss == "mse"
+                     else torch.nn.functional.cross_entropy(y, t))
+            value.backward()
+            for module in model.modules():
+                if isinstance(module, ref.TernaryScaleTensor):
+                    module.update_corr()
+            self.assertAlmostEqual(got.loss, float(value), delta=1e-5 * max(1.0, abs(float(value))),
+                                   msg=f"step {step}: {loss} loss")
+            state = safetensors.loads(self.client.export_state(model_id))[0]
+            self.assert_state_equal(reference_state(model), state,
+                                    f"service vs reference after step {step} (batch {n}, {loss})")
+        self.assertEqual(int(model.fc1.step_counter[0]), 8)
+
 
 if __name__ == "__main__":
     unittest.main()

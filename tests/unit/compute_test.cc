@@ -268,5 +268,76 @@ TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
   }
 }
 
+// One sample's weight gradient in its two factors: TernaryLinear::ScoresOfSample gives exactly the
+// scores of the whole gradient g^T x, in every compute type, on the test device (CPU, or cuda:0
+// through the scores kernel with a stride-0 gradient), for ragged groups, groups straddling the
+// kernels' blocks and groups wider than the row.
+TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
+  const c10::Device device = testing::TestDevice();
+  std::vector<ComputeType> computes = {ComputeType::kFp32, ComputeType::kBf16};
+  if (device.is_cuda()) computes.push_back(ComputeType::kTf32);
+  struct Shape {
+    int64_t rows, cols, gs;
+  };
+  for (const Shape& sh : {Shape{64, 100, 32}, Shape{7, 13, 1}, Shape{33, 257, 16},
+                          Shape{3, 2100, 48}, Shape{40, 128, 32}, Shape{2, 1300, 512},
+                          Shape{4, 20, 32}}) {
+    for (ComputeType compute : computes) {
+      SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs << " "
+                                        << core::ComputeName(compute));
+      core::TernaryLinearSpec spec;
+      spec.in_features = sh.cols;
+      spec.out_features = sh.rows;
+      spec.group_size = sh.gs;
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
+      auto layer = core::TernaryLinear::Init(spec, gen, device);
+      ASSERT_TRUE(layer.ok()) << layer.status();
+      layer->SetCompute(compute);
+      at::Tensor g = Randn({1, sh.rows}, 70).to(device), x = Randn({1, sh.cols}, 71).to(device);
+      // Zeros in both factors: their products are zero, and so are their signs.
+      g.index_put_({0, 0}, 0.0f);
+      x.index_put_({0, 1}, 0.0f);
+      const auto sample = layer->ScoresOfSample(g, x);
+      EXPECT_TRUE(sample.exact.item<bool>());
+      const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
+      EXPECT_TRUE(at::equal(sample.scores.to(at::kCPU), whole.to(at::kCPU)));
+      EXPECT_GT(whole.abs().sum().item<int64_t>(), 0);
+    }
+  }
+}
+
+// Where a product of the factors could underflow, ScoresOfSample says so: there the factored
+// scores can differ from the whole gradient's (a sign counted where the product is zero).
+TEST(ComputeTest, ScoresOfASampleSayWhenAProductCouldUnderflow) {
+  const c10::Device device = testing::TestDevice();
+  core::TernaryLinearSpec spec;
+  spec.in_features = 96;
+  spec.out_features = 64;
+  spec.group_size = 32;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(8);
+  auto layer = core::TernaryLinear::Init(spec, gen, device);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const at::Tensor g = (Randn({1, 64}, 80) * 1e-3).to(device);
+  // 1e-44 * |g| < 2^-150 rounds to zero: the whole gradient's column is zero.
+  at::Tensor x = Randn({1, 96}, 81);
+  x.index_put_({0, at::indexing::Slice(0, 32)}, 1e-44f);
+  x = x.to(device);
+  auto sample = layer->ScoresOfSample(g, x);
+  EXPECT_FALSE(sample.exact.item<bool>());
+  const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
+  EXPECT_FALSE(at::equal(sample.scores.to(at::kCPU), whole.to(at::kCPU)));
+  // A subnormal factor (or a product under 2^-125) is refused even where no product underflows:
+  // the bound does not depend on how a compute type treats subnormals.
+  at::Tensor sub = Randn({1, 96}, 82);
+  sub.index_put_({0, 5}, 1e-40f);
+  EXPECT_FALSE(layer->ScoresOfSample(g, sub.to(device)).exact.item<bool>());
+  EXPECT_FALSE(
+      layer->ScoresOfSample(g, (Randn({1, 96}, 83) * 1e-36).to(device)).exact.item<bool>());
+  // All-zero gradients of normal inputs: nothing can underflow, and every score is zero.
+  auto zero = layer->ScoresOfSample(at::zeros({1, 64}, g.options()), Randn({1, 96}, 84).to(device));
+  EXPECT_TRUE(zero.exact.item<bool>());
+  EXPECT_EQ(zero.scores.abs().sum().item<int64_t>(), 0);
+}
+
 }  // namespace
 }  // namespace tscale

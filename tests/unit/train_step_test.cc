@@ -6,6 +6,9 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <functional>
+#include <limits>
+
 #include "server/core/model.h"
 #include "server/core/registry.h"
 #include "server/core/scale_stats.h"
@@ -57,16 +60,25 @@ at::Tensor LossGrad(const at::Tensor& y, const at::Tensor& target, Loss loss) {
   return torch::autograd::grad({value}, {leaf})[0];
 }
 
-class TrainStepLossTest : public ::testing::TestWithParam<Loss> {};
-
-// TrainStep is Forward + Backward of the loss's gradient + UpdateCorrelation, exactly.
-TEST_P(TrainStepLossTest, EqualsTheThreeCalls) {
-  const Loss loss = GetParam();
-  auto fused = NewModel();
-  auto steps = NewModel();
+// Trains one model with TrainStep and another with Forward, Backward of the loss's gradient and
+// UpdateCorrelation, on the same batches (`x` of each step from Input(step)); each step's output,
+// loss and update figures and the final states must be equal.
+// The models are MlpSpec()'s, or `spec`'s (12 inputs and 5 outputs too).
+void ExpectTrainStepEqualsTheThreeCalls(Loss loss, int64_t batch, core::ComputeType compute,
+                                        const std::function<at::Tensor(int)>& input,
+                                        const core::ModelSpec& spec = MlpSpec()) {
+  core::ModelOptions options;
+  options.compute = compute;
+  auto a = Model::Create(spec, 3, testing::TestDevice(), options);
+  auto b = Model::Create(spec, 3, testing::TestDevice(), options);
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  Model* fused = a->get();
+  Model* steps = b->get();
   for (int s = 0; s < 4; ++s) {
-    const at::Tensor x = Randn({6, 12}, 100 + s);
-    const at::Tensor t = loss == Loss::kMse ? Randn({6, 5}, 200 + s) : Classes(6, 5, 200 + s);
+    SCOPED_TRACE(::testing::Message() << "step " << s << ", batch " << batch);
+    const at::Tensor x = input(s);
+    const at::Tensor t =
+        loss == Loss::kMse ? Randn({batch, 5}, 200 + s) : Classes(batch, 5, 200 + s);
     auto r = fused->TrainStep(x, t, loss, s);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_FALSE(r->update.replayed);
@@ -91,6 +103,47 @@ TEST_P(TrainStepLossTest, EqualsTheThreeCalls) {
     }
   }
   EXPECT_TRUE(SameState(fused->ExportState().tensors, steps->ExportState().tensors));
+}
+
+class TrainStepLossTest : public ::testing::TestWithParam<Loss> {};
+
+// TrainStep is Forward + Backward of the loss's gradient + UpdateCorrelation, exactly.
+TEST_P(TrainStepLossTest, EqualsTheThreeCalls) {
+  ExpectTrainStepEqualsTheThreeCalls(GetParam(), 6, core::ComputeType::kFp32,
+                                     [](int s) { return Randn({6, 12}, 100 + s); });
+}
+
+// With one sample, TrainStep takes each layer's weight gradient in its two factors (no [out, in]
+// gradient); the Backward of the three calls forms the whole gradient. Both compute types of
+// every device, and TF32 where it runs.
+TEST_P(TrainStepLossTest, OfOneSampleEqualsTheThreeCalls) {
+  std::vector<core::ComputeType> computes = {core::ComputeType::kFp32, core::ComputeType::kBf16};
+  if (testing::TestDevice().is_cuda()) computes.push_back(core::ComputeType::kTf32);
+  for (core::ComputeType compute : computes) {
+    SCOPED_TRACE(core::ComputeName(compute));
+    ExpectTrainStepEqualsTheThreeCalls(GetParam(), 1, compute,
+                                       [](int s) { return Randn({1, 12}, 300 + s); });
+  }
+}
+
+// Products of the two factors that could underflow (inputs of the smallest subnormal float, whose
+// product with any gradient below 1/2 rounds to zero): the factored scores would count a sign where
+// the whole gradient has zero, so TrainStep takes the whole gradient for that step.
+// One linear layer (no bias: weights drawn with std 0.1, so most trits are nonzero), so that the
+// loss's gradient, mostly under 1/2, meets the tiny inputs.
+TEST_P(TrainStepLossTest, OfOneSampleWithATinyInputEqualsTheThreeCalls) {
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc", "ternary_linear": {"in_features": 12, "out_features": 5,
+                                      "group_size": 4}}]})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  ExpectTrainStepEqualsTheThreeCalls(
+      GetParam(), 1, core::ComputeType::kFp32,
+      [](int s) {
+        at::Tensor x = Randn({1, 12}, 400 + s);
+        x.index_put_({0, at::indexing::Slice(0, 6)}, std::numeric_limits<float>::denorm_min());
+        return x;
+      },
+      *spec);
 }
 
 INSTANTIATE_TEST_SUITE_P(Losses, TrainStepLossTest,
