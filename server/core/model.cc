@@ -10,6 +10,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -576,6 +577,10 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     std::vector<at::Tensor> sample_inputs;
     {
       c10::AutoGradMode grad_mode(true);
+      // The taps hold only this forward, and are off again whatever happens in it.
+      auto taps_off = absl::MakeCleanup([this] {
+        for (const Linear& l : linears_) *l.tap = Tap();
+      });
       for (const Linear& l : linears_) {
         weights.push_back(l.layer->WeightLeaf());
         l.tap->on = factored;
@@ -583,14 +588,13 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       int64_t bytes = 0;
       result.output = Run(x, &bytes);
       std::vector<at::Tensor> at_outputs;
-      for (const Linear& l : linears_) {
-        l.tap->on = false;
-        if (!factored) continue;
-        at_outputs.push_back(l.tap->pre_bias);
-        sample_inputs.push_back(l.tap->input.detach());
-        l.tap->pre_bias.reset();
-        l.tap->input.reset();
+      if (factored) {
+        for (const Linear& l : linears_) {
+          at_outputs.push_back(l.tap->pre_bias);
+          sample_inputs.push_back(l.tap->input.detach());
+        }
       }
+      std::move(taps_off).Invoke();
       step_loss.value = loss == Loss::kMse ? at::mse_loss(result.output, t)
                                            : at::cross_entropy_loss(result.output, t);
       step_loss.kind = loss;
