@@ -20,9 +20,9 @@ ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 # ----------------------------------------------------------------------------------------------
 # cuda: build stage. LibTorch comes from PyTorch's pip wheel (its CMake config is inside the wheel,
-# as on the project's GPU host, ../shared/gpu/README.md); gRPC, protobuf, Abseil, prometheus-cpp
-# come from Ubuntu 24.04's packages (the Debian .debs of shared/gpu/fetch-deps.sh are for hosts
-# without a registry; the image build has one).
+# as on a CUDA host, docs/gpu.md); gRPC, protobuf, Abseil, prometheus-cpp come from Ubuntu 24.04's
+# packages (the Debian packages that docs/gpu.md downloads are for hosts without a registry; the
+# image build has one).
 FROM ${CUDA_DEVEL_IMAGE} AS cuda-build
 ARG TORCH_PIP_SPEC="torch==2.11.*"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130

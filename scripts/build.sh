@@ -9,7 +9,7 @@
 # --torch-from-python finds LibTorch's CMake config with `python3 -c 'import torch; ...'`.
 # --deps-prefix DIR uses gRPC, protobuf, Abseil, prometheus-cpp and the rest from Debian packages
 # unpacked under DIR (e.g. /opt/deps/usr after `dpkg -x pkg.deb /opt/deps` for each package), for
-# hosts without a package registry; see the README's GPU section.
+# hosts without a package registry; see docs/gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,12 +1,16 @@
-"""Every call of the Python client against a real tscale-server, and the error paths.
+"""Every call of the Python client against a real tscale-server, and the error paths; torch
+tensors, the CLI's loss names, create_model(exist_ok=True), and retries through a server restart.
 
 Errors are checked by their gRPC code and by the field their message names.
 """
 
+import importlib.util
 import json
 import os
+import socket
 import tempfile
 import threading
+import time
 import unittest
 
 import grpc
@@ -14,7 +18,12 @@ import numpy as np
 
 import tscale
 from tscale import safetensors
-from server_process import ServerTestCase
+from server_process import ErrorAssertions, ServerProcess, ServerTestCase
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+NO_TORCH = "torch (python3-torch) is not installed"
+if not HAVE_TORCH:
+    print(f"client_test: torch tests skipped: {NO_TORCH}", flush=True)
 
 SPEC = {"layers": [
     {"name": "fc1", "ternary_linear": {"in_features": 64, "out_features": 48,
@@ -93,6 +102,9 @@ class ClientTest(ServerTestCase):
         self.assertIn("tscale.v1.TernaryTrainer", services)
         self.assertIn("grpc.health.v1.Health", services)
 
+    def test_version_matches_the_server(self):
+        self.assertEqual(tscale.__version__, self.client.server_info().version)
+
     def test_server_info(self):
         info = self.client.server_info()
         self.assertTrue(info.version)
@@ -128,6 +140,35 @@ class ClientTest(ServerTestCase):
         with self.assertError(grpc.StatusCode.NOT_FOUND):
             self.client.delete_model("life")
         self.assertNotIn("life", [m.model_id for m in self.client.list_models()])
+
+    def test_create_model_exist_ok(self):
+        """exist_ok=True answers the existing model's info when it is the same model, and
+        ALREADY_EXISTS, saying what differs, when it is not."""
+        info = self.new_model("again", seed=4)
+        x, target = batch(2), np.zeros((2, OUT), np.float32)
+        self.client.train_step("again", x, target, expected_step=0)
+        same = self.client.create_model("again", SPEC, seed=4, exist_ok=True)
+        self.assertEqual(same.step, 1)  # the existing model, as it is now
+        self.assertEqual(same, self.client.get_model("again"))
+        self.assertEqual(same.spec, info.spec)
+        # The defaults spelt out are the same spec; so is the compute type named.
+        explicit = json.loads(json.dumps(SPEC))
+        explicit["layers"][2]["ternary_linear"]["group_size"] = 32
+        explicit["layers"][0]["ternary_linear"]["threshold"] = 0.05
+        self.assertEqual(self.client.create_model("again", explicit, exist_ok=True,
+                                                  compute="fp32", device="cpu").step, 1)
+        other = json.loads(json.dumps(SPEC))
+        other["layers"][0]["ternary_linear"]["group_size"] = 8
+        with self.assertError(grpc.StatusCode.ALREADY_EXISTS, "again", "differs", "spec"):
+            self.client.create_model("again", other, exist_ok=True)
+        with self.assertError(grpc.StatusCode.ALREADY_EXISTS, "differs", "compute"):
+            self.client.create_model("again", SPEC, compute="bf16", exist_ok=True)
+        with self.assertError(grpc.StatusCode.ALREADY_EXISTS, "again"):
+            self.client.create_model("again", SPEC, seed=4)  # exist_ok is off by default
+        # A new id is simply created.
+        self._models.append("fresh")
+        self.assertEqual(self.client.create_model("fresh", SPEC, exist_ok=True).step, 0)
+        self.assertEqual(self.client.get_model("again").step, 1)
 
     def test_create_is_deterministic_for_a_seed(self):
         self.new_model("seed-a", seed=42)
@@ -323,6 +364,52 @@ class ClientTest(ServerTestCase):
         # expected_step=None reads the step first.
         self.assertEqual(self.client.train_step("mse", x, target).step, 2)
 
+    def test_loss_names_of_the_cli(self):
+        """The CLI's --loss mse|ce, in any case, train as MSE and CROSS_ENTROPY."""
+        self.new_model("names")
+        x = batch(6, seed=4)
+        labels = np.array([0, 1, 2, 3, 4, 9], np.int64)
+        step = 0
+        for name in ("ce", "CE", "Ce"):
+            y = self.client.forward("names", x).output.astype(np.float64)
+            y -= y.max(axis=1, keepdims=True)
+            want = -np.mean(y[np.arange(6), labels] - np.log(np.exp(y).sum(axis=1)))
+            r = self.client.train_step("names", x, labels, loss=name, expected_step=step)
+            self.assertAlmostEqual(r.loss, want, places=5, msg=name)
+            step = r.step
+        target = np.ones((6, OUT), np.float32)
+        for name in ("mse", "MSE"):
+            y = self.client.forward("names", x).output
+            r = self.client.train_step("names", x, target, loss=name, expected_step=step)
+            self.assertAlmostEqual(r.loss, float(np.mean((y.astype(np.float64) - 1) ** 2)),
+                                   places=5, msg=name)
+            step = r.step
+        self.assertEqual(self.client.get_model("names").step, 5)
+
+    @unittest.skipUnless(HAVE_TORCH, NO_TORCH)
+    def test_torch_tensors(self):
+        """torch tensors in, torch tensors out, with the numbers numpy gives."""
+        import torch
+        self.new_model("torch-in")
+        x = batch(4, seed=6)
+        xt = torch.from_numpy(x.copy())
+        y = self.client.forward("torch-in", xt).output
+        self.assertIsInstance(y, torch.Tensor)
+        self.assertEqual((y.dtype, tuple(y.shape)), (torch.float32, (4, OUT)))
+        np.testing.assert_array_equal(y.numpy(), self.client.forward("torch-in", x).output)
+        out, pass_id, step = self.client.forward("torch-in", xt, train=True)
+        g = self.client.backward("torch-in", pass_id, torch.ones_like(out), want_grad_input=True)
+        self.assertIsInstance(g, torch.Tensor)
+        self.assertEqual(tuple(g.shape), (4, IN))
+        self.client.update_correlation("torch-in", expected_step=step)
+        labels = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
+        r = self.client.train_step("torch-in", xt, labels, loss="ce", expected_step=1,
+                                   want_output=True)
+        self.assertEqual(r.step, 2)
+        self.assertIsInstance(r.output, torch.Tensor)
+        with self.assertRaisesRegex(ValueError, "input: expected dtype .*torch.float64"):
+            self.client.forward("torch-in", xt.double())
+
     def test_train_step_cross_entropy(self):
         self.new_model("ce")
         x = batch(6, seed=4)
@@ -495,6 +582,67 @@ class ClientTest(ServerTestCase):
             np.testing.assert_allclose(log2_s, want, rtol=1e-6, atol=1e-6)
         plain = self.client.scale_stats("stats")
         self.assertFalse(plain.layers[0].HasField("log2_scale"))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RestartTest(ErrorAssertions, unittest.TestCase):
+    """A training client rides through a server restart: its retries go on for retry_seconds
+    (60 s by default), long enough for the server to come back and restore its checkpoints."""
+
+    def test_train_step_rides_through_a_restart(self):
+        port = free_port()
+        with tempfile.TemporaryDirectory() as d:
+            server = ServerProcess("--listen", f"127.0.0.1:{port}", "--checkpoint-dir", d)
+            server.start()
+            self.addCleanup(server.remove_logs)
+            self.addCleanup(server.kill)
+            address = f"127.0.0.1:{port}"
+            self.assertEqual(server.address, address)
+            client = tscale.Client(address, timeout=60)  # the default retries
+            self.addCleanup(client.close)
+            client.create_model("r", SPEC, seed=2)
+            x, target = batch(3), np.zeros((3, OUT), np.float32)
+            for s in range(3):
+                client.train_step("r", x, target, expected_step=s)
+            self.assertEqual(server.stop(), 0, server.log())  # checkpoints on shutdown
+
+            # Down: a client that will not wait says so, in its own words.
+            with tscale.Client(address, retry_seconds=0.5) as impatient:
+                with self.assertError(grpc.StatusCode.UNAVAILABLE) as refused:
+                    impatient.get_model("r")
+            self.assertEqual(refused.error.message,
+                             f"no tscale-server answering at {address} (connection refused)")
+
+            # Back 2 s later, on the same address, from its checkpoints.
+            outcome = {}
+
+            def restart():
+                try:
+                    server.start()
+                except BaseException as e:  # reported below
+                    outcome["error"] = e
+            restarter = threading.Timer(2.0, restart)
+            restarter.start()
+            start = time.monotonic()
+            try:
+                r = client.train_step("r", x, target, expected_step=3)
+            finally:
+                restarter.join()
+            elapsed = time.monotonic() - start
+            self.assertNotIn("error", outcome)
+            self.assertEqual(server.checkpoint_log().restored["r"][1], 3)
+            self.assertEqual((r.step, r.replayed), (4, False))
+            self.assertGreaterEqual(elapsed, 2.0)
+            self.assertEqual(client.get_model("r").step, 4)
+            # The retry was the one update: the same expected_step again is its replay.
+            self.assertTrue(client.train_step("r", x, target, expected_step=3).replayed)
+            self.assertEqual(server.stop(), 0, server.log())
 
 
 class LimitsTest(ServerTestCase):

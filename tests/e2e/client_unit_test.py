@@ -1,15 +1,38 @@
-"""The Python client on its own: tensor conversion, the safetensors module, and the retry policy
-(against a fake TernaryTrainer served in-process by grpcio, which fails on command)."""
+"""The Python client on its own: tensor conversion (numpy and torch), the safetensors module,
+addresses, loss names, connection failures and the retry policy (against a fake TernaryTrainer
+served in-process by grpcio, which fails on command)."""
 
 import concurrent.futures
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
 import unittest
 
 import grpc
 import numpy as np
 
 import tscale
+from tscale import client as client_module
 from tscale import safetensors
 from tscale.v1 import trainer_pb2, trainer_pb2_grpc
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+NO_TORCH = "torch (python3-torch) is not installed"
+if not HAVE_TORCH:
+    print(f"client_unit_test: torch tests skipped: {NO_TORCH}", flush=True)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class TensorsTest(unittest.TestCase):
@@ -100,44 +123,52 @@ class SafetensorsTest(unittest.TestCase):
 # ---------------------------------------------------------------- retries
 
 class FakeTrainer(trainer_pb2_grpc.TernaryTrainerServicer):
-    """Fails the first `failures[method]` calls of a method with `code`, then answers."""
+    """Fails the first `failures[method]` calls of a method with `code`, then answers. Keeps
+    every request it received, by method, in `requests`."""
 
     def __init__(self):
         self.failures = {}
         self.code = grpc.StatusCode.UNAVAILABLE
         self.calls = {}
+        self.requests = {}
 
-    def _maybe_fail(self, method, context):
+    def _maybe_fail(self, method, context, request=None):
         self.calls[method] = self.calls.get(method, 0) + 1
+        self.requests.setdefault(method, []).append(request)
         if self.failures.get(method, 0) > 0:
             self.failures[method] -= 1
             context.abort(self.code, f"injected failure of {method}")
 
     def GetModel(self, request, context):
-        self._maybe_fail("GetModel", context)
+        self._maybe_fail("GetModel", context, request)
         return trainer_pb2.ModelInfo(model_id=request.model_id, step=3)
 
     def Forward(self, request, context):
-        self._maybe_fail("Forward", context)
+        self._maybe_fail("Forward", context, request)
         return trainer_pb2.ForwardResponse(output=request.input,
                                            pass_id="p1" if request.train else "", step=3)
 
     def Backward(self, request, context):
-        self._maybe_fail("Backward", context)
+        self._maybe_fail("Backward", context, request)
+        if request.want_grad_input:  # the gradient given, as if the model were the identity
+            return trainer_pb2.BackwardResponse(grad_input=request.grad_output)
         return trainer_pb2.BackwardResponse()
 
     def UpdateCorrelation(self, request, context):
-        self._maybe_fail("UpdateCorrelation", context)
+        self._maybe_fail("UpdateCorrelation", context, request)
         return trainer_pb2.UpdateCorrelationResponse(step=request.expected_step + 1,
                                                      replayed=self.calls["UpdateCorrelation"] > 1)
 
     def TrainStep(self, request, context):
-        self._maybe_fail("TrainStep", context)
-        return trainer_pb2.TrainStepResponse(loss=0.5, step=request.expected_step + 1,
-                                             replayed=self.calls["TrainStep"] > 1)
+        self._maybe_fail("TrainStep", context, request)
+        out = trainer_pb2.TrainStepResponse(loss=0.5, step=request.expected_step + 1,
+                                            replayed=self.calls["TrainStep"] > 1)
+        if request.want_output:
+            out.output.CopyFrom(request.input)
+        return out
 
     def CreateModel(self, request, context):
-        self._maybe_fail("CreateModel", context)
+        self._maybe_fail("CreateModel", context, request)
         return trainer_pb2.ModelInfo(model_id=request.model_id)
 
     def DeleteModel(self, request, context):
@@ -177,6 +208,7 @@ class RetryTest(unittest.TestCase):
     def setUp(self):
         self.fake.failures = {}
         self.fake.calls = {}
+        self.fake.requests = {}
         self.fake.code = grpc.StatusCode.UNAVAILABLE
 
     def inject(self, method, times, code=grpc.StatusCode.UNAVAILABLE):
@@ -247,6 +279,281 @@ class RetryTest(unittest.TestCase):
         info = self.client.import_state("m", data, spec={"layers": []})
         self.assertEqual(info.persistent_bytes, len(data))
         self.assertEqual(info.step, 6)  # data messages
+
+    def test_create_with_exist_ok_is_retried(self):
+        """With exist_ok a repeat cannot fail on its own model, so CreateModel is retried."""
+        self.inject("CreateModel", 1)
+        self.assertEqual(self.client.create_model("m", {"layers": []}, exist_ok=True).model_id,
+                         "m")
+        self.assertEqual(self.fake.calls["CreateModel"], 2)
+
+    def test_loss_names_of_the_cli(self):
+        """The CLI's --loss names (mse, ce), the API's names and short names, in any case."""
+        x = np.zeros((2, 3), np.float32)
+        labels = np.array([0, 2], np.int32)
+        mse, ce = trainer_pb2.TrainStepRequest.MSE, trainer_pb2.TrainStepRequest.CROSS_ENTROPY
+        for name, want in (("mse", mse), ("MSE", mse), ("Mse", mse), ("ce", ce), ("CE", ce),
+                           ("Ce", ce), ("cross_entropy", ce), ("CROSS_ENTROPY", ce), (ce, ce)):
+            self.fake.requests = {}
+            target = labels if want == ce else x
+            self.client.train_step("m", x, target, loss=name, expected_step=3)
+            req = self.fake.requests["TrainStep"][-1]
+            self.assertEqual(req.loss, want, name)
+            if want == ce:
+                self.assertEqual(req.target.dtype, trainer_pb2.INT64, name)
+        with self.assertRaisesRegex(ValueError, "loss: expected one of .*ce.*got 'hinge'"):
+            self.client.train_step("m", x, x, loss="hinge", expected_step=3)
+
+
+class RetryTimeTest(unittest.TestCase):
+    """The total retry time: calls that are safe to repeat ride through an outage of up to
+    retry_seconds (60 s by default) once the server has answered, and the exactly-once calls
+    repeat their expected_step on every attempt."""
+
+    def setUp(self):
+        self.fake = FakeTrainer()
+        self.servers = []
+
+    def tearDown(self):
+        for server in self.servers:
+            server.stop(None)
+
+    def serve(self, port=0):
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4),
+                             options=[("grpc.so_reuseport", 0)])
+        trainer_pb2_grpc.add_TernaryTrainerServicer_to_server(self.fake, server)
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        self.servers.append(server)
+        return server, port
+
+    def test_default_rides_through_many_failures(self):
+        _, port = self.serve()
+        with tscale.Client(f"127.0.0.1:{port}", timeout=10, backoff=0.001) as client:
+            self.assertEqual(client.get_model("m").step, 3)  # the server has answered
+            self.fake.failures = {"UpdateCorrelation": 8, "TrainStep": 8}
+            u = client.update_correlation("m", expected_step=7)
+            self.assertEqual((u.step, u.replayed), (8, True))
+            r = client.train_step("m", np.zeros((1, 2), np.float32),
+                                  np.zeros((1, 2), np.float32), expected_step=7)
+            self.assertEqual((r.step, r.replayed), (8, True))
+        for method in ("UpdateCorrelation", "TrainStep"):
+            self.assertEqual(self.fake.calls[method], 9, method)
+            self.assertEqual({req.expected_step for req in self.fake.requests[method]}, {7},
+                             f"{method}: every attempt sends the same expected_step")
+
+    def test_retry_seconds_bounds_the_retries(self):
+        _, port = self.serve()
+        with tscale.Client(f"127.0.0.1:{port}", timeout=10, backoff=0.01,
+                           retry_seconds=0.5) as client:
+            client.get_model("m")
+            self.fake.failures = {"GetModel": 10 ** 6}
+            start = time.monotonic()
+            with self.assertRaises(tscale.Error) as cm:
+                client.get_model("m")
+            elapsed = time.monotonic() - start
+        self.assertEqual(cm.exception.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("injected failure", cm.exception.message)
+        self.assertGreaterEqual(elapsed, 0.5)
+        self.assertLess(elapsed, 5.0)
+        self.assertGreater(self.fake.calls["GetModel"], 5)
+
+    def test_a_server_never_reached_fails_fast(self):
+        """Before the first answer, a few retries only: a wrong address is not waited on."""
+        _, port = self.serve()
+        self.fake.failures = {"GetModel": 100}
+        with tscale.Client(f"127.0.0.1:{port}", timeout=10, backoff=0.01) as client:
+            with self.assertRaises(tscale.Error):
+                client.get_model("m")
+        self.assertEqual(self.fake.calls["GetModel"], 4)
+
+    def test_rides_through_a_server_restart(self):
+        """The server goes away and comes back on the same port 2 s later: an exactly-once call
+        made meanwhile succeeds, with its expected_step."""
+        server, port = self.serve()
+        with tscale.Client(f"127.0.0.1:{port}", timeout=10) as client:
+            client.get_model("m")
+            server.stop(None).wait()
+            restarted = threading.Timer(2.0, lambda: self.serve(port))
+            restarted.start()
+            try:
+                start = time.monotonic()
+                r = client.train_step("m", np.zeros((1, 2), np.float32),
+                                      np.zeros((1, 2), np.float32), expected_step=5)
+                elapsed = time.monotonic() - start
+            finally:
+                restarted.join()
+        self.assertEqual(r.step, 6)
+        self.assertGreaterEqual(elapsed, 1.5)
+        self.assertLess(elapsed, 15.0, "the channel must notice the server soon after it is back")
+
+
+class AddressTest(unittest.TestCase):
+    """Addresses as the CLI takes them: HOST alone means port 50051 (gRPC's own default is 443)."""
+
+    def test_default_port(self):
+        for given, want in (("localhost", "localhost:50051"),
+                            ("10.1.2.3", "10.1.2.3:50051"),
+                            ("tscale.ns.svc", "tscale.ns.svc:50051"),
+                            ("[::1]", "[::1]:50051"),
+                            ("::1", "[::1]:50051"),
+                            ("localhost:1234", "localhost:1234"),
+                            ("[::1]:1234", "[::1]:1234"),
+                            ("dns:///localhost:1234", "dns:///localhost:1234"),
+                            ("unix:/tmp/tscale.sock", "unix:/tmp/tscale.sock")):
+            with tscale.Client(given) as client:
+                self.assertEqual(client.address, want, given)
+
+    def test_bad_addresses(self):
+        for bad in ("", "host:", "host:port", ":50051", "host:99999", "[::1]x", None):
+            with self.assertRaisesRegex(ValueError, "address: expected"):
+                tscale.Client(bad)
+
+    def test_host_without_port_reaches_port_50051(self):
+        fake = FakeTrainer()
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2),
+                             options=[("grpc.so_reuseport", 0)])
+        trainer_pb2_grpc.add_TernaryTrainerServicer_to_server(fake, server)
+        try:
+            bound = server.add_insecure_port("127.0.0.1:50051")
+        except RuntimeError:
+            bound = 0
+        if bound != 50051:
+            self.skipTest("port 50051 on 127.0.0.1 is taken")
+        server.start()
+        try:
+            with tscale.Client("127.0.0.1", timeout=10) as client:
+                self.assertEqual(client.get_model("m").step, 3)
+        finally:
+            server.stop(None)
+
+
+class ConnectionFailureTest(unittest.TestCase):
+    """A server that cannot be reached is named, with the reason, in the client's own words."""
+
+    def test_connection_refused(self):
+        port = free_port()
+        start = time.monotonic()
+        with tscale.Client(f"127.0.0.1:{port}", timeout=10) as client:
+            with self.assertRaises(tscale.Error) as cm:
+                client.get_model("m")
+        self.assertLess(time.monotonic() - start, 10.0)
+        e = cm.exception
+        self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(e.message,
+                         f"no tscale-server answering at 127.0.0.1:{port} (connection refused)")
+        self.assertEqual(e.method, "GetModel")
+        self.assertIn("Connection refused", e.details)  # gRPC's own text stays at hand
+        self.assertIn(f"no tscale-server answering at 127.0.0.1:{port}", str(e))
+
+    def test_grpc_texts(self):
+        describe = client_module._connection_failure
+        address = "h:50051"
+        for details, want in (
+                ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:50051: "
+                 "Failed to connect to remote host: Connection refused",
+                 "no tscale-server answering at h:50051 (connection refused)"),
+                ("failed to connect to all addresses; last error: UNAVAILABLE: "
+                 "ipv6:%5B::1%5D:50051: Connection timed out",
+                 "no tscale-server answering at h:50051 (connection timed out)"),
+                ("DNS resolution failed for h:50051: C-ares status is not ARES_SUCCESS qtype=A "
+                 "name=h is_balancer=0: Domain name not found",
+                 "no tscale-server answering at h:50051 (DNS resolution failed: domain name not "
+                 "found)"),
+                ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:50051: "
+                 "Ssl handshake failed: SSL_ERROR_SSL: error:1000007d:SSL "
+                 "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+                 "TLS handshake with h:50051 failed (Ssl handshake failed: SSL_ERROR_SSL: "
+                 "error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED)"),
+                ("failed to connect to all addresses; last error: UNAVAILABLE: "
+                 "ipv4:10.0.0.1:50051: Socket closed",
+                 "h:50051 closed the connection before answering (socket closed): a plaintext "
+                 "client at a TLS server, or a client certificate the server refuses, ends so"),
+                ("Socket closed", None),
+                ("server shutting down", None)):
+            self.assertEqual(describe(address, details), want, details)
+
+
+class VersionTest(unittest.TestCase):
+
+    def test_version_is_the_projects(self):
+        with open(os.path.join(REPO, "CMakeLists.txt")) as f:
+            m = re.search(r"project\(tscale VERSION (\S+)", f.read())
+        self.assertIsNotNone(m)
+        self.assertEqual(tscale.__version__, m.group(1))
+
+
+@unittest.skipUnless(HAVE_TORCH, NO_TORCH)
+class TorchTensorsTest(unittest.TestCase):
+    """torch tensors wherever numpy arrays go; results come back as torch when the input was."""
+
+    @classmethod
+    def setUpClass(cls):
+        import torch
+        cls.torch = torch
+        cls.fake = FakeTrainer()
+        cls.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+        trainer_pb2_grpc.add_TernaryTrainerServicer_to_server(cls.fake, cls.server)
+        port = cls.server.add_insecure_port("127.0.0.1:0")
+        cls.server.start()
+        cls.client = tscale.Client(f"127.0.0.1:{port}", timeout=10)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.stop(None)
+
+    def test_to_tensor(self):
+        torch = self.torch
+        for dtype in (torch.float32, torch.float16, torch.int8, torch.uint8, torch.int32,
+                      torch.int64):
+            t = (torch.arange(12) - 3).to(dtype).reshape(3, 4)
+            want = tscale.to_tensor(t.numpy())
+            self.assertEqual(tscale.to_tensor(t), want, dtype)
+        x = torch.ones(2, 3, requires_grad=True) * 2  # not a leaf: needs detaching
+        self.assertEqual(tscale.to_tensor(x), tscale.to_tensor(np.full((2, 3), 2, np.float32)))
+        self.assertEqual(tscale.to_tensor(torch.arange(6.0).reshape(2, 3).t()),
+                         tscale.to_tensor(np.arange(6, dtype=np.float32).reshape(2, 3).T))
+        for bad in (torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.bfloat16),
+                    torch.zeros(2, dtype=torch.bool)):
+            with self.assertRaisesRegex(ValueError, f"input: expected dtype .*got {bad.dtype}"):
+                tscale.to_tensor(bad, "input")
+
+    def test_calls_answer_torch_for_torch(self):
+        torch = self.torch
+        x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+        y = self.client.forward("m", x).output
+        self.assertIsInstance(y, torch.Tensor)
+        self.assertTrue(torch.equal(y, x))
+        self.assertIsInstance(self.client.forward("m", x.numpy()).output, np.ndarray)
+        g = self.client.backward("m", "p1", x, want_grad_input=True)
+        self.assertIsInstance(g, torch.Tensor)
+        self.assertTrue(torch.equal(g, x))
+        r = self.client.train_step("m", x, torch.tensor([0, 2], dtype=torch.int32), loss="ce",
+                                   expected_step=3, want_output=True)
+        self.assertIsInstance(r.output, torch.Tensor)
+        self.assertTrue(torch.equal(r.output, x))
+        req = self.fake.requests["TrainStep"][-1]
+        self.assertEqual(req.target.dtype, trainer_pb2.INT64)
+        np.testing.assert_array_equal(tscale.to_numpy(req.target), [0, 2])
+
+    def test_cuda_tensors_go_through_the_host(self):
+        torch = self.torch
+        if not torch.cuda.is_available():
+            self.skipTest("torch has no CUDA device here")
+        x = torch.arange(6, dtype=torch.float32, device="cuda").reshape(2, 3)
+        y = self.client.forward("m", x).output
+        self.assertEqual(y.device, x.device)
+        self.assertTrue(torch.equal(y, x))
+
+    def test_numpy_alone_never_imports_torch(self):
+        code = ("import sys, numpy as np, tscale\n"
+                "tscale.to_numpy(tscale.to_tensor(np.zeros(2, np.float32)))\n"
+                "tscale.Client('127.0.0.1:1').close()\n"
+                "print('torch' in sys.modules)\n")
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             check=True, env=dict(os.environ)).stdout
+        self.assertEqual(out.strip(), "False")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Checkpoints and state files interoperate with the reference implementation (DESIGN.md §2).
+"""Checkpoints and state files interoperate with the reference implementation
+(docs/state-format.md; the reference: docs/arithmetic.md, section 9).
 
 - service -> reference: a model trained in the service is saved with SaveCheckpoint; the file on
   the server's disk loads into the reference's modules with a strict load_state_dict; both then
@@ -7,9 +8,11 @@
 - reference -> service: the reference's modules, trained a little, write their state_dict as a
   bare safetensors file; ImportState (spec in the header) loads it; both train on and end equal.
 
-The reference is tscale_mini.py from the shared reference folder: loaded from $TSCALE_REFERENCE_DIR, else
-from ../shared/reference beside the repository. Without it (or without torch) the tests are
-skipped, saying where they looked.
+The reference is tscale_mini.py, which this repository does not hold: it is loaded from the folder
+$TSCALE_REFERENCE_DIR names (ctest sets it from cmake's -DTSCALE_REFERENCE_DIR=DIR when given),
+else from shared/reference in the folder that holds the repository. Without it (or without torch)
+every test is skipped, and a line "reference_interop: skipped: WHY" on stdout says where it looked;
+ctest reports the entry as skipped on that line.
 """
 
 import collections
@@ -24,6 +27,7 @@ import numpy as np
 from tscale import safetensors
 from server_process import REPO, ServerTestCase
 
+# The reference's folder: $TSCALE_REFERENCE_DIR, else the default location beside the repository.
 REFERENCE_DIR = os.environ.get("TSCALE_REFERENCE_DIR") or os.path.join(
     os.path.dirname(REPO), "shared", "reference")
 REFERENCE_FILE = os.path.join(REFERENCE_DIR, "tscale_mini.py")
@@ -32,9 +36,11 @@ REFERENCE_FILE = os.path.join(REFERENCE_DIR, "tscale_mini.py")
 def _load_reference():
     """(module, None) or (None, why it is not available)."""
     if not os.path.isfile(REFERENCE_FILE):
-        return None, (f"reference implementation not found: no {REFERENCE_FILE} "
-                      f"(looked in $TSCALE_REFERENCE_DIR, else ../shared/reference beside the "
-                      f"repository {REPO})")
+        where = ("$TSCALE_REFERENCE_DIR" if os.environ.get("TSCALE_REFERENCE_DIR") else
+                 "the default location (set TSCALE_REFERENCE_DIR, or cmake -DTSCALE_REFERENCE_DIR, "
+                 "to the folder holding tscale_mini.py)")
+        return None, (f"reference implementation not found: no {REFERENCE_FILE}, from {where}; "
+                      f"see docs/arithmetic.md, section 9")
     if importlib.util.find_spec("torch") is None:
         return None, f"the reference {REFERENCE_FILE} needs torch (python3-torch), not found"
     spec = importlib.util.spec_from_file_location("tscale_mini", REFERENCE_FILE)
@@ -46,6 +52,9 @@ def _load_reference():
 ref, WHY_SKIPPED = _load_reference()
 if ref is not None:
     import torch
+else:
+    # ctest's SKIP_REGULAR_EXPRESSION for this entry matches this line.
+    print(f"reference_interop: skipped: {WHY_SKIPPED}", flush=True)
 
 IN, HIDDEN, OUT, GS = 48, 40, 12, 16  # 16 divides 48, but neither 40 nor 12: ragged groups
 SPEC = {"layers": [

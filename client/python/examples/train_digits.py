@@ -7,17 +7,23 @@
 The data: sklearn's bundled 8x8 digits (1797 samples, 64 features, 10 classes), split 80/20 into
 training and held-out sets with a seeded permutation, features standardised with the training
 set's mean and deviation. The model: fc1 (ternary linear 64 -> hidden), RELU, fc2 (ternary linear
-hidden -> 10). Every step is one TrainStep call with CROSS_ENTROPY, exactly once by expected_step.
+hidden -> 10); --layers N stacks N hidden layers. Every step is one TrainStep call with
+CROSS_ENTROPY, exactly once by expected_step.
 
-The learning rule (DESIGN.md §1) never changes a ternary sign: it only moves each group's scale
-S = 2^(E + 4 * mean correlation), a running mean over all steps of the gradient's sign agreement,
-so the signs the seed drew stay fixed, what is learnt is how much each group of weights counts, and
-learning settles within the first epoch or two. With the service's group size of 32 a narrow model
-barely learns (hidden 256: about 25% held-out accuracy); a wide hidden layer gives the scales
-enough random features to weigh: hidden 4096, batch 128 reaches about 80% (from ~10% untrained)
-in about a second of training on two CPU cores, the defaults here. Smaller groups learn more at
-a higher cost in state: --group-size 1 (one scale per weight; 9 bytes of state per weight instead
-of about 0.5) reaches about 97% with --hidden 256 --batch 64.
+The learning rule (docs/arithmetic.md) never changes a ternary sign: it only moves each group's
+scale S = 2^(E + 4 * mean correlation), a running mean over all steps of the gradient's sign
+agreement, so the signs the seed drew stay fixed, what is learnt is how much each group of weights
+counts, and learning settles within the first epoch or two. With the service's group size of 32 a
+narrow model barely learns (hidden 256: about 28% held-out accuracy); a wide hidden layer gives
+the scales enough random features to weigh: hidden 4096, batch 128 reaches about 83% (from 2.5%
+untrained) in about a second of training on two CPU cores, the defaults here. Smaller groups learn
+more at a higher cost in state: --group-size 8 reaches about 86% at hidden 256 and 94% at 4096;
+--group-size 1 (one scale per weight; 9 bytes of state per weight instead of about 0.5) about 98%
+with --hidden 256 --batch 64. Depth does not help: with --layers 4 --hidden 256 the outputs are so
+small that the loss stays near its untrained 2.30 (while the accuracy creeps to about 46%).
+
+When the mean loss of the last --plateau-steps steps is not 1% lower than that of as many steps
+before them, the example says so once, in one line, with the likely reason and what to try.
 
 Deterministic for a given --seed (the model's initialisation, the split and the batch order).
 """
@@ -40,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch", type=int, default=128, help="samples per TrainStep")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, split and order")
-    p.add_argument("--hidden", type=int, default=4096, help="width of the hidden layer")
+    p.add_argument("--hidden", type=int, default=4096, help="width of the hidden layers")
+    p.add_argument("--layers", type=int, default=1, help="hidden layers")
     p.add_argument("--group-size", type=int, default=32,
                    help="weights sharing one scale (32 is the service's default)")
     p.add_argument("--plot", default="", help="write a PNG of the training curves here")
@@ -50,8 +57,13 @@ def parse_args(argv):
                    help="delete an existing model of that id first")
     p.add_argument("--keep", action="store_true", help="leave the model on the server")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    p.add_argument("--plateau-steps", type=int, default=50,
+                   help="say so when the mean loss of this many steps is not 1%% lower than "
+                        "that of as many steps before them (0: never)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch", "hidden", "group_size"):
+    if args.plateau_steps < 0:
+        p.error("--plateau-steps must be at least 0")
+    for name in ("epochs", "batch", "hidden", "layers", "group_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -108,6 +120,45 @@ class Progress:
             self.stream.flush()
 
 
+class Plateau:
+    """Notices when training stops lowering the loss: the mean loss of the last `steps` steps is
+    not lower, by more than `tolerance` of it, than the mean of the `steps` steps before them.
+    update() answers (mean before, mean now) once, the first time; None otherwise."""
+
+    def __init__(self, steps, tolerance=0.01):
+        self.steps, self.tolerance = steps, tolerance
+        self.losses = []
+        self.seen = False
+
+    def update(self, loss):
+        self.losses.append(loss)
+        n = self.steps
+        if self.seen or n < 1 or len(self.losses) < 2 * n:
+            return None
+        before = sum(self.losses[-2 * n:-n]) / n
+        now = sum(self.losses[-n:]) / n
+        if before - now > self.tolerance * abs(before):
+            return None
+        self.seen = True
+        return before, now
+
+
+def plateau_advice(args, before, now, chance_loss):
+    """One line: the loss stopped going down, why, and what to try."""
+    tries = ["a smaller --group-size (8, 1)", "a wider --hidden"]
+    if now >= 0.98 * chance_loss:  # still about the loss of outputs near zero
+        why = ("the outputs are too small for the loss to see, and no scale can grow more than "
+               "16x, ever more slowly")
+        if args.layers > 1:
+            tries.insert(0, "fewer --layers")
+    else:
+        why = ("the per-group scales have learnt what they can (the ternary signs stay as drawn, "
+               "and each step moves a scale less)")
+    return (f"plateau: loss {before:.3f} -> {now:.3f} over the last {args.plateau_steps} steps: "
+            f"{why}, so more steps will not help; try {', '.join(tries[:-1])} or {tries[-1]} "
+            f"(docs/arithmetic.md, section 10)")
+
+
 def drift_summary(stats):
     """Per layer: (mean drift, mean |drift|, saturated fraction) from GetScaleStats."""
     return {l.layer: (l.drift_mean, l.drift_abs_mean, l.saturated_fraction) for l in stats.layers}
@@ -160,14 +211,17 @@ def plot(path, history, untrained, layers, title):
 def main(argv=None):
     args = parse_args(argv)
     x_train, y_train, x_held, y_held = load_data(args.seed)
-    spec = {"layers": [
-        {"name": "fc1", "ternary_linear": {"in_features": 64, "out_features": args.hidden,
-                                           "group_size": args.group_size}},
-        {"name": "act1", "activation": {"kind": "RELU"}},
-        {"name": "fc2", "ternary_linear": {"in_features": args.hidden, "out_features": 10,
-                                           "group_size": args.group_size}},
-    ]}
-    ternary_layers = ["fc1", "fc2"]
+    # fc1, act1, ..., fcN, actN (hidden), fc<N+1> (-> 10)
+    layers, width = [], 64
+    for i in range(1, args.layers + 2):
+        out = args.hidden if i <= args.layers else 10
+        layers.append({"name": f"fc{i}", "ternary_linear": {
+            "in_features": width, "out_features": out, "group_size": args.group_size}})
+        if i <= args.layers:
+            layers.append({"name": f"act{i}", "activation": {"kind": "RELU"}})
+        width = out
+    spec = {"layers": layers}
+    ternary_layers = [l["name"] for l in layers if "ternary_linear" in l]
 
     with tscale.Client(args.server, timeout=args.timeout) as client:
         client.wait_ready(timeout=30)
@@ -198,7 +252,8 @@ def main(argv=None):
 
 def train(client, args, model, x_train, y_train, x_held, y_held, ternary_layers):
     steps_per_epoch = math.ceil(len(x_train) / args.batch)
-    print(f"model '{model.model_id}' on {model.device}: 64 -> {args.hidden} -> 10, "
+    shape = " -> ".join(["64"] + [str(args.hidden)] * args.layers + ["10"])
+    print(f"model '{model.model_id}' on {model.device}: {shape}, "
           f"{model.ternary_params} ternary weights in {model.groups} scale groups "
           f"(group size {args.group_size})")
     print(f"data: {len(x_train)} training / {len(x_held)} held-out digits, batch {args.batch}, "
@@ -210,6 +265,7 @@ def train(client, args, model, x_train, y_train, x_held, y_held, ternary_layers)
 
     step = model.step
     history = []
+    plateau = Plateau(args.plateau_steps)
     t_start = time.monotonic()
     for epoch in range(1, args.epochs + 1):
         t0 = time.monotonic()
@@ -224,6 +280,10 @@ def train(client, args, model, x_train, y_train, x_held, y_held, ternary_layers)
             step = r.step
             loss_sum += r.loss * len(idx)
             updates = {u.layer: u.mean_abs_drift for u in r.layers}
+            flat = plateau.update(r.loss)
+            if flat:
+                bar.clear()
+                print(plateau_advice(args, *flat, math.log(10)), flush=True)
             bar.update(i + 1, f"loss {r.loss:.3f}")
         bar.clear()
         train_loss = loss_sum / len(x_train)
@@ -250,8 +310,8 @@ def train(client, args, model, x_train, y_train, x_held, y_held, ternary_layers)
     print("only the per-group scales learnt: the ternary signs are those the seed drew")
     if args.plot:
         plot(args.plot, history, untrained, ternary_layers,
-             f"tscale: ternary MLP 64-{args.hidden}-10 (group size {args.group_size}) on digits, "
-             f"batch {args.batch}, seed {args.seed}")
+             f"tscale: ternary MLP {shape.replace(' -> ', '-')} (group size {args.group_size}) "
+             f"on digits, batch {args.batch}, seed {args.seed}")
         print(f"plot: {args.plot}")
     if args.keep:
         print(f"model '{args.model_id}' left on the server at step {step}")

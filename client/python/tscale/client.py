@@ -8,8 +8,15 @@
         c.backward("m", pass_id, np.ones_like(y))
         c.update_correlation("m", expected_step=step)
 
+Tensors: numpy arrays, or torch tensors (torch is imported only when one is passed; tensors on a
+GPU are copied to the host). Results that carry tensors come back as numpy arrays, or as torch
+tensors on the input's device when the call's input (``x``, ``grad_output``) was a torch tensor.
+
+Addresses: "HOST:PORT", or "HOST" alone for port 50051 (the CLI's default port; IPv6 as
+"[::1]:PORT" or a bare "::1"); gRPC target URIs ("dns:///...", "unix:/path") pass as given.
+
 Return values, by one rule: calls whose result carries tensors return small named tuples holding
-numpy arrays (``ForwardResult``, ``TrainStepResult``; ``backward`` returns the array itself or
+arrays (``ForwardResult``, ``TrainStepResult``; ``backward`` returns the array itself or
 None); every other call returns the API's protobuf message (``trainer_pb2.ModelInfo``,
 ``ServerInfo``, ``UpdateCorrelationResponse``, ``ScaleStats``, ...), or a plain Python value where
 the message would only wrap one (``list_models`` -> list of ModelInfo, ``export_state`` -> bytes,
@@ -18,21 +25,33 @@ the message would only wrap one (``list_models`` -> list of ModelInfo, ``export_
 
 Failures raise ``tscale.Error`` (``.code`` is the ``grpc.StatusCode``, ``.message`` the server's
 message); bad arguments detected locally (an unsupported dtype, an unknown loss name) raise
-ValueError before anything is sent.
+ValueError before anything is sent. When no server can be reached the message says so in its own
+words, e.g. "no tscale-server answering at 127.0.0.1:50051 (connection refused)" (gRPC's text is
+in ``.details``).
 
 Retries: on UNAVAILABLE, and on DEADLINE_EXCEEDED of one attempt (each attempt has its own
-``timeout``), a call is retried up to ``retries`` times with exponential backoff, but only when a
-repeat cannot change the outcome: reads (health, server_info, get/list, export, scale stats),
-``forward(train=False)``, and the exactly-once ``update_correlation`` and ``train_step`` (a retry
-sends the same expected_step; the server answers a repeat of the update it just applied with the
-same response and ``replayed=True``, which counts as success). ``backward``,
+``timeout``), a call is retried with exponential backoff, but only when a repeat cannot change the
+outcome: reads (health, server_info, get/list, export, scale stats), ``forward(train=False)``,
+``create_model(exist_ok=True)``, and the exactly-once ``update_correlation`` and ``train_step``
+(every retry sends the same expected_step; the server answers a repeat of the update it just
+applied with the same response and ``replayed=True``, which counts as success). ``backward``,
 ``forward(train=True)``, ``create_model``, ``delete_model``, ``import_state`` and the checkpoint
 writes are sent once.
+
+How long: retries go on until ``retry_seconds`` (60 s by default) have passed since the call's
+first failure, long enough for a server restart that restores its checkpoints, so a training loop
+rides through one. ``retries`` also caps their number (None: no cap; 0: no retries). Until this
+client has had its first answer from the server, at most 3 retries are made (a wrong address or a
+server not started fails within a second; ``wait_ready`` waits for a server that is starting).
+Note that a server restarted from a checkpoint older than an update it had applied has forgotten
+that update: the retry then applies it again, or fails with FAILED_PRECONDITION when another
+client moved the model's step first.
 """
 
 import collections
 import json
 import os
+import re
 import time
 
 import grpc
@@ -40,36 +59,107 @@ from google.protobuf import json_format
 
 from tscale import _wire
 from tscale.errors import Error
-from tscale.tensors import to_numpy, to_tensor
+from tscale.tensors import is_torch, numpy_to_torch, to_numpy, to_tensor, torch_to_numpy
 from tscale.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE_NAME = "tscale.v1.TernaryTrainer"
 CHUNK_BYTES = 1 << 20  # ImportState data chunks
+DEFAULT_PORT = 50051   # the server's and the CLI's default
+RETRY_SECONDS = 60.0   # default total retry time: a restart that restores checkpoints fits in it
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_FIRST_CONTACT_RETRIES = 3  # retries before the client's first answer from the server
+_MAX_BACKOFF = 2.0          # seconds between retries at most
+# gRPC target URIs, passed on as they are.
+_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+# Short names of TrainStep's losses, as the CLI's --loss takes them.
+_LOSS_ALIASES = {"CE": "CROSS_ENTROPY"}
 
 ForwardResult = collections.namedtuple("ForwardResult", ["output", "pass_id", "step"])
-ForwardResult.__doc__ = """Forward's result: output (numpy [batch, out]), pass_id (str, empty
-unless train), step (the model's step the pass belongs to)."""
+ForwardResult.__doc__ = """Forward's result: output (numpy [batch, out], or torch for a torch
+input), pass_id (str, empty unless train), step (the model's step the pass belongs to)."""
 
 TrainStepResult = collections.namedtuple(
     "TrainStepResult", ["loss", "step", "output", "layers", "replayed"])
 TrainStepResult.__doc__ = """TrainStep's result: loss (float, of the step's forward), step (the
-model's step after it), output (numpy, when want_output and not replayed; else None), layers
-(list of trainer_pb2.LayerUpdate: layer, score_sum, mean_abs_drift), replayed (True when the
-server answered a retry of the step it had already applied)."""
+model's step after it), output (numpy, or torch for a torch input, when want_output and not
+replayed; else None), layers (list of trainer_pb2.LayerUpdate: layer, score_sum, mean_abs_drift),
+replayed (True when the server answered a retry of the step it had already applied)."""
 
 
-def _enum(enum_type, value, prefix, field):
-    """An enum value from an int, its full name or its short lower-case name ('fp32', 'mse')."""
+def _enum(enum_type, value, prefix, field, aliases=None):
+    """An enum value from an int, its full name or its short lower-case name ('fp32', 'mse'), in
+    any case; ``aliases`` maps further upper-case names to full ones ('CE')."""
     if isinstance(value, int):
         return value
     if isinstance(value, str):
         name = value.upper()
+        name = (aliases or {}).get(name, name)
         for candidate in (name, prefix + name):
             if candidate in enum_type.keys():
                 return enum_type.Value(candidate)
-    raise ValueError(f"{field}: expected one of {', '.join(enum_type.keys())}, got {value!r}")
+    names = list(enum_type.keys()) + [a.lower() for a in (aliases or {})]
+    raise ValueError(f"{field}: expected one of {', '.join(names)}, got {value!r}")
+
+
+def _target(address):
+    """The gRPC target of a server address: "HOST:PORT" as given, "HOST" with the default port,
+    a bare IPv6 address bracketed, a target URI ("dns:///...", "unix:...") as given."""
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"address: expected HOST[:PORT], got {address!r}")
+    if address.startswith(_URI_SCHEMES):
+        return address
+    if address.startswith("["):
+        end = address.find("]")
+        rest = address[end + 1:] if end > 1 else None
+        if rest == "":
+            return f"{address}:{DEFAULT_PORT}"
+        if rest is not None and rest.startswith(":") and rest[1:].isdigit():
+            return address
+        raise ValueError(f"address: expected [IPV6]:PORT or [IPV6], got {address!r}")
+    colons = address.count(":")
+    if colons == 0:
+        return f"{address}:{DEFAULT_PORT}"
+    if colons == 1:
+        host, port = address.split(":")
+        if host and port.isdigit() and int(port) <= 65535:
+            return address
+        raise ValueError(f"address: expected HOST:PORT with a port number, got {address!r}")
+    return f"[{address}]:{DEFAULT_PORT}"  # a bare IPv6 address
+
+
+# gRPC's text when a channel cannot reach any address, e.g. "failed to connect to all addresses;
+# last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused".
+_CONNECT_FAILED = re.compile(
+    r"failed to connect to all addresses(?:; last error: (?:[A-Z_]+: )?"
+    r"(?:(?:ipv4|ipv6|unix|unix-abstract|vsock):\S*: )?(?P<reason>.*))?", re.S)
+_DNS_FAILED = re.compile(r"DNS resolution failed for \S+?: (?:.*: )?(?P<reason>[^:]*)$", re.S)
+
+
+def _lower_first(text):
+    return text[:1].lower() + text[1:]
+
+
+def _connection_failure(address, details):
+    """A message in the client's words for gRPC's text of a connection that failed, or None when
+    the text is about something else (the server's own UNAVAILABLE, a dropped connection)."""
+    m = _CONNECT_FAILED.search(details)
+    if m:
+        reason = (m.group("reason") or "").strip()
+        if "handshake" in reason.lower():
+            return f"TLS handshake with {address} failed ({reason})"
+        # "Failed to connect to remote host: Connection refused" -> "connection refused"
+        reason = _lower_first(reason.rsplit(": ", 1)[-1] if reason else "no address reached")
+        if reason in ("socket closed", "connection reset by peer"):
+            # Something accepted the connection and dropped it while it was being set up.
+            return (f"{address} closed the connection before answering ({reason}): a plaintext "
+                    f"client at a TLS server, or a client certificate the server refuses, ends so")
+        return f"no tscale-server answering at {address} ({reason})"
+    m = _DNS_FAILED.search(details)
+    if m:
+        return (f"no tscale-server answering at {address} (DNS resolution failed: "
+                f"{_lower_first(m.group('reason').strip())})")
+    return None
 
 
 def _read_file(field, path):
@@ -99,13 +189,56 @@ def to_spec(spec):
                      f"{type(spec).__name__}")
 
 
+def _like(given, array):
+    """array as the caller gave its input: a torch tensor on the same device when ``given`` is
+    one, else the numpy array itself."""
+    return numpy_to_torch(array, given) if is_torch(given) else array
+
+
+def _normalized_spec(spec):
+    """A copy of a ModelSpec with the defaults spelt out (group size 32, threshold 0.05), as the
+    server fills them in."""
+    spec = trainer_pb2.ModelSpec.FromString(spec.SerializeToString())
+
+    def fill(layers):
+        for layer in layers:
+            kind = layer.WhichOneof("kind")
+            if kind == "ternary_linear":
+                layer.ternary_linear.group_size = layer.ternary_linear.group_size or 32
+                layer.ternary_linear.threshold = layer.ternary_linear.threshold or 0.05
+            elif kind == "ternary_rms_norm":
+                layer.ternary_rms_norm.group_size = layer.ternary_rms_norm.group_size or 32
+            elif kind == "residual":
+                fill(layer.residual.layers)
+    fill(spec.layers)
+    return spec
+
+
+def _differences(request, info):
+    """What differs between a CreateModelRequest and an existing model's ModelInfo."""
+    out = []
+    if _normalized_spec(request.spec) != _normalized_spec(info.spec):
+        out.append("spec " + json_format.MessageToJson(info.spec, indent=None))
+    want = request.compute or trainer_pb2.COMPUTE_FP32
+    if want != info.compute:
+        out.append(f"compute {trainer_pb2.ComputeType.Name(info.compute)}, not "
+                   f"{trainer_pb2.ComputeType.Name(want)}")
+    if request.device and request.device != info.device and \
+            not (request.device == "cuda" and info.device.startswith("cuda:")):
+        out.append(f"device {info.device}, not {request.device}")
+    return out
+
+
 class Client:
     """A connection to one tscale server.
 
     Args:
-        address: "HOST:PORT".
+        address: "HOST:PORT", or "HOST" for port 50051.
         timeout: seconds allowed for each attempt of a call (per-call ``timeout=`` overrides).
-        retries: extra attempts for the calls that are safe to repeat (see the module docstring).
+        retries: most extra attempts of a call that is safe to repeat (see the module docstring);
+            None: as many as ``retry_seconds`` allows; 0: none.
+        retry_seconds: how long after a call's first failure it may still be retried (default
+            60 s: a server restart that restores its checkpoints).
         credentials: ``grpc.ChannelCredentials`` for TLS (e.g. ``grpc.ssl_channel_credentials``);
             None: an insecure channel, unless one of the TLS options below is given.
         token: sent as ``authorization: Bearer <token>`` on every call (server --auth-token-file).
@@ -117,19 +250,23 @@ class Client:
         token_file: a file holding the token, surrounding whitespace stripped
             (``--auth-token-file``; not with ``token``).
         backoff: seconds before the first retry; doubles per retry, at most 2 s.
-        options: extra gRPC channel options, appended to the defaults.
+        options: extra gRPC channel options; they replace the defaults of the same name.
 
     Message size limits are lifted on the client side (-1) so that the server's
-    --max-message-bytes is the one that applies. Use as a context manager or call ``close()``.
+    --max-message-bytes is the one that applies, and the channel tries to reconnect at least every
+    2 s (gRPC's default backoff grows to 2 minutes, too slow to notice a restarted server). Use as
+    a context manager or call ``close()``. ``address`` is then the address in use, port included.
     """
 
-    def __init__(self, address, timeout=60.0, retries=3, credentials=None, token=None,
+    def __init__(self, address, timeout=60.0, retries=None, credentials=None, token=None,
                  backoff=0.05, options=(), tls=False, tls_ca=None, tls_cert=None, tls_key=None,
-                 token_file=None):
-        self.address = address
+                 token_file=None, retry_seconds=RETRY_SECONDS):
+        self.address = _target(address)
         self.timeout = timeout
-        self.retries = int(retries)
+        self.retries = None if retries is None else int(retries)
+        self.retry_seconds = float(retry_seconds)
         self.backoff = backoff
+        self._answered = False  # whether the server has answered this client yet
         tls_files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
         if tls or any(v is not None for v in tls_files.values()):
             if credentials is not None:
@@ -148,12 +285,16 @@ class Client:
             token = _read_file("token_file", token_file).decode("utf-8", "replace").strip()
             if not token:
                 raise ValueError(f"token_file: expected a token in {token_file}, got an empty file")
-        opts = [("grpc.max_send_message_length", -1),
-                ("grpc.max_receive_message_length", -1)] + list(options)
+        opts = dict([("grpc.max_send_message_length", -1),
+                     ("grpc.max_receive_message_length", -1),
+                     ("grpc.initial_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 2000)])
+        opts.update(options)
+        opts = list(opts.items())
         if credentials is not None:
-            self._channel = grpc.secure_channel(address, credentials, options=opts)
+            self._channel = grpc.secure_channel(self.address, credentials, options=opts)
         else:
-            self._channel = grpc.insecure_channel(address, options=opts)
+            self._channel = grpc.insecure_channel(self.address, options=opts)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = trainer_pb2_grpc.TernaryTrainerStub(self._channel)
         # Raw-bytes methods: there are no Python modules for these services (see _wire).
@@ -175,16 +316,43 @@ class Client:
 
     def _call(self, name, fn, idempotent, timeout):
         """Runs fn(timeout) with the retry policy; grpc errors become tscale.Error."""
-        attempts = 1 + (max(self.retries, 0) if idempotent else 0)
         t = self.timeout if timeout is None else timeout
-        for attempt in range(attempts):
+        retried = 0
+        first_failure = None
+        while True:
             try:
-                return fn(t)
+                result = fn(t)
+                self._answered = True
+                return result
             except grpc.RpcError as e:
-                if attempt + 1 < attempts and e.code() in _RETRYABLE:
-                    time.sleep(min(self.backoff * (2 ** attempt), 2.0))
+                code = e.code()
+                if code not in _RETRYABLE:
+                    self._answered = True
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                left = self.retry_seconds - (now - first_failure)
+                if idempotent and code in _RETRYABLE and left > 0 and self._may_retry(retried):
+                    time.sleep(min(self.backoff * (2 ** min(retried, 32)), _MAX_BACKOFF, left))
+                    retried += 1
                     continue
-                raise Error.from_rpc_error(e, name) from None
+                raise self._error(e, name) from None
+
+    def _may_retry(self, retried):
+        """Whether a call retried `retried` times so far may be retried again (time aside)."""
+        limit = self.retries
+        if limit is None and not self._answered:
+            limit = _FIRST_CONTACT_RETRIES
+        return limit is None or retried < limit
+
+    def _error(self, rpc_error, method):
+        """tscale.Error of a grpc.RpcError; a failed connection described in the client's words."""
+        error = Error.from_rpc_error(rpc_error, method)
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            message = _connection_failure(self.address, error.message)
+            if message is not None:
+                error = Error(error.code, message, method, details=error.message)
+        return error
 
     def _unary(self, name, request, idempotent, timeout=None):
         method = getattr(self._stub, name)
@@ -197,10 +365,13 @@ class Client:
         """The standard gRPC health check: "SERVING", "NOT_SERVING", ... for ``service`` ("" is
         the whole server; "tscale.v1.TernaryTrainer" the API). An unknown service name raises
         Error with code NOT_FOUND."""
+        return self._health(service, timeout, retry=True)
+
+    def _health(self, service, timeout, retry):
         req = _wire.health_request(service)
         resp = self._call("Health.Check",
                           lambda t: self._health_check(req, timeout=t, metadata=self._metadata),
-                          True, timeout)
+                          retry, timeout)
         return _wire.health_status(resp)
 
     def wait_ready(self, timeout=30.0, service=""):
@@ -209,7 +380,9 @@ class Client:
         last = None
         while True:
             try:
-                status = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                # No retries inside: this loop is the retry, bounded by its own timeout.
+                status = self._health(service, max(0.1, min(2.0, deadline - time.monotonic())),
+                                      retry=False)
                 if status == "SERVING":
                     return
                 last = f"health status {status}"
@@ -238,17 +411,36 @@ class Client:
     # ------------------------------------------------------------ models
 
     def create_model(self, model_id, spec, seed=0, device="", compute="COMPUTE_TYPE_UNSPECIFIED",
-                     timeout=None):
+                     exist_ok=False, timeout=None):
         """Creates a model; returns its trainer_pb2.ModelInfo.
 
         spec: a ModelSpec, a dict in the proto's JSON form or a JSON string (see ``to_spec``).
         compute: a ComputeType value or name ("fp32", "tf32", "bf16", "COMPUTE_FP32", ...).
-        Not retried (a retry could meet its own model: ALREADY_EXISTS).
+        exist_ok: when a model of that id exists already with the same spec (defaults filled in),
+            compute type and, when given, device, return its ModelInfo (at whatever step it has
+            reached) instead of raising ALREADY_EXISTS; the seed cannot be compared (the server
+            does not keep it). A model that differs still raises ALREADY_EXISTS, saying what
+            differs. With exist_ok the call is retried like a read; without, it is sent once (a
+            retry could meet its own model: ALREADY_EXISTS).
         """
         req = trainer_pb2.CreateModelRequest(
             model_id=model_id, spec=to_spec(spec), seed=seed, device=device,
             compute=_enum(trainer_pb2.ComputeType, compute, "COMPUTE_", "compute"))
-        return self._unary("CreateModel", req, False, timeout)
+        try:
+            return self._unary("CreateModel", req, exist_ok, timeout)
+        except Error as e:
+            if not exist_ok or e.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            error = e
+        try:
+            info = self.get_model(model_id, timeout=timeout)
+        except Error:
+            raise error from None  # the id is taken by something that is not a model now
+        differs = _differences(req, info)
+        if differs:
+            raise Error(error.code, f"{error.message} (exist_ok: the existing model differs: "
+                                    f"{'; '.join(differs)})", error.method) from None
+        return info
 
     def get_model(self, model_id, timeout=None):
         """trainer_pb2.ModelInfo of the model (step, device, sizes, pending passes)."""
@@ -276,27 +468,28 @@ class Client:
     def forward(self, model_id, x, train=False, timeout=None):
         """Runs the model on x (numpy [batch, in_features], usually float32).
 
-        Returns ForwardResult(output, pass_id, step). With train=True the server keeps what
-        Backward needs under pass_id, until the next update of the model's step. Retried only
-        when train is False.
+        Returns ForwardResult(output, pass_id, step); output is a torch tensor on x's device
+        when x is one. With train=True the server keeps what Backward needs under pass_id, until
+        the next update of the model's step. Retried only when train is False.
         """
         req = trainer_pb2.ForwardRequest(model_id=model_id, input=to_tensor(x, "input"),
                                          train=train)
         resp = self._unary("Forward", req, not train, timeout)
-        return ForwardResult(to_numpy(resp.output, "output"), resp.pass_id, resp.step)
+        return ForwardResult(_like(x, to_numpy(resp.output, "output")), resp.pass_id, resp.step)
 
     def backward(self, model_id, pass_id, grad_output, want_grad_input=False, timeout=None):
         """Backward of one training pass with grad_output (numpy, the pass's output shape).
 
-        Returns the gradient w.r.t. the input as a numpy array when want_grad_input, else None.
-        Never retried: a pass takes exactly one backward.
+        Returns the gradient w.r.t. the input when want_grad_input (numpy, or a torch tensor on
+        grad_output's device when grad_output is one), else None. Never retried: a pass takes
+        exactly one backward.
         """
         req = trainer_pb2.BackwardRequest(model_id=model_id, pass_id=pass_id,
                                           grad_output=to_tensor(grad_output, "grad_output"),
                                           want_grad_input=want_grad_input)
         resp = self._unary("Backward", req, False, timeout)
         if want_grad_input or resp.HasField("grad_input"):
-            return to_numpy(resp.grad_input, "grad_input")
+            return _like(grad_output, to_numpy(resp.grad_input, "grad_input"))
         return None
 
     def update_correlation(self, model_id, expected_step, timeout=None):
@@ -312,12 +505,17 @@ class Client:
                    timeout=None):
         """Forward, loss, backward and update in one call.
 
+        loss: "mse" or "cross_entropy" ("ce"), in any case, as the CLI's --loss; or the enum.
         target: float32 [batch, out] for "mse"; class indices [batch] for "cross_entropy" (any
-        integer dtype; sent as int64). expected_step: the model's current step; None reads it
-        with get_model first (then the call is exactly-once only against other retries of
-        itself). Returns TrainStepResult(loss, step, output, layers, replayed).
+        integer dtype; sent as int64). x and target: numpy arrays or torch tensors.
+        expected_step: the model's current step; None reads it with get_model first (then the
+        call is exactly-once only against other retries of itself). Returns
+        TrainStepResult(loss, step, output, layers, replayed); output is a torch tensor on x's
+        device when x is one.
         """
-        loss_value = _enum(trainer_pb2.TrainStepRequest.Loss, loss, "", "loss")
+        loss_value = _enum(trainer_pb2.TrainStepRequest.Loss, loss, "", "loss", _LOSS_ALIASES)
+        if is_torch(target):
+            target = torch_to_numpy(target, "target")
         if loss_value == trainer_pb2.TrainStepRequest.CROSS_ENTROPY and \
                 hasattr(target, "dtype") and target.dtype.kind in "iu":
             target = target.astype("int64", copy=False)
@@ -327,7 +525,7 @@ class Client:
             model_id=model_id, input=to_tensor(x, "input"), target=to_tensor(target, "target"),
             loss=loss_value, expected_step=expected_step, want_output=want_output)
         resp = self._unary("TrainStep", req, True, timeout)
-        output = to_numpy(resp.output, "output") if resp.HasField("output") else None
+        output = _like(x, to_numpy(resp.output, "output")) if resp.HasField("output") else None
         return TrainStepResult(resp.loss, resp.step, output, list(resp.layers), resp.replayed)
 
     # ------------------------------------------------------------ state

@@ -11,12 +11,16 @@ class Error(Exception):
         message: the server's message; it names the field, what was expected and what came,
             e.g. ``"input: expected 64 features, got 63"``.
         method: the API method that failed, e.g. ``"Forward"`` (empty when unknown).
+        details: gRPC's own text of the failure; the same as ``message`` unless the client put
+            it in its own words (a connection failure: "no tscale-server answering at
+            HOST:PORT (connection refused)").
     """
 
-    def __init__(self, code, message, method=""):
+    def __init__(self, code, message, method="", details=None):
         self.code = code
         self.message = message
         self.method = method
+        self.details = message if details is None else details
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         where = f"{method}: " if method else ""
         super().__init__(f"{where}{name}: {message}")

@@ -1,9 +1,13 @@
-"""numpy arrays <-> the API's ``tscale.v1.Tensor`` (row-major, little-endian, no padding).
+"""numpy arrays and torch tensors <-> the API's ``tscale.v1.Tensor`` (row-major, little-endian,
+no padding).
 
 Supported: float32 (FP32), float16 (FP16), int8 (INT8), uint8 (UINT8), int32 (INT32),
 int64 (INT64). BF16 tensors coming from the server decode to float32 (numpy has no bfloat16).
 Any other dtype (float64, bool, object, ...) raises ValueError: convert explicitly, e.g.
 ``x.astype(np.float32)``, so that no precision is lost or invented silently.
+
+Torch tensors of those dtypes are accepted wherever a numpy array is (detached, and copied to the
+host when on a GPU). torch is never imported by this package unless a torch tensor is passed.
 """
 
 import numpy as np
@@ -32,20 +36,48 @@ _FROM_PROTO = {
 SUPPORTED_DTYPES = tuple(str(d) for d in _TO_PROTO)
 
 
+def is_torch(value):
+    """Whether value is a torch tensor (imports torch only when value's type comes from it)."""
+    if not type(value).__module__.startswith("torch"):
+        return False
+    import torch
+    return isinstance(value, torch.Tensor)
+
+
+def torch_to_numpy(tensor, field="tensor"):
+    """A numpy array with the data of a torch tensor (detached; copied to the host from a GPU).
+    ValueError for a dtype numpy or the API lacks (bfloat16, float64, bool, ...)."""
+    import torch
+    supported = {torch.float32, torch.float16, torch.int8, torch.uint8, torch.int32, torch.int64}
+    if tensor.dtype not in supported:
+        raise ValueError(
+            f"{field}: expected dtype one of {', '.join(SUPPORTED_DTYPES)}, got {tensor.dtype} "
+            f"(convert explicitly, e.g. .float())")
+    return tensor.detach().cpu().numpy()
+
+
+def numpy_to_torch(array, like):
+    """A torch tensor with array's data, on the device of the torch tensor ``like``."""
+    import torch
+    return torch.from_numpy(array).to(like.device)
+
+
 def to_tensor(array, field="tensor"):
     """Returns a ``trainer_pb2.Tensor`` holding a copy of ``array``.
 
     ``array`` must be a numpy array (or something ``np.asarray`` keeps at a supported dtype, such
-    as a numpy scalar) of one of SUPPORTED_DTYPES. Non-contiguous and big-endian arrays are
-    converted; the shape is kept as is (0-d included).
+    as a numpy scalar) or a torch tensor, of one of SUPPORTED_DTYPES. Non-contiguous and
+    big-endian arrays are converted; the shape is kept as is (0-d included).
     """
+    if is_torch(array):
+        array = torch_to_numpy(array, field)
     if not isinstance(array, np.ndarray):
         if isinstance(array, np.generic):
             array = np.asarray(array)
         else:
             raise ValueError(
-                f"{field}: expected a numpy array of one of {', '.join(SUPPORTED_DTYPES)}, "
-                f"got {type(array).__name__}")
+                f"{field}: expected a numpy array or torch tensor of one of "
+                f"{', '.join(SUPPORTED_DTYPES)}, got {type(array).__name__}")
     native = array.dtype.newbyteorder("=")
     if native not in _TO_PROTO:
         raise ValueError(
