@@ -1,4 +1,4 @@
-// A model's persistent state as one safetensors file (DESIGN.md §2): tensors under the reference's
+// A model's persistent state as one safetensors file (docs/state-format.md): tensors under the reference's
 // state_dict keys, metadata `format` (tscale/1), `spec` (JSON), `step` and `crc32c` of the data
 // section. The form of checkpoints and of ExportState / ImportState.
 #ifndef TSCALE_SERVER_CHECKPOINT_STATE_FILE_H_

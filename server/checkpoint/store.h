@@ -1,4 +1,4 @@
-// Checkpoints on disk (DESIGN.md §2): DIR/<model_id>/step-<8-digit step>.safetensors, each written
+// Checkpoints on disk (docs/state-format.md, section 5): DIR/<model_id>/step-<8-digit step>.safetensors, each written
 // to a temporary file in the same folder, fsync'd, renamed into place and the folder fsync'd, so
 // that a crash at any moment leaves either the old set of files or the new one, plus at most a
 // temporary file that the next Open removes.

@@ -2,7 +2,7 @@
 // (TSCALE_WITH_CUDA). Every function takes and returns tensors on one CUDA device and runs on its
 // current stream; none synchronises with the host.
 //
-// Trits are read in their persistent packed form (5 per byte, DESIGN.md §3) straight from device
+// Trits are read in their persistent packed form (5 per byte, docs/arithmetic.md, section 3) straight from device
 // memory: 0.2 bytes per weight instead of a decoded int8 copy.
 #ifndef TSCALE_SERVER_CUDA_KERNELS_H_
 #define TSCALE_SERVER_CUDA_KERNELS_H_

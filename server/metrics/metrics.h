@@ -1,4 +1,4 @@
-// The server's Prometheus metrics (DESIGN.md §4). Names are a contract for dashboards:
+// The server's Prometheus metrics (docs/metrics.md). Names are a contract for dashboards:
 //   tscale_layer_scale_drift{model,layer}            histogram over a layer's groups of log2 S - E,
 //                                                     computed at scrape time (_count = groups)
 //   tscale_layer_saturated_ratio{model,layer}        fraction of groups with |drift| >= 3.96
@@ -71,6 +71,15 @@ class Metrics {
   // A model is gone: its own series go with it.
   void ForgetModel(const std::string& model);
 
+  // Replica groups: this server is rank `rank` of a group of `size` (the group's series exist
+  // from then on); the group is formed or not; one update's exchange (its time and the bytes this
+  // rank sent); a group call that failed because of the group ("mismatch", "refused",
+  // "unavailable").
+  void EnableGroup(int size, int rank);
+  void SetGroupFormed(bool formed);
+  void ObserveGroupExchange(double seconds, int64_t bytes_sent);
+  void CountGroupFailure(absl::string_view reason);
+
   // The text exposition format (version 0.0.4) of every metric, the models' computed now.
   std::string Scrape();
 
@@ -88,6 +97,10 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* checkpoint_duration_;
   prometheus::Family<prometheus::Counter>* checkpoint_failures_;
   prometheus::Family<prometheus::Gauge>* checkpoint_last_success_;
+  prometheus::Family<prometheus::Gauge>* group_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* group_exchange_ = nullptr;
+  prometheus::Family<prometheus::Counter>* group_bytes_ = nullptr;
+  prometheus::Family<prometheus::Counter>* group_failures_ = nullptr;
 };
 
 }  // namespace tscale::metrics
