@@ -10,6 +10,7 @@ packages=(
   clang libclang-rt-14-dev
   # C++ libraries (find_package in CMakeLists.txt)
   libtorch-dev libopenblas0-pthread
+  libgloo-dev  # the headers of LibTorch's ProcessGroupGloo (replica groups, server/group)
   libblas3  # the reference BLAS, on which the golden vectors are bit-equal
   libabsl-dev
   libprotobuf-dev protobuf-compiler

@@ -1,4 +1,4 @@
-// tscale-server: serves the TernaryTrainer API. Flags as DESIGN.md §3 names them (--listen,
+// tscale-server: serves the TernaryTrainer API. Flags as the README's "The server" table lists them (--listen,
 // --device, ...), given as `--flag value` or `--flag=value`.
 //
 // SIGTERM or SIGINT: the server stops accepting calls, finishes those in flight and exits 0.
@@ -146,6 +146,24 @@ int main(int argc, char** argv) {
        StringFlag(&options.auth_token_file)},
       {"reflection", "true|false", "serve gRPC server reflection (default true)",
        BoolFlag(&options.reflection)},
+      {"group-size", "N",
+       "replica group: N servers train every model together (data-parallel over c10d); "
+       "default: WORLD_SIZE from the environment, else no group",
+       IntFlag(&options.group.size)},
+      {"group-rank", "R", "replica group: this server's rank in [0, N) (default: RANK)",
+       IntFlag(&options.group.rank)},
+      {"group-store", "HOST:PORT",
+       "replica group: where the ranks meet; rank 0 hosts the store there (default: "
+       "MASTER_ADDR:MASTER_PORT)",
+       StringFlag(&options.group.store)},
+      {"group-timeout-seconds", "S",
+       "replica group: how long a group call or the group's forming waits for every rank "
+       "(default 60)",
+       IntFlag(&options.group.timeout_seconds)},
+      {"group-rank-from-hostname", "true|false",
+       "replica group: the rank is the hostname's ordinal (a StatefulSet pod 'name-R'; default "
+       "false)",
+       BoolFlag(&options.group.rank_from_hostname)},
       {"shutdown-grace-seconds", "N",
        "on SIGTERM, how long in-flight calls may run before they are cancelled (default 30)",
        IntFlag(&grace_seconds)},
@@ -221,6 +239,9 @@ int main(int argc, char** argv) {
   }
   // Scripts and tests read this line to learn the port.
   std::cout << "tscale-server: listening on " << (*server)->address() << std::endl;
+  if (!(*server)->group_description().empty()) {
+    std::cout << "tscale-server: replica group: " << (*server)->group_description() << std::endl;
+  }
   if ((*server)->metrics_port() != 0) {
     const std::string& m = options.metrics_listen;
     std::cout << "tscale-server: metrics on http://" << m.substr(0, m.rfind(':')) << ":"

@@ -197,11 +197,31 @@ at::Tensor TernaryState::ScoresOfRepeatedRow(const at::Tensor& row) const {
   return GroupSums(trits_ * row.sign().to(at::kChar).view({1, cols_}));
 }
 
+at::Tensor TernaryState::ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const {
+  const int64_t n = grad_rows.size(0);
+  TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(1) == cols_ && first_row >= 0 &&
+                  first_row + n <= rows_,
+              "scores of rows: expected [n, ", cols_, "] within ", rows_, " rows, got ",
+              grad_rows.sizes(), " from row ", first_row);
+#if TSCALE_WITH_CUDA
+  if (fused()) {
+    // The kernel scores whole matrices: the other rows are zeros, whose scores are dropped.
+    at::Tensor full = at::zeros({rows_, cols_}, grad_rows.options());
+    full.narrow(0, first_row, n).copy_(grad_rows);
+    const int64_t gpr = groups_per_row();
+    return cuda::Scores(View(), full).narrow(0, first_row * gpr, n * gpr);
+  }
+#endif
+  return GroupSums(grad_rows.sign().to(at::kChar) * trits_.narrow(0, first_row, n));
+}
+
 at::Tensor TernaryState::GroupSums(at::Tensor signed_t) const {
   const int64_t gpr = groups_per_row();
   const int64_t pad = gpr * group_size_ - cols_;
   if (pad > 0) signed_t = at::constant_pad_nd(signed_t, {0, pad});
-  return signed_t.view({rows_, gpr, group_size_}).sum(2, /*keepdim=*/false, at::kLong).flatten();
+  return signed_t.view({signed_t.size(0), gpr, group_size_})
+      .sum(2, /*keepdim=*/false, at::kLong)
+      .flatten();
 }
 
 void TernaryState::Apply(const at::Tensor& scores) {

@@ -1,5 +1,5 @@
 // The ternary layers: persistent integer state, initialisation, forward and correlation update,
-// with the reference's arithmetic (DESIGN.md §1): S_g = 2^(E_g + 4 corr_accum_g / (step gs)),
+// with the reference's arithmetic (docs/arithmetic.md, section 5): S_g = 2^(E_g + 4 corr_accum_g / (step gs)),
 // w_eff = S (expanded over each group's columns) * T.
 #ifndef TSCALE_SERVER_CORE_LAYERS_H_
 #define TSCALE_SERVER_CORE_LAYERS_H_
@@ -23,7 +23,7 @@ namespace tscale::core {
 // name, e.g. "fc1.corr_accum".
 using StateDict = std::map<std::string, at::Tensor>;
 
-// How a model computes its ternary linear layers (DESIGN.md §1). FP32 is the reference's
+// How a model computes its ternary linear layers (docs/arithmetic.md, section 8, compute types). FP32 is the reference's
 // arithmetic, exact; TF32 (CUDA only) runs the GEMMs on tensor cores with float32 storage; BF16
 // keeps w_eff and the GEMM operands in bfloat16 with float32 accumulation.
 enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
@@ -81,12 +81,15 @@ class TernaryState {
   // Scores(g) of a gradient g whose every row is `row` (float32 [cols]), without forming g: on
   // CUDA the scores kernel reads a stride-0 view; elsewhere sign(row) multiplies T's rows.
   at::Tensor ScoresOfRepeatedRow(const at::Tensor& row) const;
+  // The scores of rows [first_row, first_row + n) of a gradient, from those rows alone
+  // (float32 [n, cols]): int64 [n * groups_per_row()], the part of Scores(grad) for those rows.
+  at::Tensor ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const;
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
 
  private:
   int64_t rows_ = 0, cols_ = 0, group_size_ = 0;
-  // Per-group sums of signed trits int8 [rows, cols], int64 [groups].
+  // Per-group sums of signed trits int8 [n, cols] (n rows), int64 [n * groups_per_row()].
   at::Tensor GroupSums(at::Tensor signed_t) const;
   // Puts T on `device`: packed for the CUDA kernels, else decoded.
   void Place(const at::Tensor& trits, at::Device device);

@@ -7,7 +7,10 @@
 #include <utility>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/Event.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "absl/cleanup/cleanup.h"
@@ -85,8 +88,90 @@ class ResidualNode : public Node {
 };
 
 // Checked on the caller's tensor before it moves to the model's device: a request from the
-// service arrives on the CPU, so this costs no device synchronisation.
-bool AllFinite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+// service arrives on the CPU, so this costs no device synchronisation. The service's tensors are
+// dense float32: one pass over their bits (a float is finite unless its exponent bits are all
+// ones) takes microseconds, where isfinite(t).all() allocates and dispatches two operators.
+bool AllFinite(const at::Tensor& t) {
+  if (t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous()) {
+    const uint32_t* bits = static_cast<const uint32_t*>(t.data_ptr());
+    uint32_t inf_or_nan = 0;
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+      inf_or_nan |= static_cast<uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+    }
+    return inf_or_nan == 0;
+  }
+  return at::isfinite(t).all().item<bool>();
+}
+
+// A stream of the device's pool for a model on a CUDA device; none on the CPU. Through c10's
+// device-generic interface, so that the core needs no CUDA header and builds without CUDA.
+std::optional<c10::Stream> ModelStream(c10::Device device) {
+  if (!device.is_cuda()) return std::nullopt;
+  return c10::impl::getDeviceGuardImpl(device.type())->getStreamFromGlobalPool(device);
+}
+
+// One call's work on its model's stream. Were every model's kernels queued on the device's one
+// current stream, a small model's request would wait for the kernels of another model's long step
+// queued before it; on streams of their own they run side by side. What keeps results exact:
+//  - inputs the caller passes on the device may still be in the making on the caller's stream:
+//    the model's stream waits for what that stream had queued, and their memory is marked as used
+//    by the model's stream, so that it is not handed to other work while kernels still read it
+//    (a training pass keeps its input beyond the call);
+//  - on leaving, the calling thread waits for the model's stream: whatever the call hands back is
+//    complete, on whatever stream the caller reads it, and no kernel of the call outlives it;
+//  - a tensor handed back goes through Hand(): the caller may use it on its own stream after the
+//    call, so its memory waits for that stream too before it is reused.
+// On the CPU (no stream) it does nothing.
+class StreamScope {
+ public:
+  explicit StreamScope(const std::optional<c10::Stream>& stream,
+                       std::initializer_list<const at::Tensor*> inputs = {})
+      : stream_(stream) {
+    if (!stream_) return;
+    const c10::impl::DeviceGuardImplInterface* impl =
+        c10::impl::getDeviceGuardImpl(stream_->device_type());
+    caller_ = impl->getStream(stream_->device());
+    guard_.reset_stream(*stream_);
+    bool waited = *caller_ == *stream_;
+    try {
+      for (const at::Tensor* t : inputs) {
+        if (!t->defined() || t->device() != stream_->device()) continue;
+        if (!waited) {
+          c10::Event ready(stream_->device_type());
+          ready.record(*caller_);
+          ready.block(*stream_);
+          waited = true;
+        }
+        impl->recordDataPtrOnStream(t->storage().data_ptr(), *stream_);
+      }
+    } catch (const c10::Error&) {
+      // The device failed: the call's first use of it reports the error as the call's status.
+    }
+  }
+  ~StreamScope() {
+    if (!stream_) return;
+    try {
+      stream_->synchronize();
+    } catch (const c10::Error&) {
+      // A kernel that failed leaves a sticky error: the caller's next use of the device reports it.
+    }
+  }
+  StreamScope(const StreamScope&) = delete;
+  StreamScope& operator=(const StreamScope&) = delete;
+
+  at::Tensor Hand(at::Tensor t) const {
+    if (stream_ && t.defined() && t.device() == stream_->device() && *caller_ != *stream_) {
+      c10::impl::getDeviceGuardImpl(stream_->device_type())
+          ->recordDataPtrOnStream(t.storage().data_ptr(), *caller_);
+    }
+    return t;
+  }
+
+ private:
+  const std::optional<c10::Stream> stream_;
+  std::optional<c10::Stream> caller_;  // the caller's current stream on the model's device
+  c10::OptionalStreamGuard guard_;
+};
 
 // TF32 is a tensor-core format: it needs the CUDA kernels and a CUDA device.
 absl::Status CheckCompute(ComputeType compute, c10::Device device) {
@@ -151,6 +236,7 @@ Model::Model(ModelSpec spec, SpecSummary summary, c10::Device device, ModelOptio
     : spec_(std::move(spec)),
       summary_(std::move(summary)),
       device_(device),
+      stream_(ModelStream(device)),
       options_(options),
       nonce_(RandomNonce()) {}
 
@@ -198,6 +284,7 @@ absl::Status Model::Build(const StateDict* state, at::Generator* gen) {
       return absl::OkStatus();
     }
   };
+  StreamScope on_stream(stream_);  // the state is allocated and made on the model's stream
   absl::MutexLock lock(&mu_);
   Builder builder{this, state, gen};
   try {
@@ -283,13 +370,14 @@ absl::Status Model::CheckInput(const at::Tensor& input) const {
 
 absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train) {
   if (absl::Status s = CheckInput(input); !s.ok()) return s;
+  StreamScope on_stream(stream_, {&input});
   absl::MutexLock lock(&mu_);
   try {
     at::Tensor x = input.to(device_);
     if (!train) {
       c10::NoGradGuard no_grad;
       int64_t bytes = 0;
-      return ForwardResult{Run(x, &bytes), "", step_};
+      return ForwardResult{on_stream.Hand(Run(x, &bytes)), "", step_};
     }
     ExpirePasses();  // expired passes make room
     if (pending_passes_ >= options_.max_pending_passes) {
@@ -314,7 +402,7 @@ absl::StatusOr<ForwardResult> Model::Forward(const at::Tensor& input, bool train
           " bytes; run pending Backward calls or UpdateCorrelation first"));
     }
     for (const Linear& l : linears_) pass.weights.push_back(l.layer->WeightLeaf());
-    ForwardResult result{pass.output.detach(), NewPassId(step_), step_};
+    ForwardResult result{on_stream.Hand(pass.output.detach()), NewPassId(step_), step_};
     pending_bytes_ += pass.bytes;
     ++pending_passes_;
     if (options_.pending_pass_ttl > absl::ZeroDuration()) {
@@ -343,6 +431,7 @@ absl::Status Model::UnknownPass(absl::string_view pass_id) const {
 
 absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
                                            const at::Tensor& grad_output, bool want_grad_input) {
+  StreamScope on_stream(stream_, {&grad_output});
   absl::MutexLock lock(&mu_);
   ExpirePasses();
   auto it = passes_.find(pass_id);
@@ -393,14 +482,17 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
     ++backwards_;
     if (!want_grad_input) return at::Tensor();
     at::Tensor gi = grads.back();
-    return gi.defined() ? gi : at::zeros({g.size(0), summary_.in_features}, g.options());
+    return on_stream.Hand(gi.defined() ? gi
+                                       : at::zeros({g.size(0), summary_.in_features}, g.options()));
   } catch (const c10::Error& e) {
     return TorchError(e, "backward");
   }
 }
 
 absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
-                                                      const Interrupt& interrupt) {
+                                                      const Interrupt& interrupt,
+                                                      UpdateCombiner* combiner) {
+  StreamScope on_stream(stream_);
   absl::MutexLock lock(&mu_);
   if (expected_step != step_) {
     if (last_update_.has_value() && expected_step == step_ - 1) {
@@ -411,7 +503,7 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
     return absl::FailedPreconditionError(absl::StrCat(
         "expected_step: expected ", step_, " (the model's step), got ", expected_step));
   }
-  if (backwards_ == 0) {
+  if (backwards_ == 0 && combiner == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "update: no Backward since step ", step_, " began; nothing to apply"));
   }
@@ -419,22 +511,57 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
   if (interrupt) {
     if (absl::Status s = interrupt(); !s.ok()) return s;
   }
-  auto result = ApplyUpdate({});
+  auto result = ApplyUpdate({}, nullptr, nullptr, combiner);
   if (result.ok()) last_train_.reset();
   return result;
 }
 
+absl::StatusOr<std::vector<at::Tensor>> Model::CombinedScores(
+    const std::vector<at::Tensor>& extra, StepLoss* loss, UpdateCombiner* combiner) {
+  UpdateCombiner::Local local;
+  for (size_t i = 0; i < linears_.size(); ++i) {
+    at::Tensor sum = linears_[i].grad_sum;
+    if (i < extra.size() && extra[i].defined()) sum = AddGradient(sum, extra[i]);
+    local.grad_sums.push_back(sum);
+    local.states.push_back(&linears_[i].layer->state());
+  }
+  // The verdict goes to the vote before anything is exchanged: a loss that is not finite stops
+  // the update on every rank.
+  if (loss != nullptr) {
+    local.loss = loss->value.detach().to(at::kDouble).item<double>();
+    if (!std::isfinite(local.loss)) {
+      local.status = absl::InvalidArgumentError(absl::StrCat(
+          "loss: the ", loss->kind == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
+          " loss of this rank's batch is not finite (", local.loss, "); nothing was applied"));
+    }
+  }
+  if (step_ >= kMaxStep) {
+    local.status = absl::FailedPreconditionError(absl::StrCat(
+        "update: the model is at step ", step_, ", the largest this server counts to (2^47)"));
+  }
+  auto combined = combiner->Combine(std::move(local));
+  if (!combined.ok()) return combined.status();
+  if (loss != nullptr) loss->host = combined->loss;
+  return std::move(combined->scores);
+}
+
 absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra,
                                                 StepLoss* loss,
-                                                const std::vector<at::Tensor>* sample_inputs) {
-  if (step_ >= kMaxStep) {
+                                                const std::vector<at::Tensor>* sample_inputs,
+                                                UpdateCombiner* combiner) {
+  if (step_ >= kMaxStep && combiner == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "update: the model is at step ", step_, ", the largest this server counts to (2^47)"));
   }
   try {
     // Compute everything first, then commit: an error leaves the state as it was.
     std::vector<at::Tensor> scores, exact(linears_.size());
-    for (size_t i = 0; i < linears_.size(); ++i) {
+    if (combiner != nullptr) {
+      auto combined = CombinedScores(extra, loss, combiner);
+      if (!combined.ok()) return combined.status();
+      scores = *std::move(combined);
+    }
+    for (size_t i = 0; i < linears_.size() && combiner == nullptr; ++i) {
       const bool given = i < extra.size() && extra[i].defined();
       if (sample_inputs != nullptr && given) {
         auto sample = linears_[i].layer->ScoresOfSample(extra[i], (*sample_inputs)[i]);
@@ -458,7 +585,9 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       for (const at::Tensor& e : exact) {
         if (e.defined()) stats.push_back(e.to(at::kLong));
       }
-      if (loss != nullptr) stats.push_back(loss->value.detach().to(at::kDouble).view(at::kLong));
+      if (loss != nullptr && combiner == nullptr) {
+        stats.push_back(loss->value.detach().to(at::kDouble).view(at::kLong));
+      }
       return stats.empty() ? at::Tensor() : at::stack(stats).to(at::kCPU).contiguous();
     };
     at::Tensor host = figures();
@@ -475,7 +604,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       exact[i].reset();
     }
     if (refigure) host = figures();
-    if (loss != nullptr) {
+    if (loss != nullptr && combiner == nullptr) {
       std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
       if (!std::isfinite(loss->host)) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -509,9 +638,8 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
   }
 }
 
-absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const at::Tensor& target,
-                                                 Loss loss, int64_t expected_step,
-                                                 const Interrupt& interrupt) {
+absl::Status Model::CheckTrainStep(const at::Tensor& input, const at::Tensor& target,
+                                   Loss loss) const {
   if (absl::Status s = CheckInput(input); !s.ok()) return s;
   const int64_t batch = input.size(0);
   const int64_t out = summary_.out_features;
@@ -533,6 +661,21 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     return absl::InvalidArgumentError(
         absl::StrCat("loss: expected MSE or CROSS_ENTROPY, got ", static_cast<int>(loss)));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const at::Tensor& target,
+                                                 Loss loss, int64_t expected_step,
+                                                 const Interrupt& interrupt,
+                                                 const GroupStep* group) {
+  if (absl::Status s = CheckTrainStep(input, target, loss); !s.ok()) return s;
+  const int64_t batch = input.size(0);
+  const int64_t out = summary_.out_features;
+  if (group != nullptr && group->group_batch < batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "group batch: expected at least this rank's ", batch, " rows, got ", group->group_batch));
+  }
+  StreamScope on_stream(stream_, {&input, &target});
   absl::MutexLock lock(&mu_);
   if (expected_step != step_) {
     if (last_update_.has_value() && last_train_.has_value() && expected_step == step_ - 1 &&
@@ -571,7 +714,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     // product, taken in its two factors (the gradient at the layer's pre-bias output and its
     // input) instead of an [out, in] matrix; autograd then runs no weight-gradient GEMM.
     const bool factored =
-        batch == 1 && !linears_.empty() &&
+        group == nullptr && batch == 1 && !linears_.empty() &&
         std::all_of(linears_.begin(), linears_.end(),
                     [](const Linear& l) { return !l.grad_sum.defined(); });
     std::vector<at::Tensor> sample_inputs;
@@ -598,6 +741,12 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       step_loss.value = loss == Loss::kMse ? at::mse_loss(result.output, t)
                                            : at::cross_entropy_loss(result.output, t);
       step_loss.kind = loss;
+      // A rank's share of the group's mean: its mean times its part of the group's rows (both
+      // losses are means over rows, MSE over every element of them).
+      if (group != nullptr && group->group_batch != batch) {
+        step_loss.value = step_loss.value * (static_cast<double>(batch) /
+                                             static_cast<double>(group->group_batch));
+      }
       const at::Tensor& value = step_loss.value;
       if (!weights.empty()) {
         grads = torch::autograd::grad({value}, factored ? at_outputs : weights, {},
@@ -605,12 +754,13 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
                                       /*allow_unused=*/true);
       }
     }
-    result.output = result.output.detach();
+    result.output = on_stream.Hand(result.output.detach());
     // As in UpdateCorrelation: the forward and backward changed nothing; the update is all.
     if (interrupt) {
       if (absl::Status s = interrupt(); !s.ok()) return s;
     }
-    auto update = ApplyUpdate(grads, &step_loss, factored ? &sample_inputs : nullptr);
+    auto update = ApplyUpdate(grads, &step_loss, factored ? &sample_inputs : nullptr,
+                              group != nullptr ? group->combiner : nullptr);
     if (!update.ok()) return update.status();
     result.loss = step_loss.host;
     result.update = *std::move(update);
@@ -624,6 +774,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
 // ---------------------------------------------------------------- state
 
 StateSnapshot Model::ExportState() const {
+  StreamScope on_stream(stream_);
   absl::MutexLock lock(&mu_);
   StateSnapshot snap;
   snap.step = step_;
@@ -656,6 +807,7 @@ ModelScaleStats Model::ScaleStats(bool per_group) const {
   };
   std::vector<Copy> copies;
   ModelScaleStats out;
+  StreamScope on_stream(stream_);  // the copies are made, and read, on the model's stream
   {
     absl::MutexLock lock(&mu_);
     out.step = step_;
@@ -682,6 +834,11 @@ int64_t Model::pending_passes() const {
   absl::MutexLock lock(&mu_);
   ExpirePasses();
   return pending_passes_;
+}
+
+int64_t Model::backwards() const {
+  absl::MutexLock lock(&mu_);
+  return backwards_;
 }
 
 int64_t Model::pending_bytes() const {

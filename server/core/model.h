@@ -1,6 +1,6 @@
 // A model: an ordered list of layers built from a ModelSpec, with its training passes.
 //
-// Training protocol (DESIGN.md §1): Forward(train) keeps what Backward needs and returns a pass id
+// Training protocol (docs/arithmetic.md, section 8): Forward(train) keeps what Backward needs and returns a pass id
 // that belongs to the current step; Backward of a pass (once) adds its weight gradients to the
 // step's float32 sums, in arrival order; UpdateCorrelation(expected_step) applies the sign of the
 // sums to every ternary linear layer, advances the step and releases the step's passes. Updates are
@@ -18,12 +18,14 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/core/Stream.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/core/combiner.h"
 #include "server/core/layers.h"
 #include "server/core/scale_stats.h"
 #include "server/core/spec.h"
@@ -68,7 +70,7 @@ struct UpdateResult {
   std::vector<LayerUpdate> layers;  // one per ternary linear layer, in order
 };
 
-// TrainStep's losses (DESIGN.md §1), as PyTorch defines them by default.
+// TrainStep's losses (docs/arithmetic.md, section 8), as PyTorch defines them by default.
 enum class Loss {
   kMse = 1,           // mean over all elements of (y - target)^2; target float32 [batch, out]
   kCrossEntropy = 2,  // mean over the batch of -log softmax(y)[target]; target int64 [batch]
@@ -123,16 +125,27 @@ class Model {
   // Applies when expected_step equals the step; FailedPrecondition otherwise (or when no Backward
   // has run since the last update), except for the replay of the update just applied.
   // `interrupt`, when given, is asked before the update commits (see Interrupt).
+  // With `combiner` (a rank of a replica group), the update is the sign of the group's summed
+  // gradients; a rank with no Backward since the step began brings zeros (the group refuses an
+  // update that no rank has a Backward for).
   absl::StatusOr<UpdateResult> UpdateCorrelation(int64_t expected_step,
-                                                 const Interrupt& interrupt = nullptr);
+                                                 const Interrupt& interrupt = nullptr,
+                                                 UpdateCombiner* combiner = nullptr);
   // Forward, loss, backward and update in one call, holding the model throughout. The update
   // takes the sign of this step's weight gradients summed with those of any Backward already run
   // at this step. Exactly once like UpdateCorrelation: a retry of the TrainStep just applied (same
   // expected_step, input, target and loss) returns its result again (replayed, without output);
   // another request with that stale expected_step is FailedPrecondition.
+  // With `group` (a rank of a replica group), the loss is this rank's share of the group's mean
+  // over group->group_batch rows, the update is the group's, and the loss returned is the
+  // group's.
   absl::StatusOr<TrainStepResult> TrainStep(const at::Tensor& input, const at::Tensor& target,
                                             Loss loss, int64_t expected_step,
-                                            const Interrupt& interrupt = nullptr);
+                                            const Interrupt& interrupt = nullptr,
+                                            const GroupStep* group = nullptr);
+  // The checks TrainStep makes of its arguments before it takes the model: InvalidArgument
+  // naming the field, or OK.
+  absl::Status CheckTrainStep(const at::Tensor& input, const at::Tensor& target, Loss loss) const;
 
   // Drift statistics of every stateful layer. The model is held only to copy corr_accum; the
   // statistics are computed after, so training is not held up.
@@ -147,6 +160,8 @@ class Model {
   int64_t persistent_bytes() const { return persistent_bytes_; }
   int64_t step() const;
   int64_t pending_passes() const;
+  // Backward calls since the step began.
+  int64_t backwards() const;
   int64_t pending_bytes() const;
   // Bytes the model holds on its device now: decoded state, caches, gradient sums, pending passes.
   int64_t device_bytes() const;
@@ -205,9 +220,17 @@ class Model {
     Loss kind;
     double host = 0;
   };
+  // With `combiner`, the scores are the group's (see UpdateCombiner), and `loss` holds this
+  // rank's share of the group's loss; the group's comes back in loss->host.
   absl::StatusOr<UpdateResult> ApplyUpdate(const std::vector<at::Tensor>& extra,
                                            StepLoss* loss = nullptr,
-                                           const std::vector<at::Tensor>* sample_inputs = nullptr)
+                                           const std::vector<at::Tensor>* sample_inputs = nullptr,
+                                           UpdateCombiner* combiner = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The group's scores of this step's gradient sums plus `extra`, and the group's loss.
+  absl::StatusOr<std::vector<at::Tensor>> CombinedScores(const std::vector<at::Tensor>& extra,
+                                                         StepLoss* loss,
+                                                         UpdateCombiner* combiner)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UnknownPass(absl::string_view pass_id) const;
   // Releases the passes older than the TTL that no Backward used. Also from const accessors, so
@@ -217,6 +240,9 @@ class Model {
   const ModelSpec spec_;
   const SpecSummary summary_;
   const c10::Device device_;
+  // On a CUDA device, the stream this model's work runs on (one of the device's pool, so that
+  // models run in parallel); none on the CPU. See StreamScope in model.cc.
+  const std::optional<c10::Stream> stream_;
   const ModelOptions options_;
   const uint64_t nonce_;  // tells this model's pass ids from any other's
   std::vector<std::unique_ptr<Node>> nodes_;

@@ -242,6 +242,52 @@ Metrics::Metrics(const core::ModelRegistry* models, MetricsOptions options, std:
 
 Metrics::~Metrics() = default;
 
+void Metrics::EnableGroup(int size, int rank) {
+  group_ = &prometheus::BuildGauge()
+                .Name("tscale_group")
+                .Help("Replica group: size (servers in the group), rank (this server's) and "
+                      "formed (1 while the group's process group is formed, else 0)")
+                .Register(*registry_);
+  group_->Add({{"field", "size"}}).Set(size);
+  group_->Add({{"field", "rank"}}).Set(rank);
+  group_->Add({{"field", "formed"}}).Set(0);
+  group_exchange_ = &prometheus::BuildHistogram()
+                         .Name("tscale_group_exchange_seconds")
+                         .Help("Time of one update's exchange across the replica group (the "
+                               "vote, the reduce-scatter of gradients, the gather of scores)")
+                         .Register(*registry_);
+  group_exchange_->Add({}, RpcBuckets());
+  group_bytes_ = &prometheus::BuildCounter()
+                      .Name("tscale_group_exchange_bytes_total")
+                      .Help("Bytes this rank sent in the updates' exchanges")
+                      .Register(*registry_);
+  group_bytes_->Add({});
+  group_failures_ = &prometheus::BuildCounter()
+                         .Name("tscale_group_call_failures_total")
+                         .Help("Group calls that failed because of the group, by reason: "
+                               "mismatch (the ranks' calls differ), refused (another rank "
+                               "refused its part), unavailable (not formed, or a collective "
+                               "failed)")
+                         .Register(*registry_);
+  for (const char* reason : {"mismatch", "refused", "unavailable"}) {
+    group_failures_->Add({{"reason", reason}});
+  }
+}
+
+void Metrics::SetGroupFormed(bool formed) {
+  if (group_ != nullptr) group_->Add({{"field", "formed"}}).Set(formed ? 1 : 0);
+}
+
+void Metrics::ObserveGroupExchange(double seconds, int64_t bytes_sent) {
+  if (group_exchange_ == nullptr) return;
+  group_exchange_->Add({}, RpcBuckets()).Observe(seconds);
+  group_bytes_->Add({}).Increment(static_cast<double>(bytes_sent));
+}
+
+void Metrics::CountGroupFailure(absl::string_view reason) {
+  if (group_failures_ != nullptr) group_failures_->Add({{"reason", std::string(reason)}}).Increment();
+}
+
 void Metrics::ObserveRpc(absl::string_view method, absl::StatusCode code, double seconds) {
   const std::string code_name = CodeName(code);
   rpc_duration_->Add({{"code", code_name}, {"method", std::string(method)}}, RpcBuckets())

@@ -1,6 +1,10 @@
 #include "server/service/server.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <optional>
 #include <climits>
 #include <fstream>
 #include <iostream>
@@ -26,6 +30,9 @@
 #include "server/service/auth.h"
 #include "server/service/trainer_service.h"
 #include "server/service/worker_pool.h"
+#if TSCALE_WITH_GROUP
+#include "server/group/replica_group.h"
+#endif
 
 #ifndef TSCALE_VERSION
 #define TSCALE_VERSION "unknown"
@@ -33,6 +40,13 @@
 
 namespace tscale::service {
 namespace {
+
+std::string Hostname() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "";
+  return name;
+}
+
 
 constexpr char kServiceName[] = "tscale.v1.TernaryTrainer";
 constexpr int64_t kMaxMessageBytesLimit = int64_t{1} << 30;
@@ -111,12 +125,57 @@ struct Server::Impl {
   bool checkpoint_on_shutdown = false;
   std::unique_ptr<WorkerPool> pool;
   std::unique_ptr<TrainerService> service;
+#if TSCALE_WITH_GROUP
+  class GroupHealth;
+  std::unique_ptr<GroupHealth> group_health;
+  std::unique_ptr<group::ReplicaGroup> group;
+#endif
+  std::string group_description;
   std::unique_ptr<grpc::Server> server;
   std::string host;
   absl::Mutex mu;
   bool shut_down ABSL_GUARDED_BY(mu) = false;
   absl::Notification done;
 };
+
+#if TSCALE_WITH_GROUP
+// Reports the group's state to the metrics and to health checking: SERVING while formed.
+class Server::Impl::GroupHealth final : public group::GroupObserver {
+ public:
+  explicit GroupHealth(metrics::Metrics* metrics) : metrics_(metrics) {}
+  void Formed(bool formed, int) override {
+    absl::MutexLock lock(&mu_);
+    formed_ = formed;
+    if (metrics_ != nullptr) metrics_->SetGroupFormed(formed);
+    Apply();
+  }
+  void Exchanged(double seconds, int64_t bytes) override {
+    if (metrics_ != nullptr) metrics_->ObserveGroupExchange(seconds, bytes);
+  }
+  void CallFailed(absl::string_view reason) override {
+    if (metrics_ != nullptr) metrics_->CountGroupFailure(reason);
+  }
+  // Health follows the group from now on; nullptr once shutting down.
+  void Serve(grpc::Server* server) {
+    absl::MutexLock lock(&mu_);
+    server_ = server;
+    Apply();
+  }
+
+ private:
+  void Apply() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (server_ == nullptr) return;
+    grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+    health->SetServingStatus(kServiceName, formed_);
+    health->SetServingStatus(formed_);
+  }
+  metrics::Metrics* const metrics_;
+  absl::Mutex mu_;
+  bool formed_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Server* server_ ABSL_GUARDED_BY(mu_) = nullptr;
+};
+#endif
+
 
 Server::Server() : impl_(std::make_unique<Impl>()) {}
 
@@ -243,6 +302,33 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     impl.service->set_checkpointer(impl.checkpointer.get());
   }
 
+  auto group_config = group::ResolveGroupConfig(
+      options.group,
+      [](const char* name) -> std::optional<std::string> {
+        const char* v = std::getenv(name);
+        return v != nullptr ? std::optional<std::string>(v) : std::nullopt;
+      },
+      Hostname());
+  if (!group_config.ok()) return group_config.status();
+  if (group_config->has_value()) {
+#if TSCALE_WITH_GROUP
+    const group::GroupConfig& config = **group_config;
+    if (impl.metrics != nullptr) impl.metrics->EnableGroup(config.size, config.rank);
+    impl.group_health = std::make_unique<Impl::GroupHealth>(impl.metrics.get());
+    impl.group_description = absl::StrCat("rank ", config.rank, " of ", config.size,
+                                          ", store at ", config.store_host, ":",
+                                          config.store_port);
+    impl.group = group::ReplicaGroup::Start(
+        config, trainer.default_device.is_cuda(), impl.group_health.get(),
+        [](const std::string& line) { std::cerr << "tscale-server: " << line << std::endl; });
+    impl.service->set_group(impl.group.get());
+#else
+    return absl::InvalidArgumentError(
+        "--group-size: this tscale-server was built without replica groups (Gloo's headers "
+        "were not found at build time)");
+#endif
+  }
+
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!options.tls_cert.empty() || !options.tls_key.empty() || !options.tls_client_ca.empty()) {
     auto tls = TlsCredentials(options);
@@ -308,9 +394,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   grpc::HealthCheckServiceInterface* health = impl.server->GetHealthCheckService();
   health->SetServingStatus(kServiceName, true);
   health->SetServingStatus(true);
+#if TSCALE_WITH_GROUP
+  // In a group, SERVING while the group is formed.
+  if (impl.group_health != nullptr) impl.group_health->Serve(impl.server.get());
+#endif
   if (impl.checkpointer != nullptr) impl.checkpointer->Start();
   return server;
 }
+
+std::string Server::group_description() const { return impl_->group_description; }
 
 std::string Server::address() const { return absl::StrCat(impl_->host, ":", port_); }
 
@@ -322,6 +414,9 @@ void Server::Shutdown(std::chrono::milliseconds grace) {
     if (impl_->shut_down) return;
     impl_->shut_down = true;
   }
+#if TSCALE_WITH_GROUP
+  if (impl_->group_health != nullptr) impl_->group_health->Serve(nullptr);
+#endif
   if (impl_->server != nullptr) {
     impl_->server->GetHealthCheckService()->SetServingStatus(false);
     impl_->server->Shutdown(std::chrono::system_clock::now() + grace);
@@ -337,6 +432,9 @@ void Server::Shutdown(std::chrono::milliseconds grace) {
     }
   }
   if (impl_->pool != nullptr) impl_->pool->Stop();
+#if TSCALE_WITH_GROUP
+  impl_->group.reset();  // leaves the group: the others' calls fail until it is back
+#endif
   // Last: the final state stays scrapeable until the end.
   if (impl_->exposer != nullptr) impl_->exposer->Stop();
   impl_->done.Notify();

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "server/group/config.h"
 
 namespace tscale::service {
 
@@ -73,6 +74,11 @@ struct ServerOptions {
   // open so that probes work.
   std::string auth_token_file;
   bool reflection = true;  // --reflection
+  // Replica group (--group-size, --group-rank, --group-store, --group-timeout-seconds,
+  // --group-rank-from-hostname; else WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT): this server is
+  // one rank of a group that trains every model together. Health is SERVING while the group is
+  // formed.
+  group::GroupFlags group;
 };
 
 class TrainerService;
@@ -101,6 +107,8 @@ class Server {
   void Wait();
   // Reads --auth-token-file again (SIGHUP). OK without tokens; on an error the old ones stay.
   absl::Status ReloadTokens();
+  // The group this server is a rank of: "rank R of N at HOST:PORT"; empty when alone.
+  std::string group_description() const;
 
  private:
   Server();

@@ -125,7 +125,8 @@ absl::StatusOr<std::shared_ptr<core::Model>> TrainerService::Find(
 
 absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
                                            v1::ModelInfo* resp,
-                                           const core::Interrupt& interrupt) {
+                                           const core::Interrupt& interrupt,
+                                           const CommitGate& gate) {
   if (absl::Status s = core::ValidateModelId(req.model_id()); !s.ok()) return s;
   auto spec = SpecFromProto(req.spec());
   if (!spec.ok()) return spec.status();
@@ -147,6 +148,9 @@ absl::Status TrainerService::DoCreateModel(const v1::CreateModelRequest& req,
   if (!model.ok()) return model.status();
   std::shared_ptr<core::Model> shared = *std::move(model);
   if (absl::Status s = interrupt(); !s.ok()) return s;
+  if (gate) {
+    if (absl::Status s = gate(*shared); !s.ok()) return s;
+  }
   if (absl::Status s = registry_.Add(*std::move(reservation), shared); !s.ok()) return s;
   ModelInfoToProto(req.model_id(), *shared, resp);
   return absl::OkStatus();
@@ -156,6 +160,7 @@ grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContex
                                                       const v1::CreateModelRequest* req,
                                                       v1::ModelInfo* resp) {
   return Dispatch(ctx, "CreateModel", *req, [this, ctx, req, resp] {
+    if (group_ != nullptr) return GroupCreateModel(*req, resp, InterruptOf(ctx));
     return DoCreateModel(*req, resp, InterruptOf(ctx));
   });
 }
@@ -202,7 +207,9 @@ absl::Status TrainerService::DoDeleteModel(const v1::DeleteModelRequest& req) {
 grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContext* ctx,
                                                       const v1::DeleteModelRequest* req,
                                                       v1::DeleteModelResponse*) {
-  return Dispatch(ctx, "DeleteModel", *req, [this, req] { return DoDeleteModel(*req); });
+  return Dispatch(ctx, "DeleteModel", *req, [this, req] {
+    return group_ != nullptr ? GroupDeleteModel(*req) : DoDeleteModel(*req);
+  });
 }
 
 // ---------------------------------------------------------------- training
@@ -262,34 +269,41 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
     grpc::CallbackServerContext* ctx, const v1::UpdateCorrelationRequest* req,
     v1::UpdateCorrelationResponse* resp) {
-  return Dispatch(ctx, "UpdateCorrelation", *req, [this, ctx, req, resp]() -> absl::Status {
-    auto model = Find(req->model_id());
-    if (!model.ok()) return model.status();
-    // The request may wait for the model behind others; it gives up if cancelled meanwhile.
-    auto result = (*model)->UpdateCorrelation(req->expected_step(), InterruptOf(ctx));
-    if (!result.ok()) return result.status();
-    Updated(req->model_id(), result->step, result->replayed, /*train_step=*/false);
-    resp->set_step(result->step);
-    resp->set_replayed(result->replayed);
-    for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
-    return absl::OkStatus();
+  return Dispatch(ctx, "UpdateCorrelation", *req, [this, ctx, req, resp] {
+    if (group_ != nullptr) return GroupUpdateCorrelation(*req, resp, InterruptOf(ctx));
+    return DoUpdateCorrelation(*req, resp, InterruptOf(ctx));
   });
 }
 
-absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
-                                         v1::TrainStepResponse* resp,
-                                         const core::Interrupt& interrupt) {
+absl::Status TrainerService::DoUpdateCorrelation(const v1::UpdateCorrelationRequest& req,
+                                                 v1::UpdateCorrelationResponse* resp,
+                                                 const core::Interrupt& interrupt) {
   auto model = Find(req.model_id());
   if (!model.ok()) return model.status();
-  core::Loss loss;
+  // The request may wait for the model behind others; it gives up if cancelled meanwhile.
+  auto result = (*model)->UpdateCorrelation(req.expected_step(), interrupt);
+  if (!result.ok()) return result.status();
+  Updated(req.model_id(), result->step, result->replayed, /*train_step=*/false);
+  resp->set_step(result->step);
+  resp->set_replayed(result->replayed);
+  for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainerService::TrainArgs> TrainerService::ParseTrainStep(
+    const v1::TrainStepRequest& req) const {
+  TrainArgs args;
+  auto model = Find(req.model_id());
+  if (!model.ok()) return model.status();
+  args.model = *std::move(model);
   v1::DataType target_dtype;
   switch (req.loss()) {
     case v1::TrainStepRequest::MSE:
-      loss = core::Loss::kMse;
+      args.loss = core::Loss::kMse;
       target_dtype = v1::FP32;
       break;
     case v1::TrainStepRequest::CROSS_ENTROPY:
-      loss = core::Loss::kCrossEntropy;
+      args.loss = core::Loss::kCrossEntropy;
       target_dtype = v1::INT64;
       break;
     default:
@@ -301,17 +315,28 @@ absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
   }
   auto input = TensorFromProto(req.input(), "input", v1::FP32);
   if (!input.ok()) return input.status();
+  args.input = *std::move(input);
   auto target = TensorFromProto(req.target(), "target", target_dtype);
   if (!target.ok()) return target.status();
+  args.target = *std::move(target);
   if (req.want_output()) {
-    const int64_t batch = Rows(*input, (*model)->summary().in_features);
-    if (absl::Status s = CheckSize(batch * (*model)->summary().out_features * 4 + kEnvelopeBytes,
-                                   "the response's output");
+    const int64_t batch = Rows(args.input, args.model->summary().in_features);
+    if (absl::Status s =
+            CheckSize(batch * args.model->summary().out_features * 4 + kEnvelopeBytes,
+                      "the response's output");
         !s.ok()) {
       return s;
     }
   }
-  auto result = (*model)->TrainStep(*input, *target, loss, req.expected_step(), interrupt);
+  return args;
+}
+
+absl::Status TrainerService::RunTrainStep(const v1::TrainStepRequest& req, const TrainArgs& args,
+                                          v1::TrainStepResponse* resp,
+                                          const core::Interrupt& interrupt,
+                                          const core::GroupStep* group) {
+  auto result = args.model->TrainStep(args.input, args.target, args.loss, req.expected_step(),
+                                      interrupt, group);
   if (!result.ok()) return result.status();
   Updated(req.model_id(), result->update.step, result->update.replayed, /*train_step=*/true);
   resp->set_loss(result->loss);
@@ -324,10 +349,19 @@ absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
   return absl::OkStatus();
 }
 
+absl::Status TrainerService::DoTrainStep(const v1::TrainStepRequest& req,
+                                         v1::TrainStepResponse* resp,
+                                         const core::Interrupt& interrupt) {
+  auto args = ParseTrainStep(req);
+  if (!args.ok()) return args.status();
+  return RunTrainStep(req, *args, resp, interrupt, nullptr);
+}
+
 grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext* ctx,
                                                     const v1::TrainStepRequest* req,
                                                     v1::TrainStepResponse* resp) {
   return Dispatch(ctx, "TrainStep", *req, [this, ctx, req, resp] {
+    if (group_ != nullptr) return GroupTrainStep(*req, resp, InterruptOf(ctx));
     return DoTrainStep(*req, resp, InterruptOf(ctx));
   });
 }
@@ -410,7 +444,8 @@ grpc::ServerWriteReactor<v1::StateChunk>* TrainerService::ExportState(
 
 absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::string data,
                                            v1::ModelInfo* resp,
-                                           const core::Interrupt& interrupt) {
+                                           const core::Interrupt& interrupt,
+                                           const CommitGate& gate) {
   auto device = DeviceFor(header.device());
   if (!device.ok()) return device.status();
   auto compute = ComputeFromProto(header.compute());
@@ -442,6 +477,9 @@ absl::Status TrainerService::DoImportState(const v1::ImportHeader& header, std::
   if (!model.ok()) return model.status();
   std::shared_ptr<core::Model> shared = *std::move(model);
   if (absl::Status s = interrupt(); !s.ok()) return s;
+  if (gate) {
+    if (absl::Status s = gate(*shared); !s.ok()) return s;
+  }
   if (absl::Status s = registry_.Add(*std::move(reservation), shared); !s.ok()) return s;
   if (checkpointer_ != nullptr) checkpointer_->Forget(header.model_id());
   ModelInfoToProto(header.model_id(), *shared, resp);
@@ -534,7 +572,11 @@ class TrainerService::ImportReactor final
     // end of the file, and a cancelled import imports nothing.
     const bool queued = service_->pool_->Submit([this] {
       absl::Status s = Interrupted(ctx_);
-      if (s.ok()) s = service_->DoImportState(header_, std::move(data_), resp_, InterruptOf(ctx_));
+      if (s.ok()) {
+        s = service_->group_ != nullptr
+                ? service_->GroupImportState(header_, std::move(data_), resp_, InterruptOf(ctx_))
+                : service_->DoImportState(header_, std::move(data_), resp_, InterruptOf(ctx_));
+      }
       Finish(service_->Finished("ImportState", s, start_));
     });
     if (!queued) Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
@@ -683,8 +725,9 @@ grpc::ServerUnaryReactor* TrainerService::ListCheckpoints(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* TrainerService::RestoreCheckpoint(
     grpc::CallbackServerContext* ctx, const v1::RestoreCheckpointRequest* req,
     v1::ModelInfo* resp) {
-  return Dispatch(ctx, "RestoreCheckpoint", *req,
-                  [this, req, resp] { return DoRestoreCheckpoint(*req, resp); });
+  return Dispatch(ctx, "RestoreCheckpoint", *req, [this, req, resp] {
+    return group_ != nullptr ? GroupRestoreCheckpoint(*req, resp) : DoRestoreCheckpoint(*req, resp);
+  });
 }
 
 grpc::ServerUnaryReactor* TrainerService::GetServerInfo(grpc::CallbackServerContext* ctx,
@@ -703,6 +746,7 @@ grpc::ServerUnaryReactor* TrainerService::GetServerInfo(grpc::CallbackServerCont
     resp->set_max_device_bytes(options_.limits.max_device_bytes);
     resp->set_device_bytes_in_use(registry_.device_bytes_in_use());
     resp->set_pending_pass_ttl_seconds(absl::ToInt64Seconds(options_.model.pending_pass_ttl));
+    GroupInfo(resp);
     return absl::OkStatus();
   });
 }

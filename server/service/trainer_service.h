@@ -4,6 +4,7 @@
 #define TSCALE_SERVER_SERVICE_TRAINER_SERVICE_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include <c10/core/Device.h>
@@ -17,6 +18,11 @@
 #include "server/service/auth.h"
 #include "server/service/worker_pool.h"
 #include "tscale/v1/trainer.grpc.pb.h"
+
+namespace tscale::group {
+class ReplicaGroup;
+class GroupCall;
+}  // namespace tscale::group
 
 namespace tscale::service {
 
@@ -39,6 +45,9 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   // Requires a bearer token of `auth` on every call of this service (health checks are another
   // service, and stay open); call before serving.
   void set_auth(const TokenAuth* auth) { auth_ = auth; }
+  // Makes this server a rank of a replica group: its state-changing calls become group calls
+  // (see server/group/replica_group.h); call before serving.
+  void set_group(group::ReplicaGroup* group) { group_ = group; }
   core::ModelRegistry& registry() { return registry_; }
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
@@ -101,15 +110,47 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   absl::StatusOr<c10::Device> DeviceFor(const std::string& name) const;
   absl::StatusOr<std::shared_ptr<core::Model>> Find(const std::string& model_id) const;
 
+  // Asked with the model built, right before it is registered: a replica group's commit point.
+  using CommitGate = std::function<absl::Status(const core::Model&)>;
   absl::Status DoCreateModel(const v1::CreateModelRequest& req, v1::ModelInfo* resp,
-                             const core::Interrupt& interrupt);
+                             const core::Interrupt& interrupt, const CommitGate& gate = nullptr);
   absl::Status DoForward(const v1::ForwardRequest& req, v1::ForwardResponse* resp);
   absl::Status DoBackward(const v1::BackwardRequest& req, v1::BackwardResponse* resp);
+  // A TrainStep's arguments, converted and checked.
+  struct TrainArgs {
+    std::shared_ptr<core::Model> model;
+    core::Loss loss = core::Loss::kMse;
+    at::Tensor input, target;
+  };
+  absl::StatusOr<TrainArgs> ParseTrainStep(const v1::TrainStepRequest& req) const;
+  // With `group` (a group TrainStep that applies), the update is the group's.
+  absl::Status RunTrainStep(const v1::TrainStepRequest& req, const TrainArgs& args,
+                            v1::TrainStepResponse* resp, const core::Interrupt& interrupt,
+                            const core::GroupStep* group);
   absl::Status DoTrainStep(const v1::TrainStepRequest& req, v1::TrainStepResponse* resp,
                            const core::Interrupt& interrupt);
   absl::StatusOr<std::string> DoExportState(const v1::ExportStateRequest& req);
   absl::Status DoImportState(const v1::ImportHeader& header, std::string data,
-                             v1::ModelInfo* resp, const core::Interrupt& interrupt);
+                             v1::ModelInfo* resp, const core::Interrupt& interrupt,
+                             const CommitGate& gate = nullptr);
+  absl::Status DoUpdateCorrelation(const v1::UpdateCorrelationRequest& req,
+                                   v1::UpdateCorrelationResponse* resp,
+                                   const core::Interrupt& interrupt);
+  // The group calls (with a replica group): the same calls, run through the group.
+  absl::Status GroupCreateModel(const v1::CreateModelRequest& req, v1::ModelInfo* resp,
+                                const core::Interrupt& interrupt);
+  absl::Status GroupImportState(const v1::ImportHeader& header, std::string data,
+                                v1::ModelInfo* resp, const core::Interrupt& interrupt);
+  absl::Status GroupRestoreCheckpoint(const v1::RestoreCheckpointRequest& req,
+                                      v1::ModelInfo* resp);
+  absl::Status GroupDeleteModel(const v1::DeleteModelRequest& req);
+  absl::Status GroupUpdateCorrelation(const v1::UpdateCorrelationRequest& req,
+                                      v1::UpdateCorrelationResponse* resp,
+                                      const core::Interrupt& interrupt);
+  // GetServerInfo's group fields.
+  void GroupInfo(v1::ServerInfo* resp) const;
+  absl::Status GroupTrainStep(const v1::TrainStepRequest& req, v1::TrainStepResponse* resp,
+                              const core::Interrupt& interrupt);
   absl::Status DoGetScaleStats(const v1::GetScaleStatsRequest& req, v1::ScaleStats* resp);
   absl::Status DoDeleteModel(const v1::DeleteModelRequest& req);
   absl::Status DoSaveCheckpoint(const v1::SaveCheckpointRequest& req, v1::CheckpointInfo* resp);
@@ -132,6 +173,7 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   checkpoint::Checkpointer* checkpointer_ = nullptr;
   metrics::Metrics* metrics_ = nullptr;
   const TokenAuth* auth_ = nullptr;
+  group::ReplicaGroup* group_ = nullptr;
 };
 
 }  // namespace tscale::service

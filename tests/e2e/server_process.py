@@ -74,8 +74,10 @@ class ServerProcess:
     ``remove_logs()`` deletes them all)."""
 
     def __init__(self, *args, device=DEVICE, start_timeout=120.0, popen_kwargs=None,
-                 client_kwargs=None):
+                 client_kwargs=None, prefix=()):
         self.args = list(args)
+        # A command the server runs under, e.g. ("ip", "netns", "exec", "NAME").
+        self.prefix = list(prefix)
         # tscale.Client arguments for the readiness check and client(): TLS options for a
         # server started with --tls-cert (health needs no token).
         self.client_kwargs = dict(client_kwargs or {})
@@ -96,12 +98,14 @@ class ServerProcess:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self):
+    def start(self, ready=True):
+        """Starts the server and waits for its listening line, then (ready) for health SERVING;
+        a rank of a replica group is SERVING only once every rank has started."""
         if not os.path.exists(SERVER_BIN):
             raise unittest.SkipTest(f"no server binary at {SERVER_BIN} (TSCALE_SERVER_BIN)")
         if self.running():
             raise RuntimeError(f"tscale-server (pid {self.pid}) is still running")
-        cmd = [SERVER_BIN, "--listen", "127.0.0.1:0"]
+        cmd = self.prefix + [SERVER_BIN, "--listen", "127.0.0.1:0"]
         if self.device:
             cmd += ["--device", self.device]
         cmd += self.args
@@ -116,12 +120,16 @@ class ServerProcess:
         _live.add(self.proc)
         try:
             self.address = self._wait_listening(cmd)
-            with tscale.Client(self.address, timeout=5, **self.client_kwargs) as client:
-                client.wait_ready(timeout=self.start_timeout)
+            if ready:
+                self.wait_ready()
         except BaseException:
             self.kill()
             raise
         return self
+
+    def wait_ready(self):
+        with tscale.Client(self.address, timeout=5, **self.client_kwargs) as client:
+            client.wait_ready(timeout=self.start_timeout)
 
     def _wait_listening(self, cmd):
         deadline = time.monotonic() + self.start_timeout

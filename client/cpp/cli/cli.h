@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "client/cpp/client.h"
+#include "client/cpp/group.h"
 
 namespace tscale::cli {
 
@@ -43,6 +44,9 @@ class Context {
   const std::string& command() const { return command_; }
   const std::string& server() const { return server_; }
   client::Client& client();
+  // With --servers A,B,...: the replica group's client (rank r at the r-th address); else null.
+  client::ReplicaGroup* group();
+  void set_servers(std::vector<std::string> servers) { servers_ = std::move(servers); }
 
   // Prints "tscale: <command>: <CODE>: <message>" to stderr; returns kExitFailure.
   int Fail(const absl::Status& status) const;
@@ -59,6 +63,8 @@ class Context {
   std::string server_;
   client::ClientOptions options_;
   std::unique_ptr<client::Client> client_;
+  std::vector<std::string> servers_;
+  std::unique_ptr<client::ReplicaGroup> group_;
 };
 
 struct Command {

@@ -35,6 +35,12 @@ client::Client& Context::client() {
   return *client_;
 }
 
+client::ReplicaGroup* Context::group() {
+  if (servers_.empty()) return nullptr;
+  if (!group_) group_ = std::make_unique<client::ReplicaGroup>(servers_, options_);
+  return group_.get();
+}
+
 int Context::Fail(const absl::Status& status) const {
   std::cerr << "tscale: " << command_ << ": " << absl::StatusCodeToString(status.code()) << ": "
             << status.message() << "\n";
@@ -190,21 +196,29 @@ int RunCreate(Context& context, const Args& args) {
   absl::StatusOr<v1::ModelSpec> spec = ReadSpec(args.Get("--spec"));
   if (!spec.ok()) return context.Fail(spec.status());
   *request.mutable_spec() = *std::move(spec);
-  absl::StatusOr<v1::ModelInfo> info = context.client().CreateModel(request);
+  absl::StatusOr<v1::ModelInfo> info = context.group() != nullptr
+                                          ? context.group()->CreateModel(request)
+                                          : context.client().CreateModel(request);
   if (!info.ok()) return context.Fail(info.status());
   PrintModelInfo(*info);
   return kExitOk;
 }
 
 int RunInfo(Context& context, const Args& args) {
-  absl::StatusOr<v1::ModelInfo> info = context.client().GetModel(args.positional[0]);
+  absl::StatusOr<v1::ModelInfo> info = context.group() != nullptr
+                                          ? context.group()->GetModel(args.positional[0])
+                                          : context.client().GetModel(args.positional[0]);
   if (!info.ok()) return context.Fail(info.status());
   PrintModelInfo(*info);
   return kExitOk;
 }
 
 int RunDelete(Context& context, const Args& args) {
-  const absl::Status status = context.client().DeleteModel(args.positional[0]);
+  v1::DeleteModelRequest request;
+  request.set_model_id(args.positional[0]);
+  const absl::Status status = context.group() != nullptr
+                                  ? context.group()->DeleteModel(request)
+                                  : context.client().DeleteModel(request);
   if (!status.ok()) return context.Fail(status);
   std::cout << "deleted " << args.positional[0] << "\n";
   return kExitOk;
@@ -316,7 +330,29 @@ int RunStats(Context& context, const Args& args) {
   return kExitOk;
 }
 
+void PrintGroup(const v1::ServerInfo& info) {
+  if (info.group_size() <= 1) return;
+  std::cout << "group:              rank " << info.group_rank() << " of " << info.group_size()
+            << (info.group_formed() ? ", formed" : ", not formed") << " (generation "
+            << info.group_generation() << ", " << info.group_backend() << ")";
+  if (info.group_missing_ranks_size() > 0) {
+    std::cout << "; missing ranks " << absl::StrJoin(info.group_missing_ranks(), ", ");
+  }
+  std::cout << "\n";
+}
+
 int RunServerInfo(Context& context, const Args&) {
+  if (client::ReplicaGroup* group = context.group(); group != nullptr) {
+    absl::StatusOr<std::vector<v1::ServerInfo>> infos = group->GetServerInfo();
+    if (!infos.ok()) return context.Fail(infos.status());
+    for (const v1::ServerInfo& info : *infos) {
+      std::cout << "version:            " << info.version() << "\n"
+                << "default_device:     " << info.default_device() << "\n"
+                << "models:             " << info.models() << "\n";
+      PrintGroup(info);
+    }
+    return kExitOk;
+  }
   absl::StatusOr<v1::ServerInfo> info = context.client().GetServerInfo();
   if (!info.ok()) return context.Fail(info.status());
   std::cout << "server:             " << context.server() << "\n"
@@ -327,6 +363,7 @@ int RunServerInfo(Context& context, const Args&) {
             << "max_message_bytes:  " << info->max_message_bytes() << "\n"
             << "max_pending_passes: " << info->max_pending_passes() << "\n"
             << "max_pending_bytes:  " << info->max_pending_bytes() << "\n";
+  PrintGroup(*info);
   return kExitOk;
 }
 

@@ -17,6 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "client/cpp/cli/cli.h"
 
@@ -29,6 +30,9 @@ const std::vector<OptionSpec>& GlobalOptions() {
   static const std::vector<OptionSpec> options = {
       {"--server", "HOST:PORT",
        absl::StrCat("the server (default: $TSCALE_SERVER, else ", kDefaultServer, ")")},
+      {"--servers", "A,B,...",
+       "a replica group, rank r at the r-th address: create, info, train and delete go to every "
+       "rank (train splits each batch across them); server-info asks each"},
       {"--timeout", "SECONDS", "deadline of each call, retries included (default 60)"},
       {"--auth-token-file", "FILE", "send the token in FILE as `authorization: Bearer <token>`"},
       {"--tls", "", "use TLS, trusting the system's root certificates"},
@@ -241,6 +245,24 @@ int Main(int argc, char** argv) {
               << absl::FormatDuration(absl::Trunc(wait, absl::Milliseconds(1))) << "\n";
   };
   Context ready(command->name, server, options);
+  if (auto it = globals.find("--servers"); it != globals.end()) {
+    std::vector<std::string> servers = absl::StrSplit(it->second, ',', absl::SkipEmpty());
+    if (servers.empty()) {
+      return UsageError(command->name, "--servers: expected HOST:PORT,HOST:PORT,..., got ''");
+    }
+    if (globals.count("--server")) {
+      return UsageError(command->name, "--server and --servers: give one of them");
+    }
+    static const char* const kGroupCommands[] = {"create", "info", "train", "delete",
+                                                 "server-info"};
+    if (std::find(std::begin(kGroupCommands), std::end(kGroupCommands), command->name) ==
+        std::end(kGroupCommands)) {
+      return UsageError(command->name,
+                        "--servers: only create, info, train, delete and server-info go to a "
+                        "replica group; use --server with one rank's address for the rest");
+    }
+    ready.set_servers(std::move(servers));
+  }
   return command->run(ready, args);
 }
 

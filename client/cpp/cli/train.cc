@@ -102,7 +102,10 @@ int RunTrain(Context& context, const Args& args) {
   }
 
   const std::string& id = args.positional[0];
-  absl::StatusOr<v1::ModelInfo> info = context.client().GetModel(id);
+  // With --servers, a replica group: each step's batch is split across its ranks.
+  client::ReplicaGroup* group = context.group();
+  absl::StatusOr<v1::ModelInfo> info =
+      group != nullptr ? group->GetModel(id) : context.client().GetModel(id);
   if (!info.ok()) return context.Fail(info.status());
   const int64_t in = info->in_features();
   const int64_t out = info->out_features();
@@ -134,7 +137,8 @@ int RunTrain(Context& context, const Args& args) {
     *request.mutable_input() = *std::move(x_proto);
     *request.mutable_target() = *std::move(target_proto);
     request.set_expected_step(step);
-    absl::StatusOr<v1::TrainStepResponse> result = context.client().TrainStep(request);
+    absl::StatusOr<v1::TrainStepResponse> result =
+        group != nullptr ? group->TrainStep(request) : context.client().TrainStep(request);
     if (!result.ok()) {
       progress.Interrupt();
       return context.Fail(result.status());

@@ -1,0 +1,216 @@
+// The state-changing calls of a server in a replica group: each rank states what it received
+// (CallHeader), the group checks that the ranks agree, and the call commits at the group's commit
+// point (a vote, or the update's exchange). Thin: the checks and the exchange live in
+// server/group, the arithmetic in the core.
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/service/convert.h"
+#include "server/service/trainer_service.h"
+
+#if TSCALE_WITH_GROUP
+#include "server/group/replica_group.h"
+#endif
+
+namespace tscale::service {
+
+#if TSCALE_WITH_GROUP
+
+namespace {
+
+// The header of a call on `model_id` by this rank: its model's step, or -1 without one; an
+// invalid id is this rank's refusal.
+group::CallHeader HeaderFor(group::CallKind kind, const std::string& model_id,
+                            const core::ModelRegistry& registry) {
+  group::CallHeader h;
+  h.kind = kind;
+  h.model_id = model_id;
+  if (absl::Status s = core::ValidateModelId(model_id); !s.ok()) {
+    h.local = s;
+    return h;
+  }
+  if (auto model = registry.Get(model_id); model.ok()) h.model_step = (*model)->step();
+  return h;
+}
+
+// A gate that votes with the digest of the state about to be committed.
+std::function<absl::Status(const core::Model&)> VoteWithState(group::GroupCall& call) {
+  return [&call](const core::Model& model) {
+    return call.Vote(absl::OkStatus(), group::StateDigest(model.ExportState()));
+  };
+}
+
+}  // namespace
+
+absl::Status TrainerService::GroupCreateModel(const v1::CreateModelRequest& req,
+                                              v1::ModelInfo* resp,
+                                              const core::Interrupt& interrupt) {
+  group::CallHeader h = HeaderFor(group::CallKind::kCreate, req.model_id(), registry_);
+  // Every argument of the request (spec, seed, device, compute) must be the same on each rank.
+  h.digest = group::Fnv1a(req.ShortDebugString());
+  return group_->Run(h, [&](group::GroupCall& call) {
+    return DoCreateModel(req, resp, interrupt, VoteWithState(call));
+  });
+}
+
+absl::Status TrainerService::GroupImportState(const v1::ImportHeader& header, std::string data,
+                                              v1::ModelInfo* resp,
+                                              const core::Interrupt& interrupt) {
+  group::CallHeader h = HeaderFor(group::CallKind::kImport, header.model_id(), registry_);
+  h.digest = group::Fnv1a(data, group::Fnv1a(header.ShortDebugString()));
+  return group_->Run(h, [&](group::GroupCall& call) {
+    return DoImportState(header, std::move(data), resp, interrupt, VoteWithState(call));
+  });
+}
+
+absl::Status TrainerService::GroupRestoreCheckpoint(const v1::RestoreCheckpointRequest& req,
+                                                    v1::ModelInfo* resp) {
+  group::CallHeader h = HeaderFor(group::CallKind::kRestore, req.model_id(), registry_);
+  // The checkpoint each rank would restore: its name and contents' checksum must agree.
+  if (h.local.ok()) {
+    auto checkpoints = Checkpoints();
+    if (!checkpoints.ok()) {
+      h.local = checkpoints.status();
+    } else if (auto list = (*checkpoints)->store().List(req.model_id()); list.ok()) {
+      const checkpoint::CheckpointInfo* chosen = &list->back();
+      for (const checkpoint::CheckpointInfo& info : *list) {
+        if (info.name == req.name()) chosen = &info;
+      }
+      h.digest = group::Fnv1a(absl::StrCat(chosen->name, ":", chosen->crc32c, ":",
+                                           req.device(), ":", req.compute()));
+    }
+  }
+  return group_->Run(h, [&](group::GroupCall& call) -> absl::Status {
+    auto before = registry_.Get(req.model_id());
+    absl::Status restored = DoRestoreCheckpoint(req, resp);
+    if (!restored.ok()) return restored;
+    auto model = registry_.Get(req.model_id());
+    absl::Status vote =
+        model.ok() ? call.Vote(absl::OkStatus(), group::StateDigest((*model)->ExportState()))
+                   : call.Vote(model.status(), 0);
+    if (vote.ok()) return absl::OkStatus();
+    // Another rank could not restore: the model this rank held before comes back.
+    if (before.ok()) {
+      (void)registry_.Add(req.model_id(), *before, /*replace=*/true);
+    } else {
+      (void)registry_.Remove(req.model_id());
+    }
+    resp->Clear();
+    return vote;
+  });
+}
+
+absl::Status TrainerService::GroupDeleteModel(const v1::DeleteModelRequest& req) {
+  group::CallHeader h = HeaderFor(group::CallKind::kDelete, req.model_id(), registry_);
+  h.digest = req.delete_checkpoints() ? 1 : 0;
+  return group_->Run(h, [&](group::GroupCall& call) -> absl::Status {
+    if (absl::Status s = call.Vote(absl::OkStatus(), 0); !s.ok()) return s;
+    absl::Status deleted = DoDeleteModel(req);
+    // A rank without the model converges with the others.
+    return absl::IsNotFound(deleted) ? absl::OkStatus() : deleted;
+  });
+}
+
+absl::Status TrainerService::GroupUpdateCorrelation(const v1::UpdateCorrelationRequest& req,
+                                                    v1::UpdateCorrelationResponse* resp,
+                                                    const core::Interrupt& interrupt) {
+  group::CallHeader h = HeaderFor(group::CallKind::kUpdate, req.model_id(), registry_);
+  h.expected_step = req.expected_step();
+  // A retry of the update this rank applied last is answered here, as a server alone would:
+  // the other ranks applied it too, and may never send theirs.
+  if (h.model_step >= 0 && h.model_step == req.expected_step() + 1) {
+    return DoUpdateCorrelation(req, resp, interrupt);
+  }
+  std::shared_ptr<core::Model> model;
+  if (auto m = registry_.Get(req.model_id()); m.ok()) {
+    model = *m;
+    h.backwards = model->backwards();
+  }
+  return group_->Run(h, [&](group::GroupCall& call) -> absl::Status {
+    if (call.local()) return DoUpdateCorrelation(req, resp, interrupt);
+    auto result = model->UpdateCorrelation(req.expected_step(), interrupt, call.combiner());
+    if (!result.ok()) return result.status();
+    Updated(req.model_id(), result->step, result->replayed, /*train_step=*/false);
+    resp->set_step(result->step);
+    resp->set_replayed(result->replayed);
+    for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
+    return absl::OkStatus();
+  });
+}
+
+absl::Status TrainerService::GroupTrainStep(const v1::TrainStepRequest& req,
+                                            v1::TrainStepResponse* resp,
+                                            const core::Interrupt& interrupt) {
+  group::CallHeader h = HeaderFor(group::CallKind::kTrainStep, req.model_id(), registry_);
+  h.expected_step = req.expected_step();
+  h.loss = req.loss();
+  auto args = ParseTrainStep(req);
+  if (args.ok() && h.model_step >= 0 && h.model_step == req.expected_step() + 1) {
+    return RunTrainStep(req, *args, resp, interrupt, nullptr);  // a replay, as for updates
+  }
+  if (args.ok()) {
+    h.batch = args->input.dim() == 2 ? args->input.size(0) : 0;
+    h.local = args->model->CheckTrainStep(args->input, args->target, args->loss);
+  } else if (!absl::IsNotFound(args.status()) && h.local.ok()) {
+    h.local = args.status();
+  }
+  return group_->Run(h, [&](group::GroupCall& call) -> absl::Status {
+    if (call.local()) return RunTrainStep(req, *args, resp, interrupt, nullptr);
+    const core::GroupStep step{call.combiner(), call.group_batch()};
+    return RunTrainStep(req, *args, resp, interrupt, &step);
+  });
+}
+
+void TrainerService::GroupInfo(v1::ServerInfo* resp) const {
+  if (group_ == nullptr) {
+    resp->set_group_size(1);
+    return;
+  }
+  const group::GroupStatus status = group_->status();
+  resp->set_group_size(status.size);
+  resp->set_group_rank(status.rank);
+  resp->set_group_formed(status.formed);
+  resp->set_group_generation(status.generation);
+  for (int r : status.missing) resp->add_group_missing_ranks(r);
+  resp->set_group_backend(status.backend);
+}
+
+#else  // !TSCALE_WITH_GROUP: built without Gloo's headers; no group is ever set (see server.cc).
+
+namespace {
+absl::Status NoGroups() {
+  return absl::FailedPreconditionError(
+      "group: this tscale-server was built without replica groups (Gloo's headers were not "
+      "found)");
+}
+}  // namespace
+
+void TrainerService::GroupInfo(v1::ServerInfo* resp) const { resp->set_group_size(1); }
+absl::Status TrainerService::GroupCreateModel(const v1::CreateModelRequest&, v1::ModelInfo*,
+                                              const core::Interrupt&) {
+  return NoGroups();
+}
+absl::Status TrainerService::GroupImportState(const v1::ImportHeader&, std::string,
+                                              v1::ModelInfo*, const core::Interrupt&) {
+  return NoGroups();
+}
+absl::Status TrainerService::GroupRestoreCheckpoint(const v1::RestoreCheckpointRequest&,
+                                                    v1::ModelInfo*) {
+  return NoGroups();
+}
+absl::Status TrainerService::GroupDeleteModel(const v1::DeleteModelRequest&) { return NoGroups(); }
+absl::Status TrainerService::GroupUpdateCorrelation(const v1::UpdateCorrelationRequest&,
+                                                    v1::UpdateCorrelationResponse*,
+                                                    const core::Interrupt&) {
+  return NoGroups();
+}
+absl::Status TrainerService::GroupTrainStep(const v1::TrainStepRequest&, v1::TrainStepResponse*,
+                                            const core::Interrupt&) {
+  return NoGroups();
+}
+
+#endif
+
+}  // namespace tscale::service
