@@ -83,7 +83,8 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
       channel_(std::move(channel)),
       stub_(v1::TernaryTrainer::NewStub(channel_)) {}
 
-absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt& attempt) {
+absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt& attempt,
+                          bool exactly_once) {
   const RetryPolicy& retry = options_.retry;
   absl::Time deadline = absl::Now() + call.timeout.value_or(options_.timeout);
   if (call.deadline.has_value()) deadline = std::min(deadline, *call.deadline);
@@ -116,7 +117,8 @@ absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt
     if (status.ok()) return absl::OkStatus();
 
     const bool transient = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
-                           (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && cut_short);
+                           (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && cut_short) ||
+                           (status.error_code() == grpc::StatusCode::CANCELLED && exactly_once);
     if (!transient || n >= max_attempts) return FromGrpcStatus(status);
     const absl::Duration wait = Jittered(backoff);
     // A retry that could not start before the deadline would only turn this error into
@@ -265,6 +267,19 @@ absl::StatusOr<v1::BackwardResponse> Client::Backward(absl::string_view model_id
   return response;
 }
 
+absl::StatusOr<v1::ReleasePassesResponse> Client::ReleasePasses(
+    absl::string_view model_id, const std::vector<std::string>& pass_ids, const CallOptions& call) {
+  v1::ReleasePassesRequest request;
+  request.set_model_id(std::string(model_id));
+  for (const std::string& id : pass_ids) request.add_pass_ids(id);
+  v1::ReleasePassesResponse response;
+  absl::Status status = Call(pass_ids.empty(), call, [&](grpc::ClientContext& context) {
+    return stub_->ReleasePasses(&context, request, &response);
+  });
+  if (!status.ok()) return status;
+  return response;
+}
+
 absl::StatusOr<v1::UpdateCorrelationResponse> Client::UpdateCorrelation(
     absl::string_view model_id, int64_t expected_step, const CallOptions& call) {
   v1::UpdateCorrelationRequest request;
@@ -272,9 +287,12 @@ absl::StatusOr<v1::UpdateCorrelationResponse> Client::UpdateCorrelation(
   request.set_expected_step(expected_step);
   v1::UpdateCorrelationResponse response;
   // Exactly once by expected_step: a retry of an applied update comes back replayed.
-  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
-    return stub_->UpdateCorrelation(&context, request, &response);
-  });
+  absl::Status status = Call(
+      true, call,
+      [&](grpc::ClientContext& context) {
+        return stub_->UpdateCorrelation(&context, request, &response);
+      },
+      /*exactly_once=*/true);
   if (!status.ok()) return status;
   return response;
 }
@@ -283,9 +301,10 @@ absl::StatusOr<v1::TrainStepResponse> Client::TrainStep(const v1::TrainStepReque
                                                         const CallOptions& call) {
   v1::TrainStepResponse response;
   // Exactly once by expected_step, as UpdateCorrelation.
-  absl::Status status = Call(true, call, [&](grpc::ClientContext& context) {
-    return stub_->TrainStep(&context, request, &response);
-  });
+  absl::Status status = Call(
+      true, call,
+      [&](grpc::ClientContext& context) { return stub_->TrainStep(&context, request, &response); },
+      /*exactly_once=*/true);
   if (!status.ok()) return status;
   return response;
 }

@@ -128,6 +128,11 @@ class Client {
                                                 const v1::Tensor& grad_output,
                                                 bool want_grad_input,
                                                 const CallOptions& call = {});
+  // Releases the model's pending training passes (all when pass_ids is empty). Retried only
+  // when releasing all (a repeat releases nothing more).
+  absl::StatusOr<v1::ReleasePassesResponse> ReleasePasses(absl::string_view model_id,
+                                                          const std::vector<std::string>& pass_ids,
+                                                          const CallOptions& call = {});
   absl::StatusOr<v1::UpdateCorrelationResponse> UpdateCorrelation(absl::string_view model_id,
                                                                   int64_t expected_step,
                                                                   const CallOptions& call = {});
@@ -173,7 +178,10 @@ class Client {
   using Attempt = std::function<grpc::Status(grpc::ClientContext&)>;
   // Runs attempts until one succeeds, the failure is not retryable, attempts run out or the
   // deadline passes. `retryable`: whether the call is safe to repeat at all.
-  absl::Status Call(bool retryable, const CallOptions& call, const Attempt& attempt);
+  // `exactly_once` (UpdateCorrelation, TrainStep): also retried after CANCELLED, which only a
+  // server that gave the call up in its shutdown sends (this client never cancels a call).
+  absl::Status Call(bool retryable, const CallOptions& call, const Attempt& attempt,
+                    bool exactly_once = false);
   // ExportState into `sink`; `restart` is called before each attempt's first chunk.
   absl::Status Export(absl::string_view model_id, const CallOptions& call,
                       const std::function<void()>& restart,

@@ -437,6 +437,10 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
   auto it = passes_.find(pass_id);
   if (it == passes_.end()) return UnknownPass(pass_id);
   Pass& pass = it->second;
+  if (pass.released) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "pass_id: pass '", pass_id, "' was released by ReleasePasses; run Forward again"));
+  }
   if (pass.expired) {
     return absl::FailedPreconditionError(absl::StrCat(
         "pass_id: pass '", pass_id, "' expired: no Backward used it within ",
@@ -487,6 +491,44 @@ absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
   } catch (const c10::Error& e) {
     return TorchError(e, "backward");
   }
+}
+
+absl::StatusOr<int64_t> Model::ReleasePasses(const std::vector<std::string>& pass_ids) {
+  absl::MutexLock lock(&mu_);
+  ExpirePasses();
+  std::vector<Pass*> chosen;
+  if (pass_ids.empty()) {
+    for (auto& [id, pass] : passes_) {
+      if (!pass.used && !pass.expired) chosen.push_back(&pass);
+    }
+  } else {
+    absl::flat_hash_map<std::string, bool> seen;
+    for (const std::string& id : pass_ids) {
+      auto it = passes_.find(id);
+      if (it == passes_.end()) return UnknownPass(id);
+      if (it->second.used || it->second.expired) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "pass_ids: pass '", id, "' is not pending (",
+            it->second.used       ? "a Backward used it"
+            : it->second.released ? "it was released already"
+                                  : "it expired",
+            "); nothing was released"));
+      }
+      if (!seen.emplace(id, true).second) continue;
+      chosen.push_back(&it->second);
+    }
+  }
+  for (Pass* pass : chosen) {
+    // Kept as a marker, like an expired pass, so that a late Backward says why it is gone.
+    pass->expired = true;
+    pass->released = true;
+    pass->input.reset();
+    pass->output.reset();
+    pass->weights.clear();
+    pending_bytes_ -= pass->bytes;
+    --pending_passes_;
+  }
+  return static_cast<int64_t>(chosen.size());
 }
 
 absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,

@@ -122,6 +122,10 @@ class Model {
   // NotFound for an unknown pass; FailedPrecondition for a pass already used or released.
   absl::StatusOr<at::Tensor> Backward(absl::string_view pass_id, const at::Tensor& grad_output,
                                       bool want_grad_input);
+  // Releases pending training passes: all of them when `pass_ids` is empty, else those (each
+  // must be pending: NotFound or FailedPrecondition naming the first that is not, and nothing is
+  // released). Returns how many were released.
+  absl::StatusOr<int64_t> ReleasePasses(const std::vector<std::string>& pass_ids);
   // Applies when expected_step equals the step; FailedPrecondition otherwise (or when no Backward
   // has run since the last update), except for the replay of the update just applied.
   // `interrupt`, when given, is asked before the update commits (see Interrupt).
@@ -178,7 +182,8 @@ class Model {
   struct Pass {
     int64_t step = 0;
     bool used = false;
-    bool expired = false;  // released unused after options_.pending_pass_ttl
+    bool expired = false;  // released unused after options_.pending_pass_ttl, or by ReleasePasses
+    bool released = false;  // by ReleasePasses
     absl::Time created;
     int64_t bytes = 0;
     at::Tensor input;                 // leaf that requires grad

@@ -37,9 +37,10 @@ const prometheus::Histogram::BucketBoundaries& RpcBuckets() {
 
 // The API's methods, for the series created before their first event.
 constexpr const char* kMethods[] = {
-    "CreateModel",   "GetModel",        "ListModels",        "DeleteModel",   "Forward",
-    "Backward",      "UpdateCorrelation", "TrainStep",       "SaveCheckpoint", "ListCheckpoints",
-    "RestoreCheckpoint", "ExportState", "ImportState",       "GetScaleStats", "GetServerInfo"};
+    "CreateModel",       "GetModel",    "ListModels",    "DeleteModel",     "Forward",
+    "Backward",          "ReleasePasses", "UpdateCorrelation", "TrainStep", "SaveCheckpoint",
+    "ListCheckpoints",   "RestoreCheckpoint", "ExportState", "ImportState", "GetScaleStats",
+    "GetServerInfo"};
 
 const prometheus::Histogram::BucketBoundaries& CheckpointBuckets() {
   static const auto* const kBuckets = new prometheus::Histogram::BucketBoundaries{

@@ -49,6 +49,9 @@ std::string Hostname() {
 
 
 constexpr char kServiceName[] = "tscale.v1.TernaryTrainer";
+// How long after its grace period the server waits for calls that are still computing to reach
+// their commit point, where they are refused with UNAVAILABLE, before gRPC cancels them.
+constexpr std::chrono::seconds kShutdownOverrun(30);
 constexpr int64_t kMaxMessageBytesLimit = int64_t{1} << 30;
 // Keepalive: how long the server waits for the answer to its ping before it closes the
 // connection.
@@ -417,9 +420,13 @@ void Server::Shutdown(std::chrono::milliseconds grace) {
 #if TSCALE_WITH_GROUP
   if (impl_->group_health != nullptr) impl_->group_health->Serve(nullptr);
 #endif
+  const auto end_of_grace = std::chrono::system_clock::now() + grace;
+  if (impl_->service != nullptr) impl_->service->StartShutdown(absl::FromChrono(end_of_grace));
   if (impl_->server != nullptr) {
     impl_->server->GetHealthCheckService()->SetServingStatus(false);
-    impl_->server->Shutdown(std::chrono::system_clock::now() + grace);
+    // Calls still running when the grace ends are refused at their commit point (UNAVAILABLE)
+    // as soon as they reach it; gRPC cancels (CANCELLED) only what still runs long after.
+    impl_->server->Shutdown(end_of_grace + kShutdownOverrun);
   }
   if (impl_->checkpointer != nullptr) {
     impl_->checkpointer->Stop();

@@ -1,6 +1,7 @@
 #include "server/service/trainer_service.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <utility>
 
@@ -36,7 +37,20 @@ int64_t Rows(const at::Tensor& t, int64_t cols) {
 // client cancelled it or went away. Asked when a worker takes a request up and right before a
 // request changes state, so that such a request changes nothing. The deadline is compared here:
 // gRPC does not mark a call cancelled the moment its deadline passes.
-absl::Status Interrupted(const grpc::CallbackServerContext* ctx) {
+absl::Status Interrupted(const grpc::CallbackServerContext* ctx,
+                         const std::atomic<int64_t>* stop_at) {
+  // Once the server's grace period has ended, a call not past its commit point is refused with
+  // UNAVAILABLE, which clients retry (against the server once it is back), and nothing applies;
+  // the server waits for such calls to answer rather than letting gRPC cancel them (CANCELLED,
+  // which clients do not retry).
+  if (stop_at != nullptr) {
+    const int64_t at = stop_at->load(std::memory_order_relaxed);
+    if (at != 0 && (absl::ToUnixNanos(absl::Now()) >= at || ctx->IsCancelled())) {
+      return absl::UnavailableError(
+          "the server is shutting down; nothing was applied; retry (the server may be "
+          "restarting)");
+    }
+  }
   if (ctx->deadline() <= std::chrono::system_clock::now()) {
     return absl::DeadlineExceededError(
         "deadline: the request's deadline passed before it could apply; nothing was changed");
@@ -48,8 +62,9 @@ absl::Status Interrupted(const grpc::CallbackServerContext* ctx) {
   return absl::OkStatus();
 }
 
-core::Interrupt InterruptOf(const grpc::CallbackServerContext* ctx) {
-  return [ctx] { return Interrupted(ctx); };
+core::Interrupt InterruptOf(const grpc::CallbackServerContext* ctx,
+                            const std::atomic<int64_t>* stop_at) {
+  return [ctx, stop_at] { return Interrupted(ctx, stop_at); };
 }
 
 }  // namespace
@@ -78,7 +93,7 @@ grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* 
   const bool queued =
       pool_->Submit([this, ctx, reactor, method, start, fn = std::move(fn)]() mutable {
         // A request cancelled or past its deadline while it waited is not run.
-        absl::Status interrupted = Interrupted(ctx);
+        absl::Status interrupted = Interrupted(ctx, &stop_at_);
         reactor->Finish(Finished(method, interrupted.ok() ? fn() : interrupted, start));
       });
   if (!queued) {
@@ -160,8 +175,8 @@ grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContex
                                                       const v1::CreateModelRequest* req,
                                                       v1::ModelInfo* resp) {
   return Dispatch(ctx, "CreateModel", *req, [this, ctx, req, resp] {
-    if (group_ != nullptr) return GroupCreateModel(*req, resp, InterruptOf(ctx));
-    return DoCreateModel(*req, resp, InterruptOf(ctx));
+    if (group_ != nullptr) return GroupCreateModel(*req, resp, InterruptOf(ctx, &stop_at_));
+    return DoCreateModel(*req, resp, InterruptOf(ctx, &stop_at_));
   });
 }
 
@@ -266,12 +281,27 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
   return Dispatch(ctx, "Backward", *req, [this, req, resp] { return DoBackward(*req, resp); });
 }
 
+grpc::ServerUnaryReactor* TrainerService::ReleasePasses(grpc::CallbackServerContext* ctx,
+                                                        const v1::ReleasePassesRequest* req,
+                                                        v1::ReleasePassesResponse* resp) {
+  return Dispatch(ctx, "ReleasePasses", *req, [this, req, resp]() -> absl::Status {
+    auto model = Find(req->model_id());
+    if (!model.ok()) return model.status();
+    std::vector<std::string> ids(req->pass_ids().begin(), req->pass_ids().end());
+    auto released = (*model)->ReleasePasses(ids);
+    if (!released.ok()) return released.status();
+    resp->set_released(*released);
+    resp->set_pending_passes((*model)->pending_passes());
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* TrainerService::UpdateCorrelation(
     grpc::CallbackServerContext* ctx, const v1::UpdateCorrelationRequest* req,
     v1::UpdateCorrelationResponse* resp) {
   return Dispatch(ctx, "UpdateCorrelation", *req, [this, ctx, req, resp] {
-    if (group_ != nullptr) return GroupUpdateCorrelation(*req, resp, InterruptOf(ctx));
-    return DoUpdateCorrelation(*req, resp, InterruptOf(ctx));
+    if (group_ != nullptr) return GroupUpdateCorrelation(*req, resp, InterruptOf(ctx, &stop_at_));
+    return DoUpdateCorrelation(*req, resp, InterruptOf(ctx, &stop_at_));
   });
 }
 
@@ -361,8 +391,8 @@ grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext*
                                                     const v1::TrainStepRequest* req,
                                                     v1::TrainStepResponse* resp) {
   return Dispatch(ctx, "TrainStep", *req, [this, ctx, req, resp] {
-    if (group_ != nullptr) return GroupTrainStep(*req, resp, InterruptOf(ctx));
-    return DoTrainStep(*req, resp, InterruptOf(ctx));
+    if (group_ != nullptr) return GroupTrainStep(*req, resp, InterruptOf(ctx, &stop_at_));
+    return DoTrainStep(*req, resp, InterruptOf(ctx, &stop_at_));
   });
 }
 
@@ -391,7 +421,7 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
       return;
     }
     const bool queued = service->pool_->Submit([this, service, ctx, req] {
-      if (absl::Status s = Interrupted(ctx); !s.ok()) {
+      if (absl::Status s = Interrupted(ctx, &service->stop_at_); !s.ok()) {
         Finish(service_->Finished("ExportState", s, start_));
         return;
       }
@@ -571,11 +601,13 @@ class TrainerService::ImportReactor final
     // A stream the client cancelled also ends in a failed read: Interrupted tells it from the
     // end of the file, and a cancelled import imports nothing.
     const bool queued = service_->pool_->Submit([this] {
-      absl::Status s = Interrupted(ctx_);
+      absl::Status s = Interrupted(ctx_, &service_->stop_at_);
       if (s.ok()) {
         s = service_->group_ != nullptr
-                ? service_->GroupImportState(header_, std::move(data_), resp_, InterruptOf(ctx_))
-                : service_->DoImportState(header_, std::move(data_), resp_, InterruptOf(ctx_));
+                ? service_->GroupImportState(header_, std::move(data_), resp_,
+                                             InterruptOf(ctx_, &service_->stop_at_))
+                : service_->DoImportState(header_, std::move(data_), resp_,
+                                          InterruptOf(ctx_, &service_->stop_at_));
       }
       Finish(service_->Finished("ImportState", s, start_));
     });

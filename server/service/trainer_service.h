@@ -3,6 +3,7 @@
 #ifndef TSCALE_SERVER_SERVICE_TRAINER_SERVICE_H_
 #define TSCALE_SERVER_SERVICE_TRAINER_SERVICE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -49,6 +50,9 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   // (see server/group/replica_group.h); call before serving.
   void set_group(group::ReplicaGroup* group) { group_ = group; }
   core::ModelRegistry& registry() { return registry_; }
+  // The server is shutting down: from `deadline` (the end of its grace period) on, calls not yet
+  // past their commit point are refused with UNAVAILABLE (retryable, nothing applied).
+  void StartShutdown(absl::Time deadline) { stop_at_.store(absl::ToUnixNanos(deadline)); }
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
                                         const v1::CreateModelRequest* req,
@@ -67,6 +71,9 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx,
                                      const v1::BackwardRequest* req,
                                      v1::BackwardResponse* resp) override;
+  grpc::ServerUnaryReactor* ReleasePasses(grpc::CallbackServerContext* ctx,
+                                          const v1::ReleasePassesRequest* req,
+                                          v1::ReleasePassesResponse* resp) override;
   grpc::ServerUnaryReactor* UpdateCorrelation(grpc::CallbackServerContext* ctx,
                                               const v1::UpdateCorrelationRequest* req,
                                               v1::UpdateCorrelationResponse* resp) override;
@@ -174,6 +181,7 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   metrics::Metrics* metrics_ = nullptr;
   const TokenAuth* auth_ = nullptr;
   group::ReplicaGroup* group_ = nullptr;
+  std::atomic<int64_t> stop_at_{0};  // Unix nanoseconds; 0 while serving
 };
 
 }  // namespace tscale::service

@@ -696,6 +696,40 @@ class LimitsTest(ServerTestCase):
                          cm.exception.message)
         self.assertEqual(self.client.get_model("pend").pending_passes, 2)
 
+    def test_release_passes(self):
+        """Passes that will get no Backward are released, all or by id, freeing their place."""
+        self.client.create_model("rel", SPEC)
+        self.addCleanup(self.client.delete_model, "rel")
+        a = self.client.forward("rel", batch(2), train=True).pass_id
+        b = self.client.forward("rel", batch(2), train=True).pass_id
+        with self.assertRaises(tscale.Error):  # the limit is reached
+            self.client.forward("rel", batch(2), train=True)
+        # An unknown id: NOT_FOUND, and nothing released.
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.release_passes("rel", [a, "nope"])
+        self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND, cm.exception.message)
+        self.assertIn("nope", cm.exception.message)
+        self.assertEqual(self.client.get_model("rel").pending_passes, 2)
+        r = self.client.release_passes("rel", [a])
+        self.assertEqual((r.released, r.pending_passes), (1, 1))
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.backward("rel", a, np.ones((2, OUT), np.float32))
+        self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn("released by ReleasePasses", cm.exception.message)
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.release_passes("rel", [a])
+        self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+        c = self.client.forward("rel", batch(2), train=True).pass_id
+        r = self.client.release_passes("rel")
+        self.assertEqual((r.released, r.pending_passes), (2, 0))
+        self.assertEqual(self.client.get_model("rel").pending_passes, 0)
+        for p in (b, c):
+            with self.assertRaises(tscale.Error):
+                self.client.backward("rel", p, np.ones((2, OUT), np.float32))
+        # Room again for two.
+        for _ in range(2):
+            self.client.forward("rel", batch(2), train=True)
+
 
 if __name__ == "__main__":
     unittest.main()

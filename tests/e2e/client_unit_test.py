@@ -245,6 +245,21 @@ class RetryTest(unittest.TestCase):
         u = self.client.update_correlation("m", 3)
         self.assertEqual((u.step, u.replayed), (4, True))
 
+    def test_cancelled_by_the_server_is_retried_for_exactly_once_calls(self):
+        # A server shutting down cancels what still runs; the exactly-once calls are retried.
+        self.inject("TrainStep", 1, grpc.StatusCode.CANCELLED)
+        r = self.client.train_step("m", np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32),
+                                   expected_step=3)
+        self.assertEqual((r.step, r.replayed), (4, True))
+        self.assertEqual(self.fake.calls["TrainStep"], 2)
+        self.inject("UpdateCorrelation", 1, grpc.StatusCode.CANCELLED)
+        self.assertEqual(self.client.update_correlation("m", 3).step, 4)
+        # Not calls that could apply twice.
+        self.inject("CreateModel", 1, grpc.StatusCode.CANCELLED)
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.create_model("m", {"layers": []})
+        self.assertEqual(cm.exception.code, grpc.StatusCode.CANCELLED)
+
     def test_eval_forward_retried_training_forward_not(self):
         x = np.ones((2, 2), np.float32)
         self.inject("Forward", 1)

@@ -68,6 +68,11 @@ DEFAULT_PORT = 50051   # the server's and the CLI's default
 RETRY_SECONDS = 60.0   # default total retry time: a restart that restores checkpoints fits in it
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The exactly-once calls (UpdateCorrelation, TrainStep) are also retried after CANCELLED: this
+# client never cancels them, so the server did, in a shutdown (gRPC cancels what still runs when
+# the server stops); the retry with the same expected_step is applied once or answered as a
+# replay.
+_EXACTLY_ONCE = ("UpdateCorrelation", "TrainStep")
 _FIRST_CONTACT_RETRIES = 3  # retries before the client's first answer from the server
 _MAX_BACKOFF = 2.0          # seconds between retries at most
 # gRPC target URIs, passed on as they are.
@@ -326,6 +331,8 @@ class Client:
                 return result
             except grpc.RpcError as e:
                 code = e.code()
+                if code == grpc.StatusCode.CANCELLED and name in _EXACTLY_ONCE:
+                    code = grpc.StatusCode.UNAVAILABLE  # the server gave it up (see above)
                 if code not in _RETRYABLE:
                     self._answered = True
                 now = time.monotonic()
@@ -491,6 +498,15 @@ class Client:
         if want_grad_input or resp.HasField("grad_input"):
             return _like(grad_output, to_numpy(resp.grad_input, "grad_input"))
         return None
+
+    def release_passes(self, model_id, pass_ids=None, timeout=None):
+        """Releases training passes that will get no Backward: every pending pass of the model
+        (pass_ids None), or those of pass_ids, each of which must be pending (else the error
+        names it and nothing is released). Returns trainer_pb2.ReleasePassesResponse (released,
+        pending_passes). Retried: releasing again what is released already fails, so a retry
+        after a lost answer reports FAILED_PRECONDITION for given ids; for all, it releases 0."""
+        req = trainer_pb2.ReleasePassesRequest(model_id=model_id, pass_ids=list(pass_ids or []))
+        return self._unary("ReleasePasses", req, not pass_ids, timeout)
 
     def update_correlation(self, model_id, expected_step, timeout=None):
         """Applies the correlation update if the model's step is expected_step.
