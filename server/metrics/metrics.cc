@@ -1,9 +1,16 @@
 #include "server/metrics/metrics.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <sstream>
+#include <system_error>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -16,6 +23,10 @@
 #include <prometheus/text_serializer.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "server/core/device.h"
 #include "server/core/scale_stats.h"
@@ -70,6 +81,68 @@ MetricFamily Family(std::string name, std::string help, MetricType type) {
   return f;
 }
 
+// The standard process_* series (the names Prometheus's client libraries use), read from /proc
+// at each scrape; a series whose source cannot be read is left out.
+std::vector<MetricFamily> ProcessFamilies() {
+  std::vector<MetricFamily> out;
+  auto add = [&out](const char* name, const char* help, MetricType type, double value) {
+    MetricFamily f = Family(name, help, type);
+    ClientMetric m;
+    if (type == MetricType::Counter) {
+      m.counter.value = value;
+    } else {
+      m.gauge.value = value;
+    }
+    f.metric.push_back(m);
+    out.push_back(std::move(f));
+  };
+  const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
+  const double page = static_cast<double>(sysconf(_SC_PAGESIZE));
+  std::ifstream stat_file("/proc/self/stat");
+  std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+  // Fields after the command, which is in parentheses and may hold spaces.
+  const size_t close = stat.rfind(')');
+  if (close != std::string::npos) {
+    std::vector<std::string> f = absl::StrSplit(stat.substr(close + 2), ' ', absl::SkipEmpty());
+    // f[0] is field 3 (state): utime is field 14, stime 15, starttime 22, vsize 23, rss 24.
+    double utime = 0, stime = 0, start = 0, vsize = 0, rss = 0;
+    if (f.size() > 21 && absl::SimpleAtod(f[11], &utime) && absl::SimpleAtod(f[12], &stime) &&
+        absl::SimpleAtod(f[19], &start) && absl::SimpleAtod(f[20], &vsize) &&
+        absl::SimpleAtod(f[21], &rss)) {
+      add("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
+          MetricType::Counter, (utime + stime) / ticks);
+      add("process_virtual_memory_bytes", "Virtual memory size in bytes.", MetricType::Gauge,
+          vsize);
+      add("process_resident_memory_bytes", "Resident memory size in bytes.", MetricType::Gauge,
+          rss * page);
+      std::ifstream uptime_file("/proc/stat");
+      std::string line;
+      while (std::getline(uptime_file, line)) {
+        double boot = 0;
+        if (absl::StartsWith(line, "btime ") && absl::SimpleAtod(line.substr(6), &boot)) {
+          add("process_start_time_seconds",
+              "Start time of the process since unix epoch in seconds.", MetricType::Gauge,
+              boot + start / ticks);
+          break;
+        }
+      }
+    }
+  }
+  std::error_code ec;
+  int64_t fds = 0;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/fd", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    ++fds;
+  }
+  if (!ec) add("process_open_fds", "Number of open file descriptors.", MetricType::Gauge, fds);
+  rlimit limit = {};
+  if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
+    add("process_max_fds", "Maximum number of open file descriptors.", MetricType::Gauge,
+        static_cast<double>(limit.rlim_cur));
+  }
+  return out;
+}
+
 }  // namespace
 
 // The per-model series, computed at each scrape from the models themselves, so that a deleted
@@ -81,9 +154,27 @@ class Metrics::ModelCollector : public prometheus::Collectable {
 
   std::vector<MetricFamily> Collect() const override {
     const auto start = std::chrono::steady_clock::now();
-    MetricFamily drift = Family("tscale_layer_scale_drift",
-                                "Per-group scale drift log2 S - E of a layer, over its groups",
-                                MetricType::Histogram);
+    // The drift's distribution at this scrape, as gauges in the histogram's series layout
+    // (_bucket with le, _sum, _count): a snapshot of the state, not a count of events, so it
+    // goes up and down and rate() over it means nothing. histogram_quantile() reads it as it
+    // reads a histogram's buckets.
+    constexpr char kSnapshot[] =
+        " at this scrape: a snapshot of the layer's groups now, not a cumulative count (gauges; "
+        "never rate() them). Learning layers only: RMSNorm layers are frozen, their drift stays "
+        "0 (tscale stats lists them)";
+    MetricFamily drift_bucket =
+        Family("tscale_layer_scale_drift_bucket",
+               absl::StrCat("Groups of a layer whose scale drift log2 S - E is at most le",
+                            kSnapshot),
+               MetricType::Gauge);
+    MetricFamily drift_sum = Family(
+        "tscale_layer_scale_drift_sum",
+        absl::StrCat("Sum over a layer's groups of their scale drift log2 S - E", kSnapshot),
+        MetricType::Gauge);
+    MetricFamily drift_count =
+        Family("tscale_layer_scale_drift_count",
+               absl::StrCat("Groups of a layer (the drift's +Inf bucket)", kSnapshot),
+               MetricType::Gauge);
     MetricFamily saturated =
         Family("tscale_layer_saturated_ratio",
                "Fraction of a layer's groups whose |drift| is within 1% of the rule's limit of 4",
@@ -138,21 +229,16 @@ class Metrics::ModelCollector : public prometheus::Collectable {
         }
         ++shown;
         const std::vector<ClientMetric::Label> labels = {{"layer", l.layer}, {"model", id}};
-        ClientMetric h;
-        h.label = labels;
-        h.histogram.sample_count = static_cast<uint64_t>(l.groups);
-        h.histogram.sample_sum = l.drift_mean * static_cast<double>(l.groups);
+        drift_count.metric.push_back(Gauge(labels, static_cast<double>(l.groups)));
+        drift_sum.metric.push_back(Gauge(labels, l.drift_mean * static_cast<double>(l.groups)));
         const std::vector<double>& bounds = core::DriftBucketUpper();
-        uint64_t cumulative = 0;
+        int64_t cumulative = 0;
         for (size_t b = 0; b <= bounds.size(); ++b) {
-          cumulative += static_cast<uint64_t>(l.bucket_count[b]);
-          ClientMetric::Bucket bucket;
-          bucket.cumulative_count = cumulative;
-          bucket.upper_bound =
-              b < bounds.size() ? bounds[b] : std::numeric_limits<double>::infinity();
-          h.histogram.bucket.push_back(bucket);
+          cumulative += l.bucket_count[b];
+          std::vector<ClientMetric::Label> with_le = labels;
+          with_le.push_back({"le", b < bounds.size() ? absl::StrCat(bounds[b]) : "+Inf"});
+          drift_bucket.metric.push_back(Gauge(std::move(with_le), static_cast<double>(cumulative)));
         }
-        drift.metric.push_back(std::move(h));
         saturated.metric.push_back(Gauge(labels, l.saturated_fraction));
       }
     }
@@ -177,8 +263,12 @@ class Metrics::ModelCollector : public prometheus::Collectable {
                                    MetricType::Gauge);
     duration.metric.push_back(Gauge(
         {}, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()));
-    return {drift, saturated, step,           passes,      pending_bytes, persistent, device,
-            info,  count,     omitted_family, omitted_now, duration};
+    std::vector<MetricFamily> out = {drift_bucket, drift_sum,     drift_count, saturated,
+                                     step,         passes,        pending_bytes, persistent,
+                                     device,       info,          count,       omitted_family,
+                                     omitted_now,  duration};
+    for (MetricFamily& f : ProcessFamilies()) out.push_back(std::move(f));
+    return out;
   }
 
  private:

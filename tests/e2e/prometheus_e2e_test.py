@@ -98,6 +98,13 @@ FAMILIES = {
     "tscale_metrics_layers_omitted": set(),
     "tscale_metrics_collect_duration_seconds": set(),
     "tscale_build_info": {"version"},
+    # The standard process series.
+    "process_cpu_seconds_total": set(),
+    "process_resident_memory_bytes": set(),
+    "process_virtual_memory_bytes": set(),
+    "process_open_fds": set(),
+    "process_max_fds": set(),
+    "process_start_time_seconds": set(),
 }
 
 # Dashboard variables as the checks substitute them (Grafana's multi-value format for $model).

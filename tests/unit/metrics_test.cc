@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -12,7 +13,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "server/core/model.h"
 #include "server/core/registry.h"
 #include "server/metrics/http_exposer.h"
@@ -93,6 +96,38 @@ TEST(MetricsTest, ExactDriftBucketsOfAKnownState) {
             packed ? "62" : "164");
   EXPECT_EQ(s[R"(tscale_model_persistent_bytes{model="m"})"],
             std::to_string(registry.Get("m").value()->persistent_bytes()));
+}
+
+TEST(MetricsTest, DriftIsASnapshotOfGaugesAndSaysSo) {
+  core::ModelRegistry registry;
+  ASSERT_TRUE(registry.Add("m", KnownModel()).ok());
+  metrics::Metrics metrics(&registry, {}, "1.2.3");
+  const std::string text = metrics.Scrape();
+  // Not a histogram: its buckets are the groups now, not events counted since the start.
+  for (const char* name : {"tscale_layer_scale_drift_bucket", "tscale_layer_scale_drift_sum",
+                           "tscale_layer_scale_drift_count"}) {
+    EXPECT_THAT(text, HasSubstr(absl::StrCat("# TYPE ", name, " gauge\n")));
+  }
+  EXPECT_THAT(text, Not(HasSubstr("# TYPE tscale_layer_scale_drift histogram")));
+  EXPECT_THAT(text, HasSubstr("a snapshot of the layer's groups now, not a cumulative count"));
+  EXPECT_THAT(text, HasSubstr("never rate() them"));
+  EXPECT_THAT(text, HasSubstr("RMSNorm layers are frozen"));
+}
+
+TEST(MetricsTest, ProcessSeries) {
+  core::ModelRegistry registry;
+  metrics::Metrics metrics(&registry, {}, "1.2.3");
+  auto s = Samples(metrics.Scrape());
+  for (const char* name : {"process_cpu_seconds_total", "process_resident_memory_bytes",
+                           "process_virtual_memory_bytes", "process_open_fds",
+                           "process_start_time_seconds", "process_max_fds"}) {
+    ASSERT_EQ(s.count(name), 1u) << name;
+  }
+  EXPECT_GT(std::stod(s["process_resident_memory_bytes"]), 1 << 20);
+  EXPECT_GE(std::stod(s["process_open_fds"]), 3);
+  const double now = absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch());
+  EXPECT_LT(std::abs(std::stod(s["process_start_time_seconds"]) - now), 3600);
+  EXPECT_GE(std::stod(s["process_cpu_seconds_total"]), 0);
 }
 
 TEST(MetricsTest, LayersBeyondTheCapAreCountedNotExported) {
