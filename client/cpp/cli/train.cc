@@ -7,17 +7,15 @@
 #include <cstdio>
 #include <iostream>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "client/cpp/at_tensor.h"
 #include "client/cpp/cli/cli.h"
+#include "client/cpp/tensor.h"
 
 namespace tscale::cli {
 namespace {
@@ -79,6 +77,47 @@ class Progress {
   bool drawn_ = false;
 };
 
+// Tells a loss that stopped moving: the mean of the last kWindow losses not at least 1% below
+// the mean of the kWindow before.
+class Plateau {
+ public:
+  static constexpr int kWindow = 50;
+
+  // Adds a step's loss; true the first time the loss is seen to stall.
+  bool Add(double loss) {
+    losses_.push_back(loss);
+    if (stalled_ || losses_.size() < 2 * kWindow) return false;
+    const size_t n = losses_.size();
+    double before = 0, last = 0;
+    for (size_t i = n - 2 * kWindow; i < n - kWindow; ++i) before += losses_[i];
+    for (size_t i = n - kWindow; i < n; ++i) last += losses_[i];
+    before /= kWindow;
+    last /= kWindow;
+    if (last < before * 0.99) return false;
+    before_ = before;
+    last_ = last;
+    stalled_ = true;
+    return true;
+  }
+  bool stalled() const { return stalled_; }
+
+  // One line: that the loss stalled, why it may, and what to try.
+  std::string Advice() const {
+    return absl::StrFormat(
+        "train: the loss has stopped going down (mean %.6g over the last %d steps, %.6g over "
+        "the %d before): only the per-group scales learn here, the ternary signs stay as "
+        "initialised, and a deep model's outputs can be too small to learn from; try a "
+        "shallower model, a smaller group_size, or a learning setup the rule can fit (README: "
+        "\"What the learning rule can and cannot learn\")",
+        last_, kWindow, before_, kWindow);
+  }
+
+ private:
+  std::vector<double> losses_;
+  bool stalled_ = false;
+  double before_ = 0, last_ = 0;
+};
+
 }  // namespace
 
 int RunTrain(Context& context, const Args& args) {
@@ -115,8 +154,14 @@ int RunTrain(Context& context, const Args& args) {
   }
 
   // The teacher is drawn first, so that it depends on the seed alone.
-  at::Generator gen = at::detail::createCPUGenerator(seed);
-  const at::Tensor teacher = at::randn({out, in}, gen) / std::sqrt(static_cast<double>(in));
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(in));
+  std::vector<float> teacher(static_cast<size_t>(out * in));
+  for (float& w : teacher) w = normal(gen) * scale;
+  std::vector<float> x(static_cast<size_t>(batch * in)), logits(static_cast<size_t>(batch * out));
+  std::vector<int64_t> classes(static_cast<size_t>(batch));
+  Plateau plateau;
 
   v1::TrainStepRequest request;
   request.set_model_id(id);
@@ -127,11 +172,23 @@ int RunTrain(Context& context, const Args& args) {
   v1::TrainStepResponse response;
   Progress progress(steps);
   for (int64_t i = 1; i <= steps; ++i) {
-    const at::Tensor x = at::randn({batch, in}, gen);
-    const at::Tensor logits = at::matmul(x, teacher.t());
-    const at::Tensor target = loss == v1::TrainStepRequest::MSE ? logits : logits.argmax(1);
-    absl::StatusOr<v1::Tensor> x_proto = client::ToProtoTensor(x);
-    absl::StatusOr<v1::Tensor> target_proto = client::ToProtoTensor(target);
+    for (float& v : x) v = normal(gen);
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* row = &x[static_cast<size_t>(b * in)];
+      for (int64_t o = 0; o < out; ++o) {
+        const float* w = &teacher[static_cast<size_t>(o * in)];
+        float sum = 0;
+        for (int64_t k = 0; k < in; ++k) sum += row[k] * w[k];
+        logits[static_cast<size_t>(b * out + o)] = sum;
+      }
+      const float* l = &logits[static_cast<size_t>(b * out)];
+      classes[static_cast<size_t>(b)] = std::max_element(l, l + out) - l;
+    }
+    absl::StatusOr<v1::Tensor> x_proto = client::MakeTensor(absl::MakeConstSpan(x), {batch, in});
+    absl::StatusOr<v1::Tensor> target_proto =
+        loss == v1::TrainStepRequest::MSE
+            ? client::MakeTensor(absl::MakeConstSpan(logits), {batch, out})
+            : client::MakeTensor(absl::MakeConstSpan(classes), {batch});
     if (!x_proto.ok()) return context.Fail(x_proto.status());
     if (!target_proto.ok()) return context.Fail(target_proto.status());
     *request.mutable_input() = *std::move(x_proto);
@@ -148,6 +205,10 @@ int RunTrain(Context& context, const Args& args) {
     if (i == 1) first_loss = response.loss();
     last_loss = response.loss();
     progress.Update(i, step, last_loss);
+    if (plateau.Add(last_loss)) {
+      progress.Interrupt();
+      std::cerr << plateau.Advice() << "\n";
+    }
   }
 
   const double seconds = progress.Seconds();
@@ -156,6 +217,7 @@ int RunTrain(Context& context, const Args& args) {
                                seconds > 0 ? steps / seconds : 0.0)
             << absl::StrFormat("loss (%s): first %.6g, last %.6g\n", loss_name, first_loss,
                                last_loss);
+  if (plateau.stalled()) std::cout << plateau.Advice() << "\n";
   if (response.layers_size() > 0) {
     std::cout << "mean |drift| per layer:\n";
     std::vector<std::vector<std::string>> rows;
