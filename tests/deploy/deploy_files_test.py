@@ -1,18 +1,22 @@
-"""Checks of the deployment files: Dockerfile, deploy/k8s, deploy/compose.yaml, Grafana provisioning.
+"""Checks of the deployment files: Dockerfile, deploy/k8s, deploy/compose.yaml,
+deploy/compose-group.yaml, Grafana provisioning.
 
 No Docker engine or cluster is needed: the files are parsed and checked against the real binaries
 (TSCALE_SERVER_BIN, TSCALE_CLI_BIN), Debian's promtool, the proto and each other. deploy/k8s is
 rendered by a small emulation of kustomize (checked against `kubectl kustomize` where kubectl is
-installed) in three variants: base (plaintext), the default (TLS + tokens) and with
-components/mtls, with test certificates and tokens as the Secret files. The image's ENTRYPOINT +
-CMD and HEALTHCHECK, each variant's server arguments and probes, and compose's server and demo
-launcher are run as commands against real servers.
+installed) in five variants: base (plaintext), the default (TLS + tokens), with components/mtls,
+with components/group (a replica group) and with both, with test certificates and tokens as the
+Secret files. The image's ENTRYPOINT + CMD and HEALTHCHECK, each variant's server arguments and
+probes (the group variant's as a group of processes, each with its pod's host name where a UTS
+namespace can be made), compose's server and demo launcher, and compose-group's ranks are run as
+commands against real servers.
 
 Run by ctest as deploy_files (tests/deploy/CMakeLists.txt) with /usr/bin/python3 (python3-yaml).
 """
 
 import contextlib
 import copy
+import json
 import os
 import re
 import shlex
@@ -214,7 +218,9 @@ class DockerfileTest(unittest.TestCase):
 
 K8S = os.path.join(DEPLOY, "k8s")
 # Components that deploy/k8s/kustomization.yaml leaves out and the operator adds (deploy/README.md).
-OPTIONAL_COMPONENTS = ("components/mtls",)
+OPTIONAL_COMPONENTS = ("components/mtls", "components/group")
+# The rendered variants with components/group: the StatefulSet's pods form one replica group.
+GROUP_VARIANTS = ("group", "group-mtls")
 # The options whose value is a file, of the server and of the CLI.
 SERVER_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file")
 CLI_FILE_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key", "--auth-token-file")
@@ -337,6 +343,20 @@ def compose():
     return load_one(os.path.join(DEPLOY, "compose.yaml"))
 
 
+def compose_group():
+    return load_one(os.path.join(DEPLOY, "compose-group.yaml"))
+
+
+def group_ranks(services):
+    """{rank: (service name, command)} of the compose services that run a rank of a group."""
+    out = {}
+    for name, svc in services.items():
+        cmd = svc.get("command", [])
+        if "tscale" in str(svc.get("image", "")) and flag_value(cmd, "--group-size") is not None:
+            out[int(flag_value(cmd, "--group-rank"))] = (name, cmd)
+    return out
+
+
 def make_certs(tmp):
     """A CA and server and client certificates for localhost (tests/integration/make_test_certs.sh)."""
     d = os.path.join(tmp, "certs")
@@ -348,7 +368,9 @@ def make_certs(tmp):
 
 class Cluster:
     """deploy/k8s copied with the Secret files an operator provides (test certificates, tokens), and
-    its variants rendered: base (plaintext), default (TLS + tokens), mtls (default + components/mtls)."""
+    its variants rendered: base (plaintext), default (TLS + tokens), mtls (default +
+    components/mtls), group (default + components/group), group-mtls (default + components/mtls +
+    components/group)."""
     TOKENS = ("k8s-test-token-one", "k8s-test-token-two")
 
     def __init__(self, tmp):
@@ -370,15 +392,18 @@ class Cluster:
         with open(self.client_token, "w") as f:
             f.write(self.TOKENS[1] + "\n")
         self.certs = certs
-        # mtls: components/mtls after components/tls, as deploy/README.md says.
-        self.mtls = os.path.join(tmp, "k8s-mtls")
-        shutil.copytree(self.k8s, self.mtls)
-        path = os.path.join(self.mtls, "kustomization.yaml")
-        k = load_one(path)
-        k["components"].append("components/mtls")
-        with open(path, "w") as f:
-            yaml.safe_dump(k, f)
-        self.dirs = {"base": os.path.join(self.k8s, "base"), "default": self.k8s, "mtls": self.mtls}
+        # The operator's additions, as deploy/README.md says: components/mtls after components/tls,
+        # components/group last.
+        self.dirs = {"base": os.path.join(self.k8s, "base"), "default": self.k8s}
+        for name, extra in (("mtls", ["components/mtls"]), ("group", ["components/group"]),
+                            ("group-mtls", ["components/mtls", "components/group"])):
+            self.dirs[name] = os.path.join(tmp, "k8s-" + name)
+            shutil.copytree(self.k8s, self.dirs[name])
+            path = os.path.join(self.dirs[name], "kustomization.yaml")
+            k = load_one(path)
+            k["components"] += extra
+            with open(path, "w") as f:
+                yaml.safe_dump(k, f)
         self.docs = {name: build(d) for name, d in self.dirs.items()}
 
 
@@ -401,6 +426,10 @@ def tearDownModule():
 def statefulset(docs):
     sts = find(docs, "StatefulSet", "tscale")[0]
     return sts, sts["spec"]["template"]["spec"], sts["spec"]["template"]["spec"]["containers"][0]
+
+
+def pod_labels(sts):
+    return sts["spec"]["template"]["metadata"]["labels"]
 
 
 def expanded_args(docs, c):
@@ -461,7 +490,7 @@ class YamlTest(unittest.TestCase):
             readme = f.read()
         for c in OPTIONAL_COMPONENTS:
             self.assertTrue(c in readme, f"deploy/README.md does not explain {c}")
-        for name in ("base", "default", "mtls"):
+        for name in cluster().docs:
             kinds = {d["kind"] for d in cluster().docs[name]}
             self.assertLessEqual({"StatefulSet", "Service", "PodMonitor", "NetworkPolicy",
                                   "ConfigMap"}, kinds, name)
@@ -494,11 +523,19 @@ class YamlTest(unittest.TestCase):
                     m = find(mine, "Secret", s["metadata"]["name"])[0]
                     self.assertEqual((s.get("type", "Opaque"), sorted(s["data"])),
                                      (m["type"], sorted(m["data"])))
-                _, rpod, rc = statefulset(real)
-                _, mpod, mc = statefulset(mine)
-                for field in ("args", "volumeMounts", "envFrom", "image", "ports") + PROBES:
+                rsts, rpod, rc = statefulset(real)
+                msts, mpod, mc = statefulset(mine)
+                for field in ("args", "volumeMounts", "envFrom", "image", "ports",
+                              "resources") + PROBES:
                     self.assertEqual(rc.get(field), mc.get(field), field)
                 self.assertEqual(rpod["volumes"], mpod["volumes"])
+                for field in ("replicas", "podManagementPolicy", "serviceName"):
+                    self.assertEqual(rsts["spec"].get(field), msts["spec"].get(field), field)
+                for kind, part in (("NetworkPolicy", "spec"), ("Service", "spec"),
+                                   ("ConfigMap", "data")):
+                    for d in find(real, kind):
+                        m = find(mine, kind, d["metadata"]["name"])[0]
+                        self.assertEqual(d[part], m[part], f"{kind} {d['metadata']['name']}")
 
 
 class FlagsTest(unittest.TestCase):
@@ -522,10 +559,13 @@ class FlagsTest(unittest.TestCase):
                     if c["image"].split(":")[0].endswith("tscale"):
                         out.append((f"k8s {variant} {d['metadata']['name']}/{c['name']}",
                                     list(c.get("command", [])[1:]) + list(c.get("args", []))))
-        for name, svc in compose()["services"].items():
-            if "tscale" in str(svc.get("image", "")) and "entrypoint" not in svc:
-                cmd = svc.get("command", [])
-                out.append((f"compose {name}", shlex.split(cmd) if isinstance(cmd, str) else cmd))
+        for file, services in (("compose", compose()["services"]),
+                               ("compose-group", compose_group()["services"])):
+            for name, svc in services.items():
+                if "tscale" in str(svc.get("image", "")) and "entrypoint" not in svc:
+                    cmd = svc.get("command", [])
+                    out.append((f"{file} {name}",
+                                shlex.split(cmd) if isinstance(cmd, str) else cmd))
         return out
 
     def test_server_flags_exist(self):
@@ -535,6 +575,22 @@ class FlagsTest(unittest.TestCase):
             with self.subTest(where=where):
                 unknown = flags_of(args) - self.server_flags
                 self.assertFalse(unknown, f"{where}: flags tscale-server --help does not list")
+
+    def test_group_flags_are_used(self):
+        """The replica group's flags: each is in --help and some deployment file passes it (the
+        Kubernetes group takes the rank from the pod's ordinal, compose names it)."""
+        group = {"--group-size", "--group-rank", "--group-store", "--group-timeout-seconds",
+                 "--group-rank-from-hostname"}
+        self.assertLessEqual(group, self.server_flags)
+        lists = dict(self.server_arg_lists())
+        used = set().union(*(flags_of(args) for args in lists.values()))
+        self.assertLessEqual(group, used)
+        for v in GROUP_VARIANTS:
+            self.assertEqual(flags_of(lists[f"k8s {v} tscale/tscale"]) & group,
+                             group - {"--group-rank"}, v)
+        for name, _ in group_ranks(compose_group()["services"]).values():
+            self.assertEqual(flags_of(lists[f"compose-group {name}"]) & group,
+                             group - {"--group-rank-from-hostname"}, name)
 
     def test_security_is_on_where_documented(self):
         """deploy/README.md: Kubernetes runs TLS + tokens by default (mtls adds client
@@ -547,7 +603,13 @@ class FlagsTest(unittest.TestCase):
         self.assertEqual(have["k8s mtls tscale/tscale"],
                          {"--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file"})
         self.assertEqual(have["k8s base tscale/tscale"], set())
+        self.assertEqual(have["k8s group tscale/tscale"], have["k8s default tscale/tscale"])
+        self.assertEqual(have["k8s group-mtls tscale/tscale"], have["k8s mtls tscale/tscale"])
         self.assertEqual(have["compose tscale"], {"--auth-token-file"})
+        ranks = group_ranks(compose_group()["services"])
+        self.assertGreaterEqual(len(ranks), 2)
+        for name, _ in ranks.values():
+            self.assertEqual(have[f"compose-group {name}"], {"--auth-token-file"})
         for t in RUNTIME_TARGETS:
             self.assertEqual(have[f"Dockerfile {t} CMD"], set())
 
@@ -578,7 +640,9 @@ class FlagsTest(unittest.TestCase):
                             i += 1
                         self.assertEqual(positional, ["health"])
                         n += 1
-        self.assertEqual(n, 6, "exec probes: default and mtls, three each")
+        # default and mtls: three each; the group variants: readiness only (their startup and
+        # liveness probes are TCP connections, which do not follow the group).
+        self.assertEqual(n, 8, "exec probes: default and mtls three each, the group variants one")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,9 +742,14 @@ class KubernetesTest(unittest.TestCase):
             self.assertEqual(named["metrics"],
                              int(flag_value(args, "--metrics-listen").rsplit(":", 1)[1]))
             tls = flag_value(args, "--tls-cert") is not None
+            group = flag_value(args, "--group-size") is not None
             for probe in PROBES:
                 with self.subTest(variant=variant, probe=probe):
                     p = c[probe]
+                    if group and probe != "readinessProbe":
+                        # Health follows the group: in a group only readiness checks it.
+                        self.assertEqual(p["tcpSocket"]["port"], port)
+                        continue
                     if not tls:
                         # Native gRPC probes speak plaintext: only without TLS.
                         self.assertEqual(p["grpc"]["port"], port)
@@ -740,6 +809,108 @@ class KubernetesTest(unittest.TestCase):
         self.assertEqual(set(rules), {named["grpc"], named["metrics"]})
 
 
+class GroupKubernetesTest(unittest.TestCase):
+    """components/group (the group and group-mtls variants): the StatefulSet's pods form one
+    replica group, rank = pod ordinal, the store at pod 0 through the headless Service, a GPU
+    each."""
+
+    def variants(self):
+        """(variant, docs, StatefulSet, pod spec, container, expanded args) of each variant."""
+        out = []
+        for variant in GROUP_VARIANTS:
+            docs = cluster().docs[variant]
+            sts, pod, c = statefulset(docs)
+            out.append((variant, docs, sts, pod, c, expanded_args(docs, c)))
+        return out
+
+    def test_group_args_agree_with_the_statefulset(self):
+        for variant, docs, sts, pod, c, args in self.variants():
+            with self.subTest(variant=variant):
+                n = sts["spec"]["replicas"]
+                self.assertGreaterEqual(n, 2)
+                self.assertEqual(flag_value(args, "--group-size"), str(n), "size != replicas")
+                self.assertEqual(flag_value(args, "--group-rank-from-hostname"), "true")
+                self.assertIsNone(flag_value(args, "--group-rank"), "every pod has the same args")
+                self.assertGreater(int(flag_value(args, "--group-timeout-seconds")), 0)
+                self.assertNotIn("None", " ".join(args), "unresolved $(VAR)")
+                # Every pod starts at once: readiness waits for the whole group.
+                self.assertEqual(sts["spec"]["podManagementPolicy"], "Parallel")
+                # The store: pod 0 by its stable name in the headless Service, on the port the
+                # container exposes.
+                host, port = flag_value(args, "--group-store").rsplit(":", 1)
+                svc = find(docs, "Service", sts["spec"]["serviceName"])[0]
+                self.assertEqual(host, f"{sts['metadata']['name']}-0.{svc['metadata']['name']}")
+                self.assertEqual(svc["spec"]["clusterIP"], "None")
+                # Pods are not ready before the group forms: their names must resolve before.
+                self.assertTrue(svc["spec"].get("publishNotReadyAddresses"))
+                self.assertLessEqual(svc["spec"]["selector"].items(), pod_labels(sts).items())
+                named = {p["name"]: p for p in c["ports"]}
+                self.assertEqual(named["group"]["containerPort"], int(port))
+                self.assertEqual(named["group"].get("protocol", "TCP"), "TCP")
+                self.assertEqual(int(port), 29500)
+
+    def test_one_gpu_each(self):
+        for variant, _, _, pod, c, args in self.variants():
+            with self.subTest(variant=variant):
+                for k in ("requests", "limits"):
+                    self.assertEqual(int(c["resources"][k]["nvidia.com/gpu"]), 1, k)
+                self.assertNotIn("--device", flags_of(args), "the default device is the pod's GPU")
+                # NCCL's buffers in /dev/shm: a memory-backed volume, not the runtime's 64 MiB.
+                vols = {v["name"]: v for v in pod["volumes"]}
+                shm = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+                self.assertEqual(len(shm), 1)
+                self.assertEqual(vols[shm[0]["name"]]["emptyDir"]["medium"], "Memory")
+
+    def test_network_policy_admits_the_group(self):
+        base = find(cluster().docs["default"], "NetworkPolicy")[0]["spec"]["ingress"]
+        for variant, docs, sts, _, _, args in self.variants():
+            with self.subTest(variant=variant):
+                store_port = int(flag_value(args, "--group-store").rsplit(":", 1)[1])
+                labels = pod_labels(sts)
+                np_ = find(docs, "NetworkPolicy")[0]
+                self.assertLessEqual(np_["spec"]["podSelector"]["matchLabels"].items(),
+                                     labels.items())
+
+                def admits(rule, port):
+                    ports = rule.get("ports")
+                    return ports is None or any(
+                        p.get("port") == port or p.get("port", 0) <= port <= p.get("endPort", -1)
+                        for p in ports)
+
+                def only_the_group(rule):
+                    return all(set(peer) == {"podSelector"} and
+                               peer["podSelector"]["matchLabels"].items() <= labels.items()
+                               for peer in rule["from"])
+
+                store_rules = [r for r in np_["spec"]["ingress"] if admits(r, store_port)]
+                self.assertTrue(store_rules, "the store port is not admitted")
+                for r in store_rules:
+                    self.assertTrue(only_the_group(r), f"the store port admitted from {r['from']}")
+                # Gloo and NCCL connect on ports the ranks pick: the group's pods reach every port.
+                self.assertTrue(any("ports" not in r and only_the_group(r)
+                                    for r in np_["spec"]["ingress"]))
+                # The other rules are the single server's.
+                self.assertEqual([r for r in np_["spec"]["ingress"] if r not in store_rules], base)
+
+    def test_probes_do_not_restart_ranks_for_the_group(self):
+        """Health is SERVING only while the group is formed: readiness follows it (the tscale
+        Service sends clients to formed ranks only); startup and liveness only check that the
+        server listens, or one rank's absence would restart all the others."""
+        for variant, _, _, _, c, args in self.variants():
+            with self.subTest(variant=variant):
+                port = int(flag_value(args, "--listen").rsplit(":", 1)[1])
+                for p in ("startupProbe", "livenessProbe"):
+                    self.assertEqual(c[p]["tcpSocket"]["port"], port, p)
+                r = c["readinessProbe"]
+                if "exec" in r:
+                    self.assertIn("health", r["exec"]["command"])  # FlagsTest checks the rest
+                else:
+                    self.assertEqual(r["grpc"]["service"], proto_service())
+                self.assertGreaterEqual(c["startupProbe"]["periodSeconds"] *
+                                        c["startupProbe"]["failureThreshold"], 300,
+                                        "room for the restore of the checkpoints")
+
+
 # ---------------------------------------------------------------------------------------------
 # Compose, Prometheus, Grafana
 
@@ -796,57 +967,136 @@ class ComposeTest(unittest.TestCase):
         self.assertFalse(flags_of(d["command"]) - known)
 
     def test_prometheus_config_passes_promtool(self):
-        m = self.mounts("prometheus")
-        cfg_in = "/etc/prometheus/prometheus.yml"
-        cfg_src = os.path.normpath(os.path.join(DEPLOY, m[cfg_in]))
-        self.assertEqual(cfg_src, os.path.join(DEPLOY, "compose", "prometheus.yml"))
-        cfg = load_one(cfg_src)
-        self.assertEqual(cfg["global"]["scrape_interval"], "5s")
-        job = cfg["scrape_configs"][0]
-        self.assertEqual(job["job_name"], "tscale")
-        self.assertEqual(job["static_configs"][0]["targets"], ["tscale:9090"])
-        project = load_one(os.path.join(DEPLOY, "prometheus", "prometheus.yml"))
-        self.assertEqual(cfg["rule_files"], project["rule_files"])
-        # Every rule file, as the container sees it, is the project's rules.yml.
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(cfg_src, os.path.join(tmp, "prometheus.yml"))
-            for rf in cfg["rule_files"]:
-                in_container = os.path.normpath(os.path.join(os.path.dirname(cfg_in), rf))
-                self.assertIn(in_container, m, f"rule file {rf} is not mounted")
-                src = os.path.normpath(os.path.join(DEPLOY, m[in_container]))
-                self.assertEqual(src, os.path.join(DEPLOY, "prometheus", "rules.yml"))
-                shutil.copy(src, os.path.join(tmp, rf))
-            r = subprocess.run([PROMTOOL, "check", "config", os.path.join(tmp, "prometheus.yml")],
-                               capture_output=True, text=True, timeout=60)
-            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            self.assertIn("rule files found", r.stdout + r.stderr)
+        check_compose_prometheus(self, self.mounts("prometheus"), "prometheus.yml", ["tscale:9090"])
 
     def test_grafana_provisioning(self):
-        m = self.mounts("grafana")
-        ds_dir = os.path.normpath(os.path.join(DEPLOY, m["/etc/grafana/provisioning/datasources"]))
-        db_dir = os.path.normpath(os.path.join(DEPLOY, m["/etc/grafana/provisioning/dashboards"]))
-        ds = load_one(os.path.join(ds_dir, "prometheus.yml"))["datasources"]
-        self.assertEqual(len(ds), 1)
-        self.assertEqual((ds[0]["uid"], ds[0]["type"], ds[0]["url"], ds[0]["isDefault"]),
-                         ("prometheus", "prometheus", "http://prometheus:9090", True))
-        prov = load_one(os.path.join(db_dir, "tscale.yml"))["providers"][0]
-        path_in = prov["options"]["path"]
-        self.assertIn(path_in, m, "the dashboards folder the provider reads is not mounted")
-        src = os.path.normpath(os.path.join(DEPLOY, m[path_in]))
-        self.assertTrue(os.path.isfile(os.path.join(src, "tscale.json")))
-        self.assertEqual(src, os.path.join(DEPLOY, "grafana", "dashboards"))
-        env = self.s["grafana"]["environment"]
-        self.assertEqual(str(env["GF_AUTH_ANONYMOUS_ENABLED"]).lower(), "true")
-        self.assertEqual(env["GF_AUTH_ANONYMOUS_ORG_ROLE"], "Viewer")
-        home = env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
-        if home:
-            self.assertTrue(home.startswith(path_in + "/"))
-            self.assertTrue(os.path.isfile(os.path.join(src, home[len(path_in) + 1:])))
-        import json
-        with open(os.path.join(src, "tscale.json")) as f:
-            dash = json.load(f)
-        dsvar = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
-        self.assertEqual(dsvar[0]["query"], ds[0]["type"])
+        check_compose_grafana(self, self.s, self.mounts("grafana"))
+
+
+def check_compose_prometheus(test, m, config_name, targets):
+    """The compose Prometheus's config (mounts m: path in the container -> source) is
+    deploy/compose/<config_name>, scrapes `targets` as job tscale every 5 s, has the project's rule
+    files mounted beside it, and passes `promtool check config` with them."""
+    cfg_in = "/etc/prometheus/prometheus.yml"
+    cfg_src = os.path.normpath(os.path.join(DEPLOY, m[cfg_in]))
+    test.assertEqual(cfg_src, os.path.join(DEPLOY, "compose", config_name))
+    cfg = load_one(cfg_src)
+    test.assertEqual(cfg["global"]["scrape_interval"], "5s")
+    job = cfg["scrape_configs"][0]
+    test.assertEqual(job["job_name"], "tscale")
+    test.assertEqual(job["static_configs"][0]["targets"], targets)
+    project = load_one(os.path.join(DEPLOY, "prometheus", "prometheus.yml"))
+    test.assertEqual(cfg["rule_files"], project["rule_files"])
+    # Every rule file, as the container sees it, is the project's rules.yml.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(cfg_src, os.path.join(tmp, "prometheus.yml"))
+        for rf in cfg["rule_files"]:
+            in_container = os.path.normpath(os.path.join(os.path.dirname(cfg_in), rf))
+            test.assertIn(in_container, m, f"rule file {rf} is not mounted")
+            src = os.path.normpath(os.path.join(DEPLOY, m[in_container]))
+            test.assertEqual(src, os.path.join(DEPLOY, "prometheus", "rules.yml"))
+            shutil.copy(src, os.path.join(tmp, rf))
+        r = subprocess.run([PROMTOOL, "check", "config", os.path.join(tmp, "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60)
+        test.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        test.assertIn("rule files found", r.stdout + r.stderr)
+
+
+def check_compose_grafana(test, services, m):
+    """Grafana's provisioning (mounts m) finds the data source and the dashboard."""
+    ds_dir = os.path.normpath(os.path.join(DEPLOY, m["/etc/grafana/provisioning/datasources"]))
+    db_dir = os.path.normpath(os.path.join(DEPLOY, m["/etc/grafana/provisioning/dashboards"]))
+    ds = load_one(os.path.join(ds_dir, "prometheus.yml"))["datasources"]
+    test.assertEqual(len(ds), 1)
+    test.assertEqual((ds[0]["uid"], ds[0]["type"], ds[0]["url"], ds[0]["isDefault"]),
+                     ("prometheus", "prometheus", "http://prometheus:9090", True))
+    prov = load_one(os.path.join(db_dir, "tscale.yml"))["providers"][0]
+    path_in = prov["options"]["path"]
+    test.assertIn(path_in, m, "the dashboards folder the provider reads is not mounted")
+    src = os.path.normpath(os.path.join(DEPLOY, m[path_in]))
+    test.assertTrue(os.path.isfile(os.path.join(src, "tscale.json")))
+    test.assertEqual(src, os.path.join(DEPLOY, "grafana", "dashboards"))
+    env = services["grafana"]["environment"]
+    test.assertEqual(str(env["GF_AUTH_ANONYMOUS_ENABLED"]).lower(), "true")
+    test.assertEqual(env["GF_AUTH_ANONYMOUS_ORG_ROLE"], "Viewer")
+    home = env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        test.assertTrue(home.startswith(path_in + "/"))
+        test.assertTrue(os.path.isfile(os.path.join(src, home[len(path_in) + 1:])))
+    with open(os.path.join(src, "tscale.json")) as f:
+        dash = json.load(f)
+    dsvar = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    test.assertEqual(dsvar[0]["query"], ds[0]["type"])
+
+
+class ComposeGroupTest(unittest.TestCase):
+    """deploy/compose-group.yaml: two CPU ranks of one group, Prometheus scraping both, Grafana."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.c = compose_group()
+        cls.s = cls.c["services"]
+        cls.ranks = group_ranks(cls.s)
+
+    def mounts(self, service):
+        out = {}
+        for v in self.s[service].get("volumes", []):
+            src, dst = v.split(":")[:2]
+            out[dst] = src
+        return out
+
+    def test_ranks(self):
+        n = len(self.ranks)
+        self.assertEqual(n, 2)
+        self.assertEqual(sorted(self.ranks), list(range(n)))
+        self.assertNotEqual(self.c["name"], compose()["name"], "the stacks' volumes must differ")
+        stores, api, volumes = set(), set(), set()
+        for r, (name, cmd) in self.ranks.items():
+            with self.subTest(rank=r):
+                svc = self.s[name]
+                self.assertEqual(svc["build"], {"context": "..", "target": "cpu"})
+                self.assertEqual(flag_value(cmd, "--group-size"), str(n))
+                self.assertGreater(int(flag_value(cmd, "--group-timeout-seconds")), 0)
+                stores.add(flag_value(cmd, "--group-store"))
+                # Published on the host's loopback only, the API port alone: the store and the
+                # ranks' exchanges stay on the compose network.
+                ports = [str(p) for p in svc["ports"]]
+                self.assertEqual(len(ports), 1)
+                self.assertTrue(ports[0].startswith("127.0.0.1:"), ports)
+                self.assertEqual(ports[0].rsplit(":", 1)[1],
+                                 flag_value(cmd, "--listen").rsplit(":", 1)[1])
+                api.add(ports[0].split(":")[1])
+                ck = flag_value(cmd, "--checkpoint-dir")
+                vol = self.mounts(name)[ck]
+                self.assertIn(vol, self.c["volumes"], "checkpoints on a named volume")
+                volumes.add(vol)
+                token = flag_value(cmd, "--auth-token-file")
+                self.assertEqual(self.mounts(name)[token], "./compose/example.token")
+        self.assertEqual(len(api), n, "each rank its own host port")
+        self.assertEqual(len(volumes), n, "each rank its own checkpoints")
+        # Every rank meets at rank 0's service, on a port no rank serves anything else on.
+        self.assertEqual(len(stores), 1)
+        host, port = stores.pop().rsplit(":", 1)
+        self.assertEqual(host, self.ranks[0][0])
+        for _, cmd in self.ranks.values():
+            for f in ("--listen", "--metrics-listen"):
+                self.assertNotEqual(flag_value(cmd, f).rsplit(":", 1)[1], port)
+
+    def test_prometheus_scrapes_every_rank(self):
+        targets = [f"{name}:{flag_value(cmd, '--metrics-listen').rsplit(':', 1)[1]}"
+                   for _, (name, cmd) in sorted(self.ranks.items())]
+        check_compose_prometheus(self, self.mounts("prometheus"), "prometheus-group.yml", targets)
+        self.assertEqual(set(self.s["prometheus"]["depends_on"]),
+                         {n for n, _ in self.ranks.values()})
+        for name in ("prometheus", "grafana"):
+            for p in self.s[name]["ports"]:
+                self.assertTrue(str(p).startswith("127.0.0.1:"), f"{name}: {p}")
+        self.assertEqual(self.s["prometheus"]["image"],
+                         compose()["services"]["prometheus"]["image"])
+
+    def test_grafana_provisioning(self):
+        check_compose_grafana(self, self.s, self.mounts("grafana"))
+        self.assertEqual(self.s["grafana"], compose()["services"]["grafana"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -899,6 +1149,92 @@ def connection(cmd):
         if v is not None:
             out += [name, v]
     return out
+
+
+def wait_until(test, what, fn, timeout=60):
+    deadline = time.time() + timeout
+    while not fn():
+        test.assertLess(time.time(), deadline, f"{what}: not within {timeout} s")
+        time.sleep(0.5)
+
+
+def listens(port):
+    """A TCP probe: something accepts connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def scrape(port):
+    """{(name, labels text): value} of the plain-HTTP metrics at 127.0.0.1:port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out = {}
+    for m in re.finditer(r"(?m)^(\w+)(\{[^}]*\})? (\S+)$", text):
+        out[(m.group(1), m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+_UTS = {}
+
+
+def uts_prefix(hostname):
+    """The command prefix that runs a program with `hostname` as its host name (a UTS namespace of
+    its own, as a pod has), or None where no such namespace can be made (no unshare, or not
+    permitted)."""
+    if "prefix" not in _UTS:
+        _UTS["prefix"] = None
+        for opts in (["--uts"], ["--uts", "--map-root-user"]):
+            if shutil.which("unshare") is None:
+                break
+            r = subprocess.run(["unshare", *opts, "sh", "-c", "hostname tscale-0 && hostname"],
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 and r.stdout.strip() == "tscale-0":
+                _UTS["prefix"] = ["unshare", *opts]
+                break
+    if _UTS["prefix"] is None:
+        return None
+    return _UTS["prefix"] + ["sh", "-c", 'hostname "$0" && exec "$@"', hostname]
+
+
+# A model for the group tests' clients.
+GROUP_SPEC = {"layers": [{"name": "fc", "ternary_linear": {"in_features": 16, "out_features": 8}}]}
+
+
+def train_group_with_cli(test, tmp, conn, n):
+    """create, train, info and server-info through `tscale --servers` (conn: the CLI's connection
+    options); the group's n ranks must agree."""
+    spec = os.path.join(tmp, "group-spec.json")
+    with open(spec, "w") as f:
+        json.dump(GROUP_SPEC, f)
+
+    def cli(*args):
+        r = run_cli([CLI_BIN] + conn + list(args))
+        test.assertEqual(r.returncode, 0, f"tscale {' '.join(args)}: {r.stdout}{r.stderr}")
+        return r.stdout
+
+    cli("create", "g", "--spec", spec, "--seed", "3")
+    test.assertIn("(step 0 -> 3)", cli("train", "g", "--steps", "3", "--batch", "8"))
+    test.assertRegex(cli("info", "g"), r"step: +3\n")
+    info = cli("server-info")
+    for r in range(n):
+        test.assertIn(f"rank {r} of {n}, formed", info)
+
+
+def check_group_metrics(test, metrics_ports, updates):
+    """Each rank's tscale_group series, and its exchanges after `updates` updates of the group."""
+    n = len(metrics_ports)
+    for r, port in enumerate(metrics_ports):
+        m = scrape(port)
+        test.assertEqual(m[("tscale_group", '{field="size"}')], n)
+        test.assertEqual(m[("tscale_group", '{field="rank"}')], r)
+        test.assertEqual(m[("tscale_group", '{field="formed"}')], 1)
+        test.assertEqual(m[("tscale_group_exchange_seconds_count", "")], updates)
+        test.assertGreater(m[("tscale_group_exchange_bytes_total", "")], 0)
+        for reason in ("mismatch", "refused", "unavailable"):
+            test.assertEqual(m[("tscale_group_call_failures_total", f'{{reason="{reason}"}}')], 0)
 
 
 class EntrypointTest(unittest.TestCase):
@@ -1000,6 +1336,67 @@ class KubernetesCommandsTest(unittest.TestCase):
     def test_mtls(self):
         self.assertTrue(self.run_variant("mtls"))
 
+    def test_group(self):
+        """The group variant's pods as processes: each rank runs the rendered args with its pod's
+        host name, tscale-R, in a UTS namespace of its own (where none can be made: --group-rank R
+        in place of --group-rank-from-hostname), the store at 127.0.0.1 in place of pod 0's name.
+        Until rank 0 comes, the other ranks listen (the TCP probes pass) and are not ready; then
+        every probe passes, a client reaches the group with --servers, TLS and a token, and each
+        rank's metrics show the group."""
+        cl = cluster()
+        docs = cl.docs["group"]
+        sts, pod, c = statefulset(docs)
+        files = pod_files(docs, pod, c)
+        args = expanded_args(docs, c)
+        n = sts["spec"]["replicas"]
+        ck_in_pod = flag_value(args, "--checkpoint-dir")
+        store_in_pod = flag_value(args, "--group-store")
+        store = f"127.0.0.1:{free_port()}"
+        readiness = c["readinessProbe"]["exec"]["command"]
+        if uts_prefix("tscale-0") is None:
+            print("\n  group: no UTS namespace can be made here: --group-rank R in place of "
+                  "--group-rank-from-hostname", flush=True)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+            ranks = []
+            for r in range(n):
+                grpc_port, metrics_port = free_port(), free_port()
+                ckdir = os.path.join(tmp, f"checkpoints-{r}")
+                os.mkdir(ckdir)
+
+                def host(a):
+                    a = files.get(a, a)
+                    if a == store_in_pod:
+                        return store
+                    a = re.sub(r":50051$", f":{grpc_port}", a)
+                    a = re.sub(r":9090$", f":{metrics_port}", a)
+                    return ckdir if a == ck_in_pod else a
+
+                server = [SERVER_BIN] + [host(a) for a in args]
+                prefix = uts_prefix(f"{sts['metadata']['name']}-{r}")
+                if prefix is None:
+                    i = server.index("--group-rank-from-hostname")
+                    server[i:i + 2] = ["--group-rank", str(r)]
+                else:
+                    server = prefix + server
+                ranks.append((server, [CLI_BIN] + [host(a) for a in readiness[1:]], grpc_port,
+                              metrics_port))
+            for server, ready, grpc_port, _ in ranks[1:]:
+                stack.enter_context(running_server(self, server, tmp))
+                self.assertTrue(listens(grpc_port), "startup and liveness")
+                r = run_cli(ready)
+                self.assertEqual(r.returncode, 1, "ready without rank 0: " + r.stdout + r.stderr)
+            stack.enter_context(running_server(self, ranks[0][0], tmp))
+            for _, ready, grpc_port, _ in ranks:
+                wait_until(self, "readiness of every rank", lambda: run_cli(ready).returncode == 0)
+                self.assertTrue(listens(grpc_port), "startup and liveness")
+            servers = ",".join(f"localhost:{p}" for _, _, p, _ in ranks)
+            conn = ["--servers", servers, "--tls-ca", os.path.join(cl.certs, "ca.pem")]
+            r = run_cli([CLI_BIN] + conn + ["server-info"])
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            self.assertIn("UNAUTHENTICATED", r.stderr)
+            train_group_with_cli(self, tmp, conn + ["--auth-token-file", cl.client_token], n)
+            check_group_metrics(self, [m for _, _, _, m in ranks], 3)
+
 
 class ComposeCommandsTest(unittest.TestCase):
     """compose's tscale command with its token file; the image's HEALTHCHECK without a token; the
@@ -1065,6 +1462,82 @@ class ComposeCommandsTest(unittest.TestCase):
                 r = run_cli(["/usr/bin/python3", launcher, example, "--server", addr], env=env)
                 self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
                 self.assertIn("models 0", r.stdout)
+
+
+class ComposeGroupCommandsTest(unittest.TestCase):
+    """compose-group's ranks as processes, the store at 127.0.0.1 in place of rank 0's service
+    name: the image's HEALTHCHECK fails on a rank until the group forms and passes after; calls
+    without the token are refused; the CLI with --servers and tscale.ReplicaGroup, with the token,
+    train the group."""
+
+    EXAMPLE = (
+        "import sys\n"
+        "import numpy as np\n"
+        "import tscale\n"
+        "spec = {'layers': [{'name': 'fc',\n"
+        "                    'ternary_linear': {'in_features': 16, 'out_features': 8}}]}\n"
+        "token = open(sys.argv[2]).read().strip()\n"
+        "with tscale.ReplicaGroup(sys.argv[1].split(','), token=token) as group:\n"
+        "    group.create_model('p', spec, seed=1)\n"
+        "    x = np.arange(6 * 16, dtype=np.float32).reshape(6, 16) % 5 - 2\n"
+        "    r = group.train_step('p', x, np.zeros((6, 8), np.float32), expected_step=0)\n"
+        "    states = group.export_states('p')\n"
+        "    print('step', r.step, 'identical', all(st == states[0] for st in states))\n")
+
+    def test_group(self):
+        services = compose_group()["services"]
+        ranks = group_ranks(services)
+        n = len(ranks)
+        by_name, _ = parse_dockerfile()
+        health = healthcheck_cmd(last(by_name, "cpu", "HEALTHCHECK"))
+        store = f"127.0.0.1:{free_port()}"
+        env = dict(os.environ)
+        env.setdefault("PYTHONPATH", os.path.join(os.path.dirname(SERVER_BIN), "..", "python"))
+
+        def mounts(name):
+            return {v.split(":")[1]: os.path.normpath(os.path.join(DEPLOY, v.split(":")[0]))
+                    for v in services[name].get("volumes", []) if v.startswith("./")}
+
+        name, cmd = ranks[0]
+        token = mounts(name)[flag_value(cmd, "--auth-token-file")]  # ComposeGroupTest: the same
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+            started = []
+            for r in sorted(ranks, reverse=True):  # rank 0 last
+                name, cmd = ranks[r]
+                files = mounts(name)
+                grpc_port, metrics_port = free_port(), free_port()
+                ckdir = os.path.join(tmp, f"checkpoints-{r}")
+                os.mkdir(ckdir)
+                ck_in = flag_value(cmd, "--checkpoint-dir")
+                store_in = flag_value(cmd, "--group-store")
+                args = []
+                for a in cmd:
+                    a = files.get(a, a)
+                    if a == store_in:
+                        a = store
+                    a = re.sub(r":50051$", f":{grpc_port}", a)
+                    a = re.sub(r":9090$", f":{metrics_port}", a)
+                    args.append(ckdir if a == ck_in else a)
+                hc = [CLI_BIN] + [a.replace(":50051", f":{grpc_port}") for a in health[1:]]
+                stack.enter_context(running_server(self, [SERVER_BIN] + args, tmp))
+                if r != 0:
+                    self.assertEqual(run_cli(hc).returncode, 1, "healthy without rank 0")
+                started.insert(0, (hc, grpc_port, metrics_port))
+            for hc, _, _ in started:
+                wait_until(self, "the HEALTHCHECK of every rank",
+                           lambda: run_cli(hc).returncode == 0)
+            servers = ",".join(f"127.0.0.1:{p}" for _, p, _ in started)
+            r = run_cli([CLI_BIN, "--servers", servers, "server-info"])
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            self.assertIn("UNAUTHENTICATED", r.stderr)
+            train_group_with_cli(self, tmp, ["--servers", servers, "--auth-token-file", token], n)
+            example = os.path.join(tmp, "example.py")
+            with open(example, "w") as f:
+                f.write(self.EXAMPLE)
+            r = run_cli(["/usr/bin/python3", example, servers, token], env=env)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn("step 1 identical True", r.stdout)
+            check_group_metrics(self, [m for _, _, m in started], 3 + 1)
 
 
 if __name__ == "__main__":

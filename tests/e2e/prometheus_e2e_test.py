@@ -355,9 +355,15 @@ class PrometheusE2ETest(unittest.TestCase):
     @classmethod
     def _set_up(cls):
         cls.checkpoint_dir = os.path.join(cls.tmp, "checkpoints")
+        # A replica group of one, so that the dashboard's group panels have their series too.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            store_port = s.getsockname()[1]
         cls.server = ServerProcess("--metrics-listen", "127.0.0.1:0",
                                    "--checkpoint-dir", cls.checkpoint_dir,
-                                   "--metrics-max-layers", str(MAX_LAYERS)).start()
+                                   "--metrics-max-layers", str(MAX_LAYERS),
+                                   "--group-size", "1", "--group-rank", "0",
+                                   "--group-store", f"127.0.0.1:{store_port}").start()
         m = re.search(r"tscale-server: metrics on http://(\S+)/metrics", cls.server.log())
         if m is None:
             raise AssertionError(f"no metrics line in the server's log:\n{cls.server.log()}")
