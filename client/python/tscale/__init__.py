@@ -10,6 +10,10 @@
 - ``to_tensor`` / ``to_numpy``: numpy arrays (or torch tensors) <-> the API's Tensor message.
 - ``tscale.safetensors``: read and write state files (ExportState / ImportState).
 - ``tscale.v1.trainer_pb2``: the generated API messages.
+- ``tscale.torch`` (``import tscale.torch``; needs torch, which ``import tscale`` never imports):
+  ``RemoteModel(client, model_id)``, a server's model as a ``torch.nn.Module`` whose backward runs
+  the server's Backward, so that local layers before it get their gradients; ``update()`` runs
+  UpdateCorrelation, exactly once.
 - ``__version__``: the version of this client, the project's (the server reports its own in
   ``server_info().version``).
 
