@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <thread>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -162,6 +163,7 @@ struct ReplicaGroup::Impl {
   GroupConfig config;
   bool use_nccl = false;
   GroupObserver* observer = nullptr;
+  GroupState* state = nullptr;
 
   // Serialises group calls: every rank runs them one at a time.
   absl::Mutex call_mu;
@@ -190,6 +192,9 @@ struct ReplicaGroup::Impl {
 
   void Watch();
   void Form(const c10::intrusive_ptr<c10d::Store>& store, int64_t generation);
+  // Brings every rank's models in line (see GroupState) over `pg`; an exception when a collective
+  // fails.
+  void Sync(c10d::ProcessGroup& pg);
   // The call at `generation` failed in a collective: that process group is done
   // with.
   void Broken(int64_t generation, const std::string& why);
@@ -198,8 +203,10 @@ struct ReplicaGroup::Impl {
 
 std::unique_ptr<ReplicaGroup> ReplicaGroup::Start(GroupConfig config, bool use_nccl,
                                                   GroupObserver* observer,
-                                                  std::function<void(const std::string&)> log) {
+                                                  std::function<void(const std::string&)> log,
+                                                  GroupState* state) {
   auto impl = std::make_unique<Impl>();
+  impl->state = state;
   impl->log = std::move(log);
   impl->config = std::move(config);
   impl->use_nccl = use_nccl && HasNccl();
@@ -352,11 +359,18 @@ void ReplicaGroup::Impl::Form(const c10::intrusive_ptr<c10d::Store>& s, int64_t 
           config.size, nccl_options);
     }
 #endif
+    const auto sync_start = std::chrono::steady_clock::now();
+    Sync(*gloo);
     absl::MutexLock lock(&mu);
+    if (stopping) return;
     pg = std::move(gloo);
     data = std::move(nccl);
     generation = gen;
     formed = true;
+    Log(absl::StrCat("group: generation ", gen, " in line after ",
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start)
+                         .count(),
+                     " s"));
     missing.clear();
     if (observer != nullptr) observer->Formed(true, config.size);
     Log(absl::StrCat("group: formed, generation ", gen, ", rank ", config.rank, " of ", config.size,
@@ -374,6 +388,94 @@ void ReplicaGroup::Impl::Form(const c10::intrusive_ptr<c10d::Store>& s, int64_t 
     missing = std::move(absent);
     Log(absl::StrCat("group: generation ", gen, " did not form within ",
                      absl::FormatDuration(config.timeout), MissingText(), ": ", e.what()));
+  }
+}
+
+void ReplicaGroup::Impl::Sync(c10d::ProcessGroup& g) {
+  if (state == nullptr) return;
+  const auto start = std::chrono::steady_clock::now();
+  constexpr int kIdWords = 8;                // model ids are at most 64 bytes
+  constexpr int kEntryWords = 3 + kIdWords;  // id length, id, step, digest
+  std::vector<GroupState::Entry> mine = state->Inventory();
+  const int n = config.size;
+  auto allgather = [&](const at::Tensor& t) {
+    std::vector<at::Tensor> in{t.contiguous()};
+    std::vector<std::vector<at::Tensor>> out(1);
+    for (int r = 0; r < n; ++r) out[0].push_back(at::empty_like(in[0]));
+    g.allgather(out, in)->wait();
+    return at::stack(out[0]);
+  };
+  const at::Tensor counts =
+      allgather(at::full({1}, static_cast<int64_t>(mine.size()), at::kLong)).flatten();
+  const int64_t widest = counts.max().item<int64_t>();
+  if (widest == 0) return;
+  at::Tensor entries = at::zeros({widest, kEntryWords}, at::kLong);
+  for (size_t i = 0; i < mine.size(); ++i) {
+    int64_t* w = entries[static_cast<int64_t>(i)].data_ptr<int64_t>();
+    const std::string& id = mine[i].model_id;
+    w[0] = static_cast<int64_t>(std::min<size_t>(id.size(), 8 * kIdWords));
+    std::memcpy(w + 1, id.data(), static_cast<size_t>(w[0]));
+    w[1 + kIdWords] = mine[i].step;
+    w[2 + kIdWords] = static_cast<int64_t>(mine[i].digest);
+  }
+  const at::Tensor all = allgather(entries);  // [n, widest, kEntryWords]
+  struct Held {
+    int rank;
+    int64_t step;
+    uint64_t digest;
+  };
+  std::map<std::string, std::vector<Held>> held;  // ordered: every rank walks the same order
+  for (int r = 0; r < n; ++r) {
+    for (int64_t i = 0; i < counts[r].item<int64_t>(); ++i) {
+      const int64_t* w = all[r][i].data_ptr<int64_t>();
+      std::string id(reinterpret_cast<const char*>(w + 1), static_cast<size_t>(w[0]));
+      held[id].push_back({r, w[1 + kIdWords], static_cast<uint64_t>(w[2 + kIdWords])});
+    }
+  }
+  int64_t received = 0;
+  for (const auto& [id, holders] : held) {
+    // The source: the highest step, the lowest rank at it. Never brings a replica back.
+    Held best = holders[0];
+    for (const Held& h : holders) {
+      if (h.step > best.step) best = h;
+    }
+    std::vector<int> targets;
+    for (int r = 0; r < n; ++r) {
+      bool same = false;
+      for (const Held& h : holders) {
+        same = same || (h.rank == r && h.step == best.step && h.digest == best.digest);
+      }
+      if (!same) targets.push_back(r);
+    }
+    if (targets.empty()) continue;
+    std::string bytes;
+    if (config.rank == best.rank) {
+      auto encoded = state->Encode(id);
+      if (encoded.ok()) bytes = *std::move(encoded);
+    }
+    std::vector<at::Tensor> size{at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong)};
+    c10d::BroadcastOptions options;
+    options.rootRank = best.rank;
+    g.broadcast(size, options)->wait();
+    const int64_t length = size[0].item<int64_t>();
+    if (length == 0) continue;  // the source could not encode it (deleted meanwhile)
+    std::vector<at::Tensor> buffer{at::empty({length}, at::kByte)};
+    if (config.rank == best.rank) std::memcpy(buffer[0].data_ptr(), bytes.data(), bytes.size());
+    g.broadcast(buffer, options)->wait();
+    if (std::find(targets.begin(), targets.end(), config.rank) == targets.end()) continue;
+    std::string state_bytes(static_cast<const char*>(buffer[0].data_ptr()),
+                            static_cast<size_t>(length));
+    const absl::Status installed = state->Install(id, std::move(state_bytes), best.digest);
+    received += length;
+    Log(absl::StrCat("group: rank ", config.rank, ": model '", id, "' ",
+                     installed.ok() ? "brought forward" : "NOT brought forward", " from rank ",
+                     best.rank, " (step ", best.step, ", ", length, " bytes)",
+                     installed.ok() ? "" : absl::StrCat(": ", installed.ToString())));
+  }
+  if (observer != nullptr) {
+    observer->Synced(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+        received);
   }
 }
 
@@ -790,7 +892,8 @@ absl::Status ReplicaGroup::Run(const CallHeader& header,
       return absl::UnavailableError(
           absl::StrCat("group: ", CallName(header.kind), " on '", header.model_id,
                        "': the other ranks did not join the call within ",
-                       absl::FormatDuration(g.config.timeout), " (", why,
+                       absl::FormatDuration(g.config.timeout), ", or one died or its link broke (",
+                       why,
                        "); every rank must receive the call; nothing was applied; the group "
                        "re-forms and the call can be retried"));
     }

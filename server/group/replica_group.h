@@ -67,10 +67,32 @@ class GroupObserver {
   virtual void Formed(bool formed, int size) = 0;
   // One update's exchange: its time and the bytes this rank sent.
   virtual void Exchanged(double seconds, int64_t bytes_sent) = 0;
+  // The group formed and its ranks were brought in line: the time it took and the state bytes
+  // this rank received from a peer (0 when every replica was already the same).
+  virtual void Synced(double seconds, int64_t bytes_received) {}
   // A group call that failed because of the group: "mismatch" (the ranks' calls
   // differ), "refused" (another rank refused its part), "unavailable" (not
   // formed, or a collective failed).
   virtual void CallFailed(absl::string_view reason) = 0;
+};
+
+// What a rank holds, so that a member that comes back (empty, or from an older checkpoint) is
+// brought forward from a live peer when the group forms. Implemented by the service.
+class GroupState {
+ public:
+  struct Entry {
+    std::string model_id;
+    int64_t step = 0;
+    uint64_t digest = 0;  // StateDigest of the model's state
+  };
+  virtual ~GroupState() = default;
+  virtual std::vector<Entry> Inventory() = 0;
+  // The model's state as a state file's bytes (what ExportState streams).
+  virtual absl::StatusOr<std::string> Encode(const std::string& model_id) = 0;
+  // Installs a state file's bytes as `model_id`, replacing the model there; an error, and
+  // nothing installed, unless the installed state's digest is `digest`.
+  virtual absl::Status Install(const std::string& model_id, std::string bytes,
+                               uint64_t digest) = 0;
 };
 
 // The group's view of one call, handed to the call's body on every rank.
@@ -106,9 +128,14 @@ class ReplicaGroup {
   // waits for it. `use_nccl`: form an NCCL process group too, for models on
   // CUDA (where LibTorch has it). `log` receives a line for each change of
   // membership.
+  // `state`, when given, is brought in line across the ranks each time the group forms: for
+  // each model, the replica at the highest step (the lowest such rank's) is broadcast to every
+  // rank that lacks it or holds another state, which installs it and checks its digest; only then
+  // do group calls run.
   static std::unique_ptr<ReplicaGroup> Start(GroupConfig config, bool use_nccl = false,
                                              GroupObserver* observer = nullptr,
-                                             std::function<void(const std::string&)> log = {});
+                                             std::function<void(const std::string&)> log = {},
+                                             GroupState* state = nullptr);
   ~ReplicaGroup();
   ReplicaGroup(const ReplicaGroup&) = delete;
   ReplicaGroup& operator=(const ReplicaGroup&) = delete;

@@ -363,10 +363,36 @@ void Metrics::EnableGroup(int size, int rank) {
   for (const char* reason : {"mismatch", "refused", "unavailable"}) {
     group_failures_->Add({{"reason", reason}});
   }
+  group_formations_ = &prometheus::BuildCounter()
+                           .Name("tscale_group_formations_total")
+                           .Help("Times the group formed: the first, and every re-formation "
+                                 "after a member failed or came back")
+                           .Register(*registry_);
+  group_formations_->Add({});
+  group_sync_seconds_ = &prometheus::BuildGauge()
+                             .Name("tscale_group_sync_seconds")
+                             .Help("Time the last formation took to bring the ranks' models in "
+                                   "line (inventories, and state sent to a returning member)")
+                             .Register(*registry_);
+  group_sync_seconds_->Add({});
+  group_sync_bytes_ = &prometheus::BuildCounter()
+                           .Name("tscale_group_sync_bytes_total")
+                           .Help("State bytes this rank received from a peer when the group "
+                                 "formed (a member brought forward)")
+                           .Register(*registry_);
+  group_sync_bytes_->Add({});
+}
+
+void Metrics::ObserveGroupSync(double seconds, int64_t bytes_received) {
+  if (group_sync_seconds_ == nullptr) return;
+  group_sync_seconds_->Add({}).Set(seconds);
+  group_sync_bytes_->Add({}).Increment(static_cast<double>(bytes_received));
 }
 
 void Metrics::SetGroupFormed(bool formed) {
-  if (group_ != nullptr) group_->Add({{"field", "formed"}}).Set(formed ? 1 : 0);
+  if (group_ == nullptr) return;
+  group_->Add({{"field", "formed"}}).Set(formed ? 1 : 0);
+  if (formed) group_formations_->Add({}).Increment();
 }
 
 void Metrics::ObserveGroupExchange(double seconds, int64_t bytes_sent) {

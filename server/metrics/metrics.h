@@ -78,6 +78,9 @@ class Metrics {
   void EnableGroup(int size, int rank);
   void SetGroupFormed(bool formed);
   void ObserveGroupExchange(double seconds, int64_t bytes_sent);
+  // The group formed and its ranks were brought in line: the time that took and the state bytes
+  // this rank received from a peer.
+  void ObserveGroupSync(double seconds, int64_t bytes_received);
   void CountGroupFailure(absl::string_view reason);
 
   // The text exposition format (version 0.0.4) of every metric, the models' computed now.
@@ -101,6 +104,9 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* group_exchange_ = nullptr;
   prometheus::Family<prometheus::Counter>* group_bytes_ = nullptr;
   prometheus::Family<prometheus::Counter>* group_failures_ = nullptr;
+  prometheus::Family<prometheus::Counter>* group_formations_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* group_sync_seconds_ = nullptr;
+  prometheus::Family<prometheus::Counter>* group_sync_bytes_ = nullptr;
 };
 
 }  // namespace tscale::metrics

@@ -336,16 +336,89 @@ class GroupTest(ErrorAssertions, unittest.TestCase):
                 self.assertEqual(outcome["result"].step, 2)
             # Rank 0 still serves reads and inference.
             c0.forward("m", x[:2])
-            # The rank comes back (empty: catching up is the rejoin's work); the group re-forms
-            # and says so, and a group call on the model fails cleanly.
+            # The rank comes back empty: the group re-forms, brings it forward from rank 0, and
+            # trains on with identical replicas.
             g.servers[1].start(ready=False)
             g.client.close()
             g.client = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=30)
             g.client.wait_ready(timeout=60)
-            with self.assertError(grpc.StatusCode.FAILED_PRECONDITION, "rank 1 has no model"):
-                g.client.update_correlation("m", 1)
+            step = g.client.step("m")
+            states = g.states("m")
+            self.assertEqual(states[0], states[1])
+            self.assertIn("brought forward from rank 0", g.servers[1].log())
+            self.assertEqual(g.client.train_step("m", x[:4], y[:4], expected_step=step).step,
+                             step + 1)
+            states = g.states("m")
+            self.assertEqual(states[0], states[1])
             c0.close()
             c1.close()
+        finally:
+            g.stop()
+
+    def test_a_member_killed_and_restarted_empty_five_times(self):
+        """Each cycle: rank 2 of 3 is killed with SIGKILL while the group trains, comes back
+        empty, is brought forward from a live peer, and the group goes on; the model's step is
+        the number of updates the client was told were applied, and the replicas identical."""
+        g = Group(3).start()
+        try:
+            g.client.create_model("m", MLP, seed=8)
+            applied = 0
+            for cycle in range(5):
+                x, y = batch(cycle, 6, 16, 8)
+                killer = threading.Timer(0.05, g.servers[2].sigkill)
+                killer.start()
+                for _ in range(20):  # train until the kill shows
+                    try:
+                        with tscale.ReplicaGroup([s.address for s in g.servers],
+                                                 retry_seconds=0) as once:
+                            r = once.train_step("m", x, y, expected_step=applied)
+                        applied = r.step if not r.replayed else applied
+                    except (tscale.Error, ValueError):
+                        break
+                killer.join()
+                g.servers[2].start(ready=False)
+                g.client.close()
+                g.client = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=60)
+                g.client.wait_ready(timeout=60)
+                steps = [i.step for i in g.client.get_model("m")]
+                # A step applied on the survivors before the kill counts too.
+                self.assertEqual(len(set(steps)), 1, f"cycle {cycle}: steps {steps}")
+                self.assertIn(steps[0], (applied, applied + 1), f"cycle {cycle}")
+                applied = steps[0]
+                states = g.states("m")
+                self.assertEqual(len(set(states)), 1, f"cycle {cycle}: replicas differ")
+                r = g.client.train_step("m", x, y, expected_step=applied)
+                applied = r.step
+            self.assertEqual(len(set(g.states("m"))), 1)
+            print(f"\ngroup_test: 5 kills of rank 2 and restarts: the group at step {applied}, "
+                  f"replicas identical")
+        finally:
+            g.stop()
+
+    def test_rank_0_killed_and_restarted(self):
+        """Rank 0 hosts the store: the others wait for it, and when it is back (empty) the group
+        re-forms on its new store and brings it forward."""
+        g = Group(2).start()
+        try:
+            g.client.create_model("m", MLP, seed=9)
+            for step in range(3):
+                x, y = batch(step, 4, 16, 8)
+                g.client.train_step("m", x, y, expected_step=step)
+            g.servers[0].sigkill()
+            # Rank 1 serves reads and inference meanwhile.
+            with tscale.Client(g.servers[1].address, retries=0) as c1:
+                self.assertEqual(c1.get_model("m").step, 3)
+                c1.forward("m", batch(0, 2, 16, 8)[0])
+            g.servers[0].start(ready=False)
+            g.client.close()
+            g.client = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=60)
+            g.client.wait_ready(timeout=90)
+            self.assertEqual([i.step for i in g.client.get_model("m")], [3, 3])
+            states = g.states("m")
+            self.assertEqual(states[0], states[1])
+            x, y = batch(3, 4, 16, 8)
+            self.assertEqual(g.client.train_step("m", x, y, expected_step=3).step, 4)
+            self.assertEqual(len(set(g.states("m"))), 1)
         finally:
             g.stop()
 
