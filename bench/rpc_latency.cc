@@ -1,5 +1,7 @@
 // RPC latency of the training calls over loopback gRPC: Forward(train), Backward, UpdateCorrelation
-// and TrainStep on one ternary linear layer; prints p50 / p99 / mean per call.
+// and TrainStep on one ternary linear layer; prints p50 / p99 / mean per call. GetServerInfo, which
+// takes the same path through the service (a worker thread, the metrics) and touches no model, is
+// the fixed cost of a call.
 //
 // Usage: rpc_latency [--server HOST:PORT] [--in N] [--out N] [--batch B] [--iters N] [--warmup N]
 //                    [--device D]
@@ -122,7 +124,7 @@ int main(int argc, char** argv) {
   const v1::Tensor x = Tensor({batch, in}, 1), g = Tensor({batch, out}, 2);
   v1::Tensor target = Tensor({batch, out}, 3);
   Series fwd{"Forward(train)", {}}, bwd{"Backward", {}}, upd{"UpdateCorrelation", {}},
-      step{"TrainStep", {}}, inf{"Forward(infer)", {}};
+      step{"TrainStep", {}}, inf{"Forward(infer)", {}}, info{"GetServerInfo", {}};
   int64_t model_step = 0;
   auto timed = [](Series* s, bool record, const std::function<void()>& fn) {
     const auto t0 = Clock::now();
@@ -180,9 +182,14 @@ int main(int argc, char** argv) {
       v1::ForwardResponse r;
       Check(stub->Forward(&ctx, req, &r), "Forward");
     });
+    timed(&info, record, [&] {
+      grpc::ClientContext ctx;
+      v1::ServerInfo r;
+      Check(stub->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &r), "GetServerInfo");
+    });
   }
   std::printf("%-18s %8s %10s %10s %10s %10s\n", "call (ms)", "n", "p50", "p99", "mean", "max");
-  for (const Series* s : {&fwd, &bwd, &upd, &step, &inf}) s->Print();
+  for (const Series* s : {&fwd, &bwd, &upd, &step, &inf, &info}) s->Print();
   if (server) server->Shutdown(std::chrono::seconds(5));
   return 0;
 }

@@ -67,7 +67,15 @@ class Group:
 
     def start(self):
         for s in self.servers:
-            s.start(ready=False)
+            try:
+                s.start(ready=False)
+            except RuntimeError as e:
+                if "built without replica groups" in str(e):
+                    # A LibTorch without Gloo's headers (some CUDA builds): no groups to test.
+                    print("group_test: skipped: this tscale-server was built without replica "
+                          "groups")
+                    raise unittest.SkipTest("tscale-server built without replica groups")
+                raise
         for s in self.servers:
             s.wait_ready()
         self.client = tscale.ReplicaGroup([s.address for s in self.servers], retry_seconds=30,

@@ -1,9 +1,14 @@
 // The TernaryTrainer service through a real gRPC server on loopback: every RPC, every error path,
 // message limits, and concurrent clients with retried updates.
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -763,11 +768,13 @@ class CheckpointServiceTest : public ServiceTest {
     req.set_model_id(id);
     return stub_->ListCheckpoints(&ctx, req, resp);
   }
-  grpc::Status Restore(const std::string& id, const std::string& name, v1::ModelInfo* info) {
+  grpc::Status Restore(const std::string& id, const std::string& name, v1::ModelInfo* info,
+                       bool discard_newer = false) {
     grpc::ClientContext ctx;
     v1::RestoreCheckpointRequest req;
     req.set_model_id(id);
     req.set_name(name);
+    req.set_discard_newer(discard_newer);
     return stub_->RestoreCheckpoint(&ctx, req, info);
   }
   grpc::Status Delete(const std::string& id, bool delete_checkpoints) {
@@ -816,9 +823,14 @@ TEST_F(CheckpointServiceTest, SaveListRestore) {
   ASSERT_TRUE(Restore("m", "step-00000003", &info).ok());
   EXPECT_EQ(info.step(), 3);
   EXPECT_TRUE(testing::SameState(State("m"), states[2]));
-  // Into the existing model, back to step 2: its later checkpoint is gone (history continues
-  // from the one restored), and training on from there replaces it.
-  ASSERT_TRUE(Restore("m", "step-00000002", &info).ok());
+  // Into the existing model, back to step 2: refused while a later checkpoint exists, unless
+  // asked to discard it; then it is gone (history continues from the one restored), and training
+  // on from there replaces it.
+  EXPECT_THAT(Restore("m", "step-00000002", &info),
+              GrpcIs(grpc::StatusCode::FAILED_PRECONDITION, HasSubstr("discard_newer")));
+  ASSERT_TRUE(List("m", &list).ok());
+  EXPECT_EQ(list.checkpoints_size(), 3);
+  ASSERT_TRUE(Restore("m", "step-00000002", &info, /*discard_newer=*/true).ok());
   EXPECT_EQ(info.step(), 2);
   EXPECT_TRUE(testing::SameState(State("m"), states[1]));
   ASSERT_TRUE(List("m", &list).ok());
@@ -949,17 +961,38 @@ TEST_F(CheckpointServiceTest, CheckpointedIdsAreNotTakenByNewModels) {
   ASSERT_TRUE(Create("m", MlpSpec(), 1).ok());
   v1::CheckpointInfo ci;
   ASSERT_TRUE(Save("m", &ci).ok());
-  ASSERT_TRUE(Delete("m", false).ok());
-  // Its checkpoints remain: a new model may not take the id...
-  EXPECT_THAT(Create("m", MlpSpec(), 2),
+  // Checkpoints of a model that is not loaded (here: copied in) keep a new model off the id...
+  ASSERT_EQ(mkdir((dir_.path() + "/n").c_str(), 0755), 0);
+  {
+    std::ifstream in(dir_.path() + "/m/" + ci.name() + ".safetensors", std::ios::binary);
+    std::ofstream(dir_.path() + "/n/" + ci.name() + ".safetensors", std::ios::binary)
+        << in.rdbuf();
+  }
+  EXPECT_THAT(Create("n", MlpSpec(), 2),
               GrpcIs(grpc::StatusCode::FAILED_PRECONDITION,
-                     AllOf(HasSubstr("checkpoints of a model 'm' are on disk"),
+                     AllOf(HasSubstr("checkpoints of a model 'n' are on disk"),
                            HasSubstr("delete_checkpoints"))));
   // ...until they are deleted too (the model need not be loaded).
-  ASSERT_TRUE(Delete("m", true).ok());
-  EXPECT_FALSE(testing::Exists(dir_.path() + "/m"));
-  EXPECT_TRUE(Create("m", MlpSpec(), 2).ok());
+  ASSERT_TRUE(Delete("n", true).ok());
+  EXPECT_FALSE(testing::Exists(dir_.path() + "/n"));
+  EXPECT_TRUE(Create("n", MlpSpec(), 2).ok());
   EXPECT_THAT(Delete("ghost", true), GrpcIs(grpc::StatusCode::NOT_FOUND, HasSubstr("'ghost'")));
+  // A model deleted without delete_checkpoints frees its id at once: its checkpoints went to
+  // the trash of deleted models, whence from_deleted takes them back.
+  ASSERT_TRUE(Delete("m", false).ok());
+  EXPECT_FALSE(testing::Exists(dir_.path() + "/m"));
+  EXPECT_EQ(testing::ListDir(dir_.path() + "/.deleted").size(), 1u);
+  ASSERT_TRUE(Create("m", MlpSpec(), 2).ok());
+  ASSERT_TRUE(Delete("m", false).ok());
+  grpc::ClientContext ctx;
+  v1::RestoreCheckpointRequest req;
+  req.set_model_id("m");
+  req.set_from_deleted(true);
+  v1::ModelInfo info;
+  // The most recent deletion: the second model, which had no checkpoint, left nothing; so the
+  // first one's come back.
+  ASSERT_TRUE(stub_->RestoreCheckpoint(&ctx, req, &info).ok());
+  EXPECT_EQ(info.step(), 0);
 }
 
 TEST_F(ServiceTest, MessageSizeLimitNamesTheFlag) {
@@ -1146,23 +1179,66 @@ TEST_F(ServiceTest, ConcurrentClientsWithRetriedUpdates) {
             << " retries replayed, " << joined.load() << " updates joined another client's\n";
 }
 
-// A long request on one model does not hold up requests on another.
+// A long request on one model does not hold up requests on another. The big model steps back to
+// back while the small model's Forwards are timed; those that began and were answered within one
+// big step must take a small part of a big step. Were the small model held up by the big one
+// (a lock, a worker, a device queue), they would take about what remained of that step. Both
+// times come from the same run, so the test holds on any machine, fast or slow.
 TEST_F(ServiceTest, DifferentModelsRunInParallel) {
   ASSERT_TRUE(Create("big", MlpSpec(2048, 2048, 16), 1).ok());
   ASSERT_TRUE(Create("small", MlpSpec(), 1).ok());
-  std::atomic<bool> big_done{false};
-  bool small_finished_first = false;
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+  };
+  std::atomic<int64_t> big_calls{0};  // odd while a big step is in flight
+  std::atomic<bool> stop{false};
+  std::vector<double> big_ms;  // written by the big thread only, read after it joined
+  grpc::Status big_status;
   std::thread big([&] {
-    EXPECT_TRUE(BigTrainStep(1024).ok());
-    big_done = true;
+    for (int64_t step = 0; !stop; ++step) {
+      v1::TrainStepRequest req;  // made before the step counts as in flight
+      req.set_model_id("big");
+      *req.mutable_input() = Floats({1024, 2048}, 0.1f + static_cast<float>(step));
+      *req.mutable_target() = Floats({1024, 16});
+      req.set_loss(v1::TrainStepRequest::MSE);
+      req.set_expected_step(step);
+      v1::TrainStepResponse resp;
+      const Clock::time_point start = Clock::now();
+      ++big_calls;
+      big_status = TrainStep(req, &resp);
+      ++big_calls;
+      big_ms.push_back(ms_since(start));
+      if (!big_status.ok()) return;
+    }
   });
-  // Once the big step is surely running, a request on the small model is answered at once.
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  v1::ForwardResponse f;
-  ASSERT_TRUE(Forward("small", Floats({2, 12}), false, &f).ok());
-  small_finished_first = !big_done;
+  constexpr size_t kSamples = 20;
+  std::vector<double> small_ms;
+  const Clock::time_point give_up = Clock::now() + std::chrono::seconds(300);
+  while (small_ms.size() < kSamples && Clock::now() < give_up) {
+    const int64_t before = big_calls;
+    const Clock::time_point start = Clock::now();
+    v1::ForwardResponse f;
+    const grpc::Status s = Forward("small", Floats({2, 12}), false, &f);
+    const double ms = ms_since(start);
+    if (!s.ok()) {
+      ADD_FAILURE() << "small Forward: " << s.error_message();
+      break;
+    }
+    if (before % 2 == 1 && big_calls == before) small_ms.push_back(ms);
+  }
+  stop = true;
   big.join();
-  EXPECT_TRUE(small_finished_first) << "the small model's Forward waited for the big TrainStep";
+  ASSERT_TRUE(big_status.ok()) << big_status.error_message();
+  ASSERT_EQ(small_ms.size(), kSamples) << "too few small Forwards answered within a big step";
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double small = median(small_ms), big_step = median(big_ms);
+  std::cout << "small Forward during a big step: median " << small << " ms; big step: median "
+            << big_step << " ms over " << big_ms.size() << " steps\n";
+  EXPECT_LT(small, big_step / 10) << "the small model's Forward waited for the big TrainStep";
 }
 
 // A request in flight when the server shuts down still completes.

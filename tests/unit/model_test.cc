@@ -2,10 +2,13 @@
 #include <atomic>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <thread>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -466,6 +469,89 @@ TEST(ModelTest, ModelTooLargeForMemoryIsResourceExhausted) {
               testing::StatusIs(absl::StatusCode::kResourceExhausted,
                                 ::testing::HasSubstr("allocating a model of 549755813632 weights "
                                                      "on cpu: out of memory")));
+}
+
+}  // namespace
+}  // namespace tscale
+
+namespace tscale {
+namespace {
+
+// Training inputs are checked for NaN and Inf on the CPU by their bits: every kind of non-finite
+// value is refused, in dense tensors and in others, and the extremes of the finite ones pass.
+TEST(ModelTest, NonFiniteTrainingInputsAreRefused) {
+  auto m = NewModel();
+  const float bad[] = {std::numeric_limits<float>::infinity(),
+                       -std::numeric_limits<float>::infinity(),
+                       std::numeric_limits<float>::quiet_NaN(),
+                       -std::numeric_limits<float>::quiet_NaN(),
+                       std::numeric_limits<float>::signaling_NaN()};
+  for (float v : bad) {
+    at::Tensor x = Input(4, 12, 1);
+    x[3][11] = v;
+    EXPECT_THAT(m->Forward(x, true), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("expected finite values")))
+        << v;
+    at::Tensor xt = Input(12, 4, 1);
+    xt[0][3] = v;
+    EXPECT_THAT(m->Forward(xt.t(), true), StatusIs(absl::StatusCode::kInvalidArgument,
+                                                   HasSubstr("expected finite values")))
+        << v << " (not contiguous)";
+  }
+  at::Tensor x = Input(4, 12, 1);
+  x[0][0] = std::numeric_limits<float>::max();
+  x[1][1] = -std::numeric_limits<float>::max();
+  x[2][2] = std::numeric_limits<float>::denorm_min();
+  EXPECT_TRUE(m->Forward(x, true).ok());
+}
+
+// On a CUDA device each model's work runs on a stream of its own, so that one model's long step
+// does not hold up another's kernels. The big model's TrainStep asks its interrupt once its
+// forward and backward are queued and before anything waits for them; from there, the small
+// model's Forward must come back while the big model's stream is still busy (on one shared stream
+// it would have waited for those kernels), and both results must equal those of models run alone.
+TEST(ModelTest, ModelsOnOneGpuDoNotWaitForEachOther) {
+  const c10::Device device = testing::TestDevice();
+  if (!device.is_cuda()) GTEST_SKIP() << "device streams: for models on a CUDA device";
+  // Two 4096x4096 layers at batch 8192: about 1.6 TFLOP of FP32 GEMMs, tens of ms on any GPU,
+  // against a small Forward's tens of microseconds.
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc1", "ternary_linear": {"in_features": 4096, "out_features": 4096}},
+    {"name": "fc2", "ternary_linear": {"in_features": 4096, "out_features": 4096}}]})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto big = Model::Create(*spec, 3, device);
+  auto twin = Model::Create(*spec, 3, device);
+  ASSERT_TRUE(big.ok() && twin.ok());
+  auto small = NewModel();
+  // Made on the test's own stream: the big model's stream must wait for them.
+  const at::Tensor x = at::randn({8192, 4096}, at::TensorOptions().device(device));
+  const at::Tensor target = at::randn({8192, 4096}, at::TensorOptions().device(device));
+  const at::Tensor xs = Input(3, 12, 5);
+  auto alone = small->Forward(xs, false);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+
+  bool big_busy = false;
+  at::Tensor small_out;
+  auto step = (*big)->TrainStep(x, target, core::Loss::kMse, 0, [&]() -> absl::Status {
+    // The current stream here is the big model's.
+    const c10::Stream big_stream =
+        c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
+    auto f = small->Forward(xs, false);
+    big_busy = !big_stream.query();
+    if (!f.ok()) return f.status();
+    small_out = f->output;
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_TRUE(big_busy) << "the small model's Forward waited for the big model's kernels";
+  ASSERT_TRUE(small_out.defined());
+  EXPECT_TRUE(at::equal(small_out.cpu(), alone->output.cpu()));
+
+  auto alone_step = (*twin)->TrainStep(x, target, core::Loss::kMse, 0);
+  ASSERT_TRUE(alone_step.ok()) << alone_step.status();
+  EXPECT_EQ(step->loss, alone_step->loss);
+  EXPECT_TRUE(at::equal(step->output.cpu(), alone_step->output.cpu()));
+  EXPECT_TRUE(SameState((*big)->ExportState().tensors, (*twin)->ExportState().tensors));
 }
 
 }  // namespace

@@ -1,0 +1,188 @@
+// Where a TrainStep's time goes between the client's send and the core's step: each stage of the
+// server's path timed alone, in this process, on the same request and model (one ternary linear
+// layer, MSE), so that the stages can be set against rpc_latency's whole call over loopback. The
+// stages, in the order the call meets them:
+//
+//   serialize request   the client's encoding of the TrainStepRequest (gRPC does it on send)
+//   parse request       the server's decoding of those bytes (gRPC, before the handler)
+//   tensors from proto  TensorFromProto of input and target (a copy of each into a CPU tensor)
+//   finite checks       input and target are finite, checked on the CPU as TrainStep does
+//   fingerprint         the hash of input's and target's bytes that tells a retry from another
+//                       request (once per applied step)
+//   host to device      input and target to the model's device, completed (0 on the CPU)
+//   core step           Model::TrainStep on the CPU tensors, as the service calls it: the three
+//                       stages above, the forward, loss, backward, update and the step's one copy
+//                       of its figures to the host
+//   core step, device   Model::TrainStep on tensors already on the model's device
+//   output to proto     TensorToProto of the step's output (to the host, and a copy)
+//   serialize response  the server's encoding of the TrainStepResponse
+//
+// Usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--iters N] [--warmup N]
+// Prints the median and p99 of each stage in microseconds.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/hash/hash.h"
+#include "absl/strings/string_view.h"
+#include "server/core/device.h"
+#include "server/core/model.h"
+#include "server/service/convert.h"
+#include "tscale/v1/trainer.pb.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace v1 = tscale::v1;
+namespace core = tscale::core;
+
+v1::Tensor Tensor(const std::vector<int64_t>& shape, unsigned seed) {
+  v1::Tensor t;
+  t.set_dtype(v1::FP32);
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    t.add_shape(d);
+    n *= d;
+  }
+  std::vector<float> v(n);
+  std::srand(seed);
+  for (float& x : v) x = static_cast<float>(std::rand()) / RAND_MAX * 2.0f - 1.0f;
+  t.set_data(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+  return t;
+}
+
+template <typename T>
+T OrDie(absl::StatusOr<T> v, const char* what) {
+  if (!v.ok()) {
+    std::fprintf(stderr, "hot_path: %s: %s\n", what, v.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(v);
+}
+
+// As TrainStep checks its CPU tensors (model.cc): one pass over the bits of dense float32.
+bool AllFinite(const at::Tensor& t) {
+  const uint32_t* bits = static_cast<const uint32_t*>(t.data_ptr());
+  uint32_t inf_or_nan = 0;
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+    inf_or_nan |= static_cast<uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+  }
+  return inf_or_nan == 0;
+}
+
+struct Stage {
+  std::string name;
+  std::vector<double> us;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string device_name = "cpu";
+  int64_t in = 4096, out = 4096, batch = 16;
+  int iters = 200, warmup = 20;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--device") device_name = value;
+    else if (flag == "--in") in = std::stoll(value);
+    else if (flag == "--out") out = std::stoll(value);
+    else if (flag == "--batch") batch = std::stoll(value);
+    else if (flag == "--iters") iters = std::stoi(value);
+    else if (flag == "--warmup") warmup = std::stoi(value);
+    else {
+      std::fprintf(stderr, "hot_path: unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  const c10::Device device = OrDie(core::ParseDevice(device_name), "--device");
+  const core::ModelSpec spec{{core::LayerSpec{"fc", core::TernaryLinearSpec{in, out, 0, 0.0f, false}}}};
+  auto model = OrDie(core::Model::Create(spec, 1, device), "creating the model");
+
+  v1::TrainStepRequest request;
+  request.set_model_id("bench");
+  *request.mutable_input() = Tensor({batch, in}, 1);
+  *request.mutable_target() = Tensor({batch, out}, 3);
+  request.set_loss(v1::TrainStepRequest::MSE);
+
+  std::vector<Stage> stages = {{"serialize request"},  {"parse request"},
+                               {"tensors from proto"}, {"finite checks"},
+                               {"fingerprint"},        {"host to device"},
+                               {"core step"},          {"core step, device"},
+                               {"output to proto"},    {"serialize response"}};
+  auto timed = [&](size_t stage, bool record, const std::function<void()>& fn) {
+    const auto t0 = Clock::now();
+    fn();
+    const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    if (record) stages[stage].us.push_back(us);
+  };
+  int64_t step = 0;
+  for (int i = 0; i < warmup + iters; ++i) {
+    const bool record = i >= warmup;
+    request.set_expected_step(step);
+    std::string wire;
+    timed(0, record, [&] { request.SerializeToString(&wire); });
+    v1::TrainStepRequest parsed;
+    timed(1, record, [&] { parsed.ParseFromString(wire); });
+    at::Tensor x, t;
+    timed(2, record, [&] {
+      x = OrDie(tscale::service::TensorFromProto(parsed.input(), "input", v1::FP32), "input");
+      t = OrDie(tscale::service::TensorFromProto(parsed.target(), "target", v1::FP32), "target");
+    });
+    bool finite = false;
+    timed(3, record, [&] { finite = AllFinite(x) && AllFinite(t); });
+    if (!finite) return 1;
+    size_t hash = 0;
+    timed(4, record, [&] {
+      hash = absl::HashOf(absl::string_view(static_cast<const char*>(x.data_ptr()), x.nbytes()),
+                          x.sizes().vec(),
+                          absl::string_view(static_cast<const char*>(t.data_ptr()), t.nbytes()),
+                          t.sizes().vec(), 1);
+    });
+    if (hash == 0) std::printf("(a zero hash)\n");
+    at::Tensor xd, td;
+    timed(5, record, [&] {
+      xd = x.to(device);
+      td = t.to(device);
+      // Completed: a read of one element waits for the copies on the current stream.
+      (void)xd[0][0].item<float>();
+      (void)td[0][0].item<float>();
+    });
+    core::TrainStepResult result;
+    timed(6, record, [&] {
+      result = OrDie(model->TrainStep(x, t, core::Loss::kMse, step), "TrainStep");
+    });
+    step = result.update.step;
+    core::TrainStepResult on_device;
+    timed(7, record, [&] {
+      on_device = OrDie(model->TrainStep(xd, td, core::Loss::kMse, step), "TrainStep on device");
+    });
+    step = on_device.update.step;
+    v1::TrainStepResponse response;
+    timed(8, record, [&] {
+      tscale::service::TensorToProto(result.output, response.mutable_output());
+    });
+    response.set_loss(result.loss);
+    response.set_step(result.update.step);
+    std::string answer;
+    timed(9, record, [&] { response.SerializeToString(&answer); });
+  }
+  std::printf("hot_path: %s, layer %lldx%lld, batch %lld, %d iterations: request %zu bytes\n",
+              core::DeviceName(device).c_str(), static_cast<long long>(in),
+              static_cast<long long>(out), static_cast<long long>(batch), iters,
+              request.ByteSizeLong());
+  std::printf("%-20s %10s %10s\n", "stage (us)", "p50", "p99");
+  for (Stage& s : stages) {
+    std::sort(s.us.begin(), s.us.end());
+    const double p50 = s.us[s.us.size() / 2];
+    const double p99 = s.us[std::min(s.us.size() - 1, static_cast<size_t>(0.99 * s.us.size()))];
+    std::printf("%-20s %10.1f %10.1f\n", s.name.c_str(), p50, p99);
+  }
+  return 0;
+}
