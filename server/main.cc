@@ -129,6 +129,10 @@ int main(int argc, char** argv) {
       {"checkpoint-on-shutdown", "true|false",
        "on SIGTERM, checkpoint every model that changed since its last checkpoint (default true)",
        BoolFlag(&options.checkpoint_on_shutdown)},
+      {"deleted-retention-hours", "N",
+       "a deleted model's checkpoints stay in DIR/.deleted/ this long, for RestoreCheckpoint "
+       "with from_deleted (default 168; 0: until removed by hand)",
+       IntFlag(&options.deleted_retention_hours)},
       {"metrics-listen", "HOST:PORT",
        "serve Prometheus metrics at http://HOST:PORT/metrics (default: none)",
        StringFlag(&options.metrics_listen)},

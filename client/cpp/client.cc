@@ -1,7 +1,9 @@
 #include "client/cpp/client.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <utility>
@@ -355,28 +357,44 @@ absl::StatusOr<int64_t> Client::ExportStateToFile(absl::string_view model_id,
   const std::string tmp = absl::StrCat(path, ".tmp-export");
   std::ofstream file;
   int64_t written = 0;
+  // The OS's reason (no such folder, permission denied, disk full) is what the user can act on.
+  // errno is read right after the failing file operation: gRPC's own calls change it later.
+  int err = 0;
   auto write_error = [&] {
-    return absl::InternalError(absl::StrCat("export: writing ", tmp, " failed"));
+    return absl::InternalError(absl::StrCat("export: writing ", tmp, " failed",
+                                            err != 0 ? absl::StrCat(": ", std::strerror(err)) : ""));
   };
   absl::Status status = Export(
       model_id, call,
       [&] {
         if (file.is_open()) file.close();
         file.clear();
+        errno = 0;
         file.open(tmp, std::ios::binary | std::ios::trunc);
+        err = file.is_open() ? 0 : errno;
         written = 0;
       },
       [&](absl::string_view data) {
-        if (!file.is_open() || !file.write(data.data(), data.size())) return write_error();
+        if (!file.is_open()) return write_error();
+        errno = 0;
+        if (!file.write(data.data(), data.size())) {
+          err = errno;
+          return write_error();
+        }
         written += static_cast<int64_t>(data.size());
         return absl::OkStatus();
       });
   if (status.ok()) {
+    errno = 0;
     file.close();
-    if (!file) status = write_error();
+    if (!file) {
+      err = errno;
+      status = write_error();
+    }
   }
   if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = absl::InternalError(absl::StrCat("export: renaming ", tmp, " to ", path, " failed"));
+    status = absl::InternalError(absl::StrCat("export: renaming ", tmp, " to ", path,
+                                              " failed: ", std::strerror(errno)));
   }
   if (!status.ok()) {
     if (file.is_open()) file.close();

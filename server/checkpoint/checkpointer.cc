@@ -42,6 +42,19 @@ void Checkpointer::Forget(const std::string& model_id) {
   saved_.erase(model_id);
 }
 
+absl::Status Checkpointer::Discard(const std::string& model_id, bool remove) {
+  const std::shared_ptr<absl::Mutex> model_lock = ModelLock(model_id);
+  absl::MutexLock hold(model_lock.get());
+  {
+    absl::MutexLock lock(&mu_);
+    saved_.erase(model_id);
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(),
+                                [&](const Pending& p) { return p.model_id == model_id; }),
+                 queue_.end());
+  }
+  return remove ? store_->Remove(model_id) : store_->MoveToTrash(model_id);
+}
+
 std::shared_ptr<absl::Mutex> Checkpointer::ModelLock(const std::string& model_id) {
   absl::MutexLock lock(&mu_);
   std::shared_ptr<absl::Mutex>& m = model_locks_[model_id];
@@ -107,7 +120,8 @@ absl::StatusOr<CheckpointInfo> Checkpointer::Write(const std::string& model_id,
 absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
     const std::string& model_id, const std::string& name, c10::Device device,
     core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info,
-    bool replace, std::optional<core::ModelRegistry::Reservation>* reservation) {
+    bool replace, std::optional<core::ModelRegistry::Reservation>* reservation,
+    const std::string& target_id) {
   const absl::Time start = absl::Now();
   std::shared_ptr<core::Model> model;
   auto build = [&](const DecodedState& state) -> absl::Status {
@@ -118,7 +132,7 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
     if (!bytes.ok()) {
       return absl::DataLossError(absl::StrCat("its spec is not valid: ", bytes.status().message()));
     }
-    auto reserved = registry_->Reserve(model_id, *bytes, replace);
+    auto reserved = registry_->Reserve(target_id, *bytes, replace);
     if (!reserved.ok()) return reserved.status();
     reservation->emplace(*std::move(reserved));
     core::ModelOptions o = options;
@@ -156,15 +170,31 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Load(
 absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Restore(
     const std::string& model_id, const std::string& name, c10::Device device,
     const core::ModelOptions& options, std::optional<core::ComputeType> compute,
-    CheckpointInfo* info) {
+    CheckpointInfo* info, const RestoreTarget& target) {
+  const bool branch = !target.new_model_id.empty();
+  if (branch) return RestoreAs(model_id, name, device, options, compute, info, target);
   const std::shared_ptr<absl::Mutex> model_lock = ModelLock(model_id);
   absl::MutexLock hold(model_lock.get());
   CheckpointInfo loaded;
   std::optional<core::ModelRegistry::Reservation> reservation;
   auto model = Load(model_id, name, device, options, compute, &loaded, /*replace=*/true,
-                    &reservation);
+                    &reservation, model_id);
   if (!model.ok()) return model.status();
-  if (absl::Status s = store_->RemoveAfter(model_id, loaded.step); !s.ok()) return s;
+  // Rewinding is an experiment, not a decision to drop what came after: the later checkpoints
+  // go only when asked. (Kept beside the rewound model they would be overwritten step by step
+  // as it trains on, and would bring it back at their step after a restart.)
+  if (auto list = store_->List(model_id); list.ok() && list->back().step > loaded.step) {
+    // With no name, the later files are the damaged ones Load skipped (and logged): the newest
+    // valid checkpoint is the model's history, and the next save would remove them anyway.
+    if (!target.discard_newer && !name.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "name: ", loaded.name, " is older than the newest checkpoint of '", model_id, "' (",
+          list->back().name, ", ", list->size(), " checkpoints in all); restore it as a new model "
+          "(new_model_id; the CLI's restore --as NEW_ID) to keep them, or with discard_newer "
+          "(--discard-newer) to continue from it and remove the later ones"));
+    }
+    if (absl::Status s = store_->RemoveAfter(model_id, loaded.step); !s.ok()) return s;
+  }
   if (absl::Status s = registry_->Add(*std::move(reservation), *model); !s.ok()) return s;
   Forget(model_id);
   {
@@ -179,13 +209,59 @@ absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::Restore(
   return model;
 }
 
+absl::StatusOr<std::shared_ptr<core::Model>> Checkpointer::RestoreAs(
+    const std::string& model_id, const std::string& name, c10::Device device,
+    const core::ModelOptions& options, std::optional<core::ComputeType> compute,
+    CheckpointInfo* info, const RestoreTarget& target) {
+  const std::string& new_id = target.new_model_id;
+  if (absl::Status s = core::ValidateModelId(new_id, "new_model_id"); !s.ok()) return s;
+  if (new_id == model_id) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "new_model_id: expected an id other than model_id's, got '", new_id,
+        "' (leave it empty to restore in place)"));
+  }
+  if (target.discard_newer) {
+    return absl::InvalidArgumentError(
+        "discard_newer: a restore as a new model (new_model_id) removes no checkpoints; set one "
+        "of the two");
+  }
+  // The branch's files, not the source's, change here.
+  const std::shared_ptr<absl::Mutex> model_lock = ModelLock(new_id);
+  absl::MutexLock hold(model_lock.get());
+  if (auto list = store_->List(new_id); list.ok()) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "new_model_id: checkpoints of a model '", new_id, "' are on disk (newest ",
+        list->back().name, "); choose another id, or delete that model with its checkpoints"));
+  }
+  if (registry_->Get(new_id).ok()) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "new_model_id: a model '", new_id, "' already exists; choose another id, or delete it"));
+  }
+  CheckpointInfo loaded;
+  std::optional<core::ModelRegistry::Reservation> reservation;
+  auto model = Load(model_id, name, device, options, compute, &loaded, /*replace=*/false,
+                    &reservation, new_id);
+  if (!model.ok()) return model.status();
+  if (absl::Status s = registry_->Add(*std::move(reservation), *model); !s.ok()) return s;
+  Forget(new_id);
+  // The branch's first checkpoint: without it a restart would lose the branch, and the id would
+  // stay free for another model.
+  auto saved = Write(new_id, **model, (*model)->ExportState());
+  if (!saved.ok()) {
+    (void)registry_->Remove(new_id);
+    return saved.status();
+  }
+  if (info != nullptr) *info = loaded;
+  return model;
+}
+
 void Checkpointer::RestoreAll(c10::Device device, const core::ModelOptions& options) {
   for (const std::string& id : store_->ModelIds()) {
     if (registry_->Get(id).ok()) continue;
     CheckpointInfo info;
     std::optional<core::ModelRegistry::Reservation> reservation;
     auto model =
-        Load(id, "", device, options, std::nullopt, &info, /*replace=*/false, &reservation);
+        Load(id, "", device, options, std::nullopt, &info, /*replace=*/false, &reservation, id);
     if (!model.ok()) {
       if (model.status().code() != absl::StatusCode::kNotFound) {
         log_(absl::StrCat("cannot restore model '", id, "': ", model.status().ToString()));
@@ -279,6 +355,12 @@ void Checkpointer::Loop() {
     if (next.has_value()) {
       const std::shared_ptr<absl::Mutex> model_lock = ModelLock(next->model_id);
       absl::MutexLock hold(model_lock.get());
+      // A model deleted (or replaced) since its snapshot was queued must not get a file again:
+      // a deleted model's folder would reappear and bring it back at the next start.
+      if (auto current = registry_->Get(next->model_id);
+          !current.ok() || *current != next->model) {
+        continue;
+      }
       const absl::Time start = absl::Now();
       auto info = Write(next->model_id, *next->model, next->snapshot);
       Observe("save", next->model_id, info.ok(), start);

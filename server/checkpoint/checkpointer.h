@@ -34,6 +34,17 @@ struct CheckpointPolicy {
   int keep = 5;               // checkpoints kept per model, newest first; 0: all
 };
 
+// How a restore treats the model's other checkpoints.
+struct RestoreTarget {
+  // Non-empty: register the model under this id instead (a branch), which must hold no model
+  // and no checkpoints; its first checkpoint is written at once, so the branch outlives a
+  // restart. The source model and its files stay as they are.
+  std::string new_model_id;
+  // Restoring in place a checkpoint older than the model's newest: remove the later ones.
+  // Without it such a restore is FailedPrecondition, so that history is never lost unasked.
+  bool discard_newer = false;
+};
+
 class Checkpointer {
  public:
   // `metadata` is added to every file (e.g. server_version). `log` receives one line per event
@@ -53,25 +64,27 @@ class Checkpointer {
   void set_observer(Observer observer) { observer_ = std::move(observer); }
 
   // Saves the model's state now, then applies retention. Checkpoints of later steps are removed:
-  // they belong to a history the model left when it was restored to an earlier step. NotFound
-  // for an unknown model.
+  // they belong to a history the model left (it was restored to an earlier step with
+  // discard_newer, or its state was imported over). NotFound for an unknown model.
   absl::StatusOr<CheckpointInfo> Save(const std::string& model_id);
 
   // Restores every model of the store from its newest checkpoint that verifies and builds,
   // logging each file skipped and each model restored. Models already registered are left alone.
   void RestoreAll(c10::Device device, const core::ModelOptions& options);
 
+  using RestoreTarget = checkpoint::RestoreTarget;
+
   // Loads a checkpoint (newest valid when `name` is empty), builds its model (with the file's
-  // compute type unless `compute` is given) and registers it under `model_id`, replacing the
-  // model there. Checkpoints after the one loaded are removed, so that the model's history
-  // continues from it, also after a restart. ResourceExhausted, with nothing changed, when the
-  // model would take the registry beyond its limits.
+  // compute type unless `compute` is given) and registers it under `model_id` (or
+  // `target.new_model_id`), replacing the model there. ResourceExhausted, with nothing changed,
+  // when the model would take the registry beyond its limits.
   absl::StatusOr<std::shared_ptr<core::Model>> Restore(const std::string& model_id,
                                                        const std::string& name,
                                                        c10::Device device,
                                                        const core::ModelOptions& options,
                                                        std::optional<core::ComputeType> compute,
-                                                       CheckpointInfo* info);
+                                                       CheckpointInfo* info,
+                                                       const RestoreTarget& target = {});
 
   // Call after an update brought `model_id` to `step`: when the step policy asks for a
   // checkpoint, copies the model's state now (so the file holds that step even if training goes
@@ -79,6 +92,10 @@ class Checkpointer {
   void AfterUpdate(const std::string& model_id, int64_t step);
   // Forget what was saved of a model (it was deleted or replaced by another).
   void Forget(const std::string& model_id);
+  // After the model was deleted from the registry: moves its checkpoints to the store's trash
+  // (or removes them when `remove`), after any save of it in progress, and drops its queued
+  // snapshots, so that no file of it is written after. NotFound when it has no checkpoints.
+  absl::Status Discard(const std::string& model_id, bool remove);
 
   // Starts the background thread: queued saves and the time policy.
   void Start();
@@ -99,10 +116,17 @@ class Checkpointer {
   void Observe(const char* operation, const std::string& model_id, bool ok, absl::Time start);
   // Builds the model under a reservation of the registry's limits (replacing the model there
   // when `replace`), taken before the model is built and left in `reservation` for the Add.
+  // The checkpoint is `model_id`'s; the model is reserved under `target_id`.
   absl::StatusOr<std::shared_ptr<core::Model>> Load(
       const std::string& model_id, const std::string& name, c10::Device device,
       core::ModelOptions options, std::optional<core::ComputeType> compute, CheckpointInfo* info,
-      bool replace, std::optional<core::ModelRegistry::Reservation>* reservation);
+      bool replace, std::optional<core::ModelRegistry::Reservation>* reservation,
+      const std::string& target_id);
+  // Restore with a new_model_id.
+  absl::StatusOr<std::shared_ptr<core::Model>> RestoreAs(
+      const std::string& model_id, const std::string& name, c10::Device device,
+      const core::ModelOptions& options, std::optional<core::ComputeType> compute,
+      CheckpointInfo* info, const RestoreTarget& target);
   // Held through a save or a restore of one model, so that its files change in step order.
   std::shared_ptr<absl::Mutex> ModelLock(const std::string& model_id);
 

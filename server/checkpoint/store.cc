@@ -26,6 +26,8 @@ namespace {
 
 constexpr char kPrefix[] = "step-";
 constexpr char kSuffix[] = ".safetensors";
+// The trash of deleted models, inside the store's folder; a model id never starts with '.'.
+constexpr char kTrash[] = ".deleted";
 // Headers of our files are a few KiB; a larger one is not ours, or is damaged.
 constexpr uint64_t kMaxHeaderBytes = 64 << 20;
 
@@ -134,10 +136,14 @@ absl::StatusOr<std::map<std::string, std::string>> ReadMetadata(const std::strin
 std::string CheckpointName(int64_t step) { return absl::StrFormat("%s%08d", kPrefix, step); }
 
 absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
-    const std::string& dir, std::function<void(const std::string&)> log) {
+    const std::string& dir, std::function<void(const std::string&)> log,
+    absl::Duration deleted_retention) {
   if (dir.empty()) return absl::InvalidArgumentError("checkpoint folder: expected a path, got ''");
   if (absl::Status s = MakeDir(dir); !s.ok()) return s;
   std::unique_ptr<CheckpointStore> store(new CheckpointStore(dir));
+  store->deleted_retention_ = deleted_retention;
+  store->log_ = log;
+  store->ExpireTrash();
   for (const std::string& id : store->ModelIds()) {
     const std::string model_dir = store->ModelDir(id);
     for (const std::string& name : Entries(model_dir)) {
@@ -321,6 +327,114 @@ absl::Status CheckpointStore::Remove(absl::string_view model_id) {
     if (unlink(path.c_str()) != 0 && errno != ENOENT) return IoError("removing", path);
   }
   if (rmdir(model_dir.c_str()) != 0) return IoError("removing", model_dir);
+  return FsyncPath(dir_, O_RDONLY | O_DIRECTORY);
+}
+
+std::string CheckpointStore::TrashDir() const { return absl::StrCat(dir_, "/", kTrash); }
+
+namespace {
+
+// "<model_id>@<seconds>" or "<model_id>@<seconds>.<n>": the model and the time of the deletion.
+bool ParseTrashName(const std::string& name, std::string* model_id, int64_t* seconds) {
+  const size_t at = name.rfind('@');
+  if (at == std::string::npos || at == 0) return false;
+  *model_id = name.substr(0, at);
+  absl::string_view t = absl::string_view(name).substr(at + 1);
+  t = t.substr(0, t.find('.'));
+  return core::ValidateModelId(*model_id).ok() && absl::SimpleAtoi(t, seconds);
+}
+
+// Removes a folder of files (checkpoints and temporaries; nothing deeper).
+absl::Status RemoveFolder(const std::string& dir) {
+  for (const std::string& name : Entries(dir)) {
+    const std::string path = absl::StrCat(dir, "/", name);
+    if (unlink(path.c_str()) != 0 && errno != ENOENT) return IoError("removing", path);
+  }
+  if (rmdir(dir.c_str()) != 0 && errno != ENOENT) return IoError("removing", dir);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int CheckpointStore::ExpireTrash(absl::Time now) {
+  if (deleted_retention_ <= absl::ZeroDuration()) return 0;
+  const std::string trash = TrashDir();
+  absl::MutexLock lock(&mu_);
+  int removed = 0;
+  for (const std::string& name : Entries(trash)) {
+    std::string id;
+    int64_t seconds = 0;
+    if (!ParseTrashName(name, &id, &seconds)) continue;
+    if (now - absl::FromUnixSeconds(seconds) < deleted_retention_) continue;
+    const std::string path = absl::StrCat(trash, "/", name);
+    absl::Status s = RemoveFolder(path);
+    if (log_) {
+      log_(s.ok() ? absl::StrCat("removed the checkpoints of deleted model '", id, "' (", path,
+                                 "): older than the retention of deleted models")
+                  : absl::StrCat("cannot remove ", path, ": ", s.ToString()));
+    }
+    if (s.ok()) ++removed;
+  }
+  if (removed > 0) (void)FsyncPath(trash, O_RDONLY | O_DIRECTORY);
+  return removed;
+}
+
+absl::Status CheckpointStore::MoveToTrash(absl::string_view model_id, absl::Time now) {
+  if (absl::Status s = core::ValidateModelId(model_id); !s.ok()) return s;
+  ExpireTrash(now);
+  const std::string model_dir = ModelDir(model_id);
+  const std::string trash = TrashDir();
+  absl::MutexLock lock(&mu_);
+  struct stat st;
+  if (stat(model_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::NotFoundError(absl::StrCat("model_id: no checkpoints of '", model_id, "'"));
+  }
+  if (absl::Status s = MakeDir(trash); !s.ok()) return s;
+  const std::string base = absl::StrCat(trash, "/", model_id, "@", absl::ToUnixSeconds(now));
+  std::string target = base;
+  // Deleted twice within a second: both stay.
+  for (int n = 1; stat(target.c_str(), &st) == 0; ++n) target = absl::StrCat(base, ".", n);
+  if (rename(model_dir.c_str(), target.c_str()) != 0) {
+    return IoError(absl::StrCat("moving ", model_dir, " to"), target);
+  }
+  if (absl::Status s = FsyncPath(trash, O_RDONLY | O_DIRECTORY); !s.ok()) return s;
+  return FsyncPath(dir_, O_RDONLY | O_DIRECTORY);
+}
+
+absl::Status CheckpointStore::TakeFromTrash(absl::string_view model_id) {
+  if (absl::Status s = core::ValidateModelId(model_id); !s.ok()) return s;
+  const std::string model_dir = ModelDir(model_id);
+  const std::string trash = TrashDir();
+  absl::MutexLock lock(&mu_);
+  std::string newest;
+  int64_t newest_seconds = -1;
+  for (const std::string& name : Entries(trash)) {
+    std::string id;
+    int64_t seconds = 0;
+    // Entries come sorted, so of one second the later suffix wins.
+    if (ParseTrashName(name, &id, &seconds) && id == model_id && seconds >= newest_seconds) {
+      newest = name;
+      newest_seconds = seconds;
+    }
+  }
+  if (newest.empty()) {
+    return absl::NotFoundError(absl::StrCat("from_deleted: no deleted checkpoints of '", model_id,
+                                            "' in ", trash, " (removed by hand, or older than "
+                                            "the server's --deleted-retention-hours)"));
+  }
+  if (!CheckpointFiles(model_dir).empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "from_deleted: model '", model_id, "' has checkpoints of its own in ", model_dir,
+        "; restore the deleted ones as another model by moving ", trash, "/", newest,
+        " to a folder of that name"));
+  }
+  // An empty folder (or one of temporaries) is in the way of the rename.
+  if (absl::Status s = RemoveFolder(model_dir); !s.ok()) return s;
+  const std::string source = absl::StrCat(trash, "/", newest);
+  if (rename(source.c_str(), model_dir.c_str()) != 0) {
+    return IoError(absl::StrCat("moving ", source, " to"), model_dir);
+  }
+  if (absl::Status s = FsyncPath(trash, O_RDONLY | O_DIRECTORY); !s.ok()) return s;
   return FsyncPath(dir_, O_RDONLY | O_DIRECTORY);
 }
 

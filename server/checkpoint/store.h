@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/checkpoint/state_file.h"
 
 namespace tscale::checkpoint {
@@ -42,8 +43,10 @@ class CheckpointStore {
  public:
   // Creates `dir` when missing and removes stale temporary files of earlier runs, reporting each
   // to `log`. InvalidArgument when `dir` cannot be created or is not a folder.
+  // Expired folders of deleted models (see MoveToTrash) are removed too.
   static absl::StatusOr<std::unique_ptr<CheckpointStore>> Open(
-      const std::string& dir, std::function<void(const std::string&)> log = nullptr);
+      const std::string& dir, std::function<void(const std::string&)> log = nullptr,
+      absl::Duration deleted_retention = absl::Hours(168));
 
   const std::string& dir() const { return dir_; }
 
@@ -73,6 +76,19 @@ class CheckpointStore {
   // Removes the model's folder and every checkpoint in it. NotFound when it has none.
   absl::Status Remove(absl::string_view model_id);
 
+  // The trash of deleted models: DIR/.deleted/<model_id>@<unix seconds of the deletion>/. A
+  // deleted model must stay deleted across restarts, yet its history must not vanish with one
+  // command: its folder moves there whole (one rename), where neither the start-up restore nor
+  // ModelIds nor List sees it, and it is removed once `deleted_retention` has passed (0: kept).
+  // NotFound when the model has no folder. Expired folders are removed first.
+  absl::Status MoveToTrash(absl::string_view model_id, absl::Time now = absl::Now());
+  // Moves the model's most recently deleted folder back to DIR/<model_id>/. NotFound when the
+  // trash holds none of it; FailedPrecondition when the model has checkpoints of its own.
+  absl::Status TakeFromTrash(absl::string_view model_id);
+  // Removes the trash folders older than the retention; logs each. Returns how many.
+  int ExpireTrash(absl::Time now = absl::Now());
+  std::string TrashDir() const;
+
   // Removes all but the newest `keep` checkpoints of the model (keep > 0).
   absl::Status Prune(absl::string_view model_id, int keep);
   // Removes the model's checkpoints of steps after `step`.
@@ -83,6 +99,8 @@ class CheckpointStore {
   std::string ModelDir(absl::string_view model_id) const;
 
   const std::string dir_;
+  absl::Duration deleted_retention_ = absl::Hours(168);
+  std::function<void(const std::string&)> log_;
   // Serialises renames and removals within the store; writing the data happens outside it.
   mutable absl::Mutex mu_;
 };

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/checkpoint/state_file.h"
 #include "server/service/convert.h"
 #include "server/service/trainer_service.h"
 
@@ -132,10 +133,7 @@ absl::Status TrainerService::GroupUpdateCorrelation(const v1::UpdateCorrelationR
     if (call.local()) return DoUpdateCorrelation(req, resp, interrupt);
     auto result = model->UpdateCorrelation(req.expected_step(), interrupt, call.combiner());
     if (!result.ok()) return result.status();
-    Updated(req.model_id(), result->step, result->replayed, /*train_step=*/false);
-    resp->set_step(result->step);
-    resp->set_replayed(result->replayed);
-    for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
+    UpdatedCorrelation(req.model_id(), *result, resp);
     return absl::OkStatus();
   });
 }
@@ -163,6 +161,64 @@ absl::Status TrainerService::GroupTrainStep(const v1::TrainStepRequest& req,
   });
 }
 
+class TrainerService::GroupSync final : public group::GroupState {
+ public:
+  explicit GroupSync(TrainerService* service) : service_(service) {}
+
+  std::vector<Entry> Inventory() override {
+    std::vector<Entry> out;
+    for (const auto& [id, model] : service_->registry_.List()) {
+      const core::StateSnapshot state = model->ExportState();
+      out.push_back({id, state.step, group::StateDigest(state)});
+    }
+    return out;
+  }
+
+  absl::StatusOr<std::string> Encode(const std::string& model_id) override {
+    v1::ExportStateRequest req;
+    req.set_model_id(model_id);
+    return service_->DoExportState(req);
+  }
+
+  absl::Status Install(const std::string& model_id, std::string bytes, uint64_t digest) override {
+    auto decoded = checkpoint::DecodeState(std::move(bytes));
+    if (!decoded.ok()) return decoded.status();
+    if (!decoded->spec.has_value()) {
+      return absl::DataLossError("the peer's state file has no spec in its metadata");
+    }
+    core::ModelOptions options = service_->options_.model;
+    if (auto it = decoded->metadata.find("compute"); it != decoded->metadata.end()) {
+      v1::ComputeType compute;
+      if (v1::ComputeType_Parse(it->second, &compute)) {
+        auto c = ComputeFromProto(compute);
+        if (c.ok()) options.compute = *c;
+      }
+    }
+    auto model = core::Model::Import(*decoded->spec, decoded->tensors, decoded->step,
+                                     service_->options_.default_device, options);
+    if (!model.ok()) return model.status();
+    std::shared_ptr<core::Model> shared = *std::move(model);
+    const uint64_t got = group::StateDigest(shared->ExportState());
+    if (got != digest) {
+      return absl::DataLossError(absl::StrCat("the state received has digest ", got,
+                                              ", the peer's is ", digest));
+    }
+    if (absl::Status s = service_->registry_.Add(model_id, shared, /*replace=*/true); !s.ok()) {
+      return s;
+    }
+    if (service_->checkpointer_ != nullptr) service_->checkpointer_->Forget(model_id);
+    return absl::OkStatus();
+  }
+
+ private:
+  TrainerService* const service_;
+};
+
+group::GroupState* TrainerService::group_state() {
+  if (!group_sync_) group_sync_ = std::make_shared<GroupSync>(this);
+  return group_sync_.get();
+}
+
 void TrainerService::GroupInfo(v1::ServerInfo* resp) const {
   if (group_ == nullptr) {
     resp->set_group_size(1);
@@ -188,6 +244,7 @@ absl::Status NoGroups() {
 }  // namespace
 
 void TrainerService::GroupInfo(v1::ServerInfo* resp) const { resp->set_group_size(1); }
+group::GroupState* TrainerService::group_state() { return nullptr; }
 absl::Status TrainerService::GroupCreateModel(const v1::CreateModelRequest&, v1::ModelInfo*,
                                               const core::Interrupt&) {
   return NoGroups();

@@ -155,6 +155,9 @@ class Server::Impl::GroupHealth final : public group::GroupObserver {
   void Exchanged(double seconds, int64_t bytes) override {
     if (metrics_ != nullptr) metrics_->ObserveGroupExchange(seconds, bytes);
   }
+  void Synced(double seconds, int64_t bytes) override {
+    if (metrics_ != nullptr) metrics_->ObserveGroupSync(seconds, bytes);
+  }
   void CallFailed(absl::string_view reason) override {
     if (metrics_ != nullptr) metrics_->CountGroupFailure(reason);
   }
@@ -199,7 +202,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   for (auto [value, flag] :
        {std::pair<int64_t, const char*>{options.checkpoint_every_steps, "checkpoint-every-steps"},
         {options.checkpoint_every_seconds, "checkpoint-every-seconds"},
-        {options.checkpoint_keep, "checkpoint-keep"}}) {
+        {options.checkpoint_keep, "checkpoint-keep"},
+        {options.deleted_retention_hours, "deleted-retention-hours"}}) {
     if (value < 0) {
       return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected >= 0, got ", value));
     }
@@ -279,7 +283,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     auto log = [](const std::string& line) {
       std::cerr << "tscale-server: checkpoint: " << line << std::endl;
     };
-    auto store = checkpoint::CheckpointStore::Open(options.checkpoint_dir, log);
+    auto store = checkpoint::CheckpointStore::Open(options.checkpoint_dir, log,
+                                                   absl::Hours(options.deleted_retention_hours));
     if (!store.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("--checkpoint-dir: ", store.status().message()));
@@ -323,7 +328,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                                           config.store_port);
     impl.group = group::ReplicaGroup::Start(
         config, trainer.default_device.is_cuda(), impl.group_health.get(),
-        [](const std::string& line) { std::cerr << "tscale-server: " << line << std::endl; });
+        [](const std::string& line) { std::cerr << "tscale-server: " << line << std::endl; },
+        impl.service->group_state());
     impl.service->set_group(impl.group.get());
 #else
     return absl::InvalidArgumentError(

@@ -62,6 +62,9 @@ struct ServerOptions {
   int64_t checkpoint_every_seconds = 0;  // --checkpoint-every-seconds; 0: off
   int checkpoint_keep = 5;               // --checkpoint-keep; 0: all
   bool checkpoint_on_shutdown = true;    // --checkpoint-on-shutdown
+  // --deleted-retention-hours: how long a deleted model's checkpoints stay in the trash of
+  // deleted models (DIR/.deleted/); 0: until removed by hand.
+  int64_t deleted_retention_hours = 168;
 
   // Prometheus metrics at http://HOST:PORT/metrics (--metrics-listen); empty: none.
   std::string metrics_listen;

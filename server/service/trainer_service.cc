@@ -206,15 +206,26 @@ absl::Status TrainerService::DoDeleteModel(const v1::DeleteModelRequest& req) {
     auto checkpoints = Checkpoints();
     if (!checkpoints.ok()) return checkpoints.status();
     absl::Status removed = registry_.Remove(req.model_id());
-    absl::Status files = (*checkpoints)->store().Remove(req.model_id());
-    (*checkpoints)->Forget(req.model_id());
+    absl::Status files = (*checkpoints)->Discard(req.model_id(), /*remove=*/true);
     if (metrics_ != nullptr) metrics_->ForgetModel(req.model_id());
     if (removed.ok() || files.ok()) return absl::OkStatus();
     return absl::NotFoundError(
         absl::StrCat("model_id: no model '", req.model_id(), "', loaded or checkpointed"));
   }
   absl::Status removed = registry_.Remove(req.model_id());
-  if (removed.ok() && checkpointer_ != nullptr) checkpointer_->Forget(req.model_id());
+  if (checkpointer_ != nullptr) {
+    // A deleted model stays deleted: its checkpoints go to the trash of deleted models (kept for
+    // --deleted-retention-hours; RestoreCheckpoint with from_deleted takes them back), so the
+    // next start does not restore it. Files of a model that was not loaded go there too.
+    absl::Status files = checkpointer_->Discard(req.model_id(), /*remove=*/false);
+    if (!files.ok() && !absl::IsNotFound(files)) {
+      return absl::Status(files.code(), absl::StrCat(
+          removed.ok() ? "the model is deleted, but " : "",
+          "its checkpoints could not move to the trash of deleted models, so a restart would "
+          "bring it back; retry DeleteModel: ", files.message()));
+    }
+    if (files.ok() && !removed.ok()) removed = absl::OkStatus();
+  }
   if (removed.ok() && metrics_ != nullptr) metrics_->ForgetModel(req.model_id());
   return removed;
 }
@@ -313,11 +324,17 @@ absl::Status TrainerService::DoUpdateCorrelation(const v1::UpdateCorrelationRequ
   // The request may wait for the model behind others; it gives up if cancelled meanwhile.
   auto result = (*model)->UpdateCorrelation(req.expected_step(), interrupt);
   if (!result.ok()) return result.status();
-  Updated(req.model_id(), result->step, result->replayed, /*train_step=*/false);
-  resp->set_step(result->step);
-  resp->set_replayed(result->replayed);
-  for (const core::LayerUpdate& u : result->layers) UpdateToProto(u, resp->add_layers());
+  UpdatedCorrelation(req.model_id(), *result, resp);
   return absl::OkStatus();
+}
+
+void TrainerService::UpdatedCorrelation(const std::string& model_id,
+                                        const core::UpdateResult& result,
+                                        v1::UpdateCorrelationResponse* resp) {
+  Updated(model_id, result.step, result.replayed, /*train_step=*/false);
+  resp->set_step(result.step);
+  resp->set_replayed(result.replayed);
+  for (const core::LayerUpdate& u : result.layers) UpdateToProto(u, resp->add_layers());
 }
 
 absl::StatusOr<TrainerService::TrainArgs> TrainerService::ParseTrainStep(
@@ -673,8 +690,8 @@ absl::Status TrainerService::CheckNoCheckpoints(const std::string& model_id) con
   if (!list.ok()) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
       "model_id: checkpoints of a model '", model_id, "' are on disk (newest ", list->back().name,
-      "); RestoreCheckpoint brings that model back, DeleteModel with delete_checkpoints removes "
-      "them"));
+      "); RestoreCheckpoint brings that model back (tscale restore ID), DeleteModel with "
+      "delete_checkpoints removes them (tscale delete ID --delete-checkpoints)"));
 }
 
 void TrainerService::Updated(const std::string& model_id, int64_t step, bool replayed,
@@ -733,10 +750,23 @@ absl::Status TrainerService::DoRestoreCheckpoint(const v1::RestoreCheckpointRequ
     if (!c.ok()) return c.status();
     compute = *c;
   }
+  // A group's restore rolls back, and compares, the model under model_id on every rank.
+  if (group_ != nullptr && (!req.new_model_id().empty() || req.from_deleted())) {
+    return absl::UnimplementedError(absl::StrCat(
+        !req.new_model_id().empty() ? "new_model_id" : "from_deleted",
+        ": not available on a server in a replica group; restore in place"));
+  }
+  if (req.from_deleted()) {
+    if (absl::Status s = (*checkpoints)->store().TakeFromTrash(req.model_id()); !s.ok()) return s;
+  }
+  checkpoint::Checkpointer::RestoreTarget target;
+  target.new_model_id = req.new_model_id();
+  target.discard_newer = req.discard_newer();
   auto model = (*checkpoints)->Restore(req.model_id(), req.name(), *device, options_.model,
-                                       compute, nullptr);
+                                       compute, nullptr, target);
   if (!model.ok()) return model.status();
-  ModelInfoToProto(req.model_id(), **model, resp);
+  ModelInfoToProto(req.new_model_id().empty() ? req.model_id() : req.new_model_id(), **model,
+                   resp);
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include <c10/core/Device.h>
@@ -23,6 +24,7 @@
 namespace tscale::group {
 class ReplicaGroup;
 class GroupCall;
+class GroupState;
 }  // namespace tscale::group
 
 namespace tscale::service {
@@ -49,6 +51,9 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   // Makes this server a rank of a replica group: its state-changing calls become group calls
   // (see server/group/replica_group.h); call before serving.
   void set_group(group::ReplicaGroup* group) { group_ = group; }
+  // The models of this server as a replica group brings its ranks in line when it forms (their
+  // inventory, state files, and installing a peer's); owned by the service.
+  group::GroupState* group_state();
   core::ModelRegistry& registry() { return registry_; }
   // The server is shutting down: from `deadline` (the end of its grace period) on, calls not yet
   // past their commit point are refused with UNAVAILABLE (retryable, nothing applied).
@@ -168,6 +173,9 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   absl::StatusOr<checkpoint::Checkpointer*> Checkpoints() const;
   // A new model may take `model_id` only when no checkpoints of another model hold it.
   absl::Status CheckNoCheckpoints(const std::string& model_id) const;
+  // After an UpdateCorrelation: Updated, and the response.
+  void UpdatedCorrelation(const std::string& model_id, const core::UpdateResult& result,
+                          v1::UpdateCorrelationResponse* resp);
   // After an update that applied: the step policy, metrics.
   void Updated(const std::string& model_id, int64_t step, bool replayed, bool train_step);
   // Maps the status and records the call's duration.
@@ -181,6 +189,8 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   metrics::Metrics* metrics_ = nullptr;
   const TokenAuth* auth_ = nullptr;
   group::ReplicaGroup* group_ = nullptr;
+  class GroupSync;
+  std::shared_ptr<GroupSync> group_sync_;
   std::atomic<int64_t> stop_at_{0};  // Unix nanoseconds; 0 while serving
 };
 

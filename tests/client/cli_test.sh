@@ -45,7 +45,8 @@ err_has() { grep -Eq -- "$1" "$work/err" || { fail "stderr lacks /$1/"; cat "$wo
 
 # ---------------------------------------------------------------- the server
 
-"$SERVER_BIN" --listen 127.0.0.1:0 --device cpu >"$work/server.out" 2>"$work/server.err" &
+"$SERVER_BIN" --listen 127.0.0.1:0 --device cpu --checkpoint-dir "$work/checkpoints" \
+  >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
 address=
 for _ in $(seq 1 600); do
@@ -104,6 +105,12 @@ run 0 server-info
 out_has '^default_device: +cpu$'
 out_has '^devices: +cpu'
 out_has '^max_message_bytes: +268435456$'
+# Every ServerInfo field.
+out_has '^pending_pass_ttl_seconds: +600$'
+out_has '^max_models: +1024$'
+out_has '^max_device_bytes: +0$'
+out_has '^device_bytes_in_use: +0$'
+out_has '^group: +none$'
 
 # ---------------------------------------------------------------- models
 
@@ -153,6 +160,8 @@ out_has '^m1 '
 
 run 0 info m1
 out_has '^spec: +\{"layers":\[\{"name":"fc1"'
+# Numbers print as numbers (proto3's JSON writes int64 as strings).
+out_has '"in_features":64,"out_features":32'
 run 1 info nope
 err_has '^tscale: info: NOT_FOUND: '
 
@@ -211,6 +220,45 @@ run 1 export nope "$work/nope.safetensors"
 err_has '^tscale: export: NOT_FOUND: '
 [ ! -e "$work/nope.safetensors" ] || fail "a failed export left a file"
 
+# Why an export failed: the OS's reason.
+run 1 export m1 "$work/no/such/folder/m1.safetensors"
+err_has '^tscale: export: INTERNAL: .*No such file or directory'
+# To standard output: the file alone, the summary on stderr.
+"$TSCALE" export m1 - >"$work/stdout.safetensors" 2>"$work/err"
+[ "$?" -eq 0 ] || fail "export m1 - failed: $(cat "$work/err")"
+err_has '^exported m1 to standard output \([0-9]+ bytes\)$'
+run 0 import "$work/stdout.safetensors" --id from-stdout
+out_has '^step: +7$'
+run 0 delete from-stdout
+
+# ---------------------------------------------------------------- forward (.npy in, .npy out)
+
+# make_npy FILE ROWS COLS: a float32 .npy of zeros, version 1.
+make_npy() {
+  local header="{'descr': '<f4', 'fortran_order': False, 'shape': ($2, $3), }"
+  while [ $(( (10 + ${#header} + 1) % 64 )) -ne 0 ]; do header="$header "; done
+  local len=$(( ${#header} + 1 ))
+  { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len % 256)))\\x$(printf %02x $((len / 256)))"
+    printf '%s\n' "$header"; head -c $(( $2 * $3 * 4 )) /dev/zero; } >"$1"
+}
+make_npy "$work/in.npy" 3 64
+run 0 forward m1 "$work/in.npy" "$work/out.npy"
+out_has "^forward m1 at step 7: input \[3, 64\] -> output \[3, 10\], written to $work/out.npy$"
+[ "$(head -c 6 "$work/out.npy" | tail -c 5)" = "NUMPY" ] || fail "forward wrote no .npy"
+grep -aq "'shape': (3, 10)" "$work/out.npy" || fail "forward's output lacks shape (3, 10)"
+[ "$(stat -c %s "$work/out.npy")" -eq $(( 128 + 3 * 10 * 4 )) ] || fail "forward's output size"
+"$TSCALE" forward m1 "$work/in.npy" - >"$work/stdout.npy" 2>"$work/err"
+cmp -s "$work/stdout.npy" "$work/out.npy" || fail "forward to - differs from forward to a file"
+err_has '^forward m1 at step 7: input \[3, 64\] -> output \[3, 10\]$'
+make_npy "$work/wrong.npy" 3 63
+run 1 forward m1 "$work/wrong.npy" "$work/out2.npy"
+err_has '^tscale: forward: INVALID_ARGUMENT: input: expected FP32 \[batch >= 1, 64\], got FP32 \[3, 63\]'
+echo 'not an array' >"$work/bad.npy"
+run 1 forward m1 "$work/bad.npy" "$work/out2.npy"
+err_has '^tscale: forward: INVALID_ARGUMENT: INPUT .*: not a .npy file'
+run 1 forward m1 "$work/missing.npy" "$work/out2.npy"
+err_has '^tscale: forward: NOT_FOUND: INPUT: cannot open .*No such file or directory'
+
 run 0 delete copy
 out_has '^deleted copy$'
 run 1 info copy
@@ -218,11 +266,75 @@ err_has '^tscale: info: NOT_FOUND: '
 run 1 delete copy
 err_has '^tscale: delete: NOT_FOUND: '
 
+# ---------------------------------------------------------------- checkpoints
+
+run 0 create c --spec "$work/spec.json" --seed 1
+run 0 save c
+out_has '^saved c at step 0 as step-00000000 \([0-9]+ bytes, crc32c [0-9a-f]{8}\)$'
+run 0 train c --steps 2
+run 0 save c
+run 0 checkpoints c
+out_has '^NAME +STEP +BYTES +CRC32C$'
+out_has '^step-00000000 +0 +[0-9]+ +[0-9a-f]{8}$'
+out_has '^step-00000002 +2 '
+# Rewinding in place would drop step 2: refused, naming the ways on.
+run 1 restore c --name step-00000000
+err_has '^tscale: restore: FAILED_PRECONDITION: .*step-00000002.*--as NEW_ID.*--discard-newer'
+# A branch: c keeps its model and both checkpoints.
+run 0 restore c --name step-00000000 --as c0
+out_has '^model: +c0$'
+out_has '^step: +0$'
+run 0 info c
+out_has '^step: +2$'
+run 0 checkpoints c
+out_has '^step-00000002 '
+run 0 checkpoints c0
+out_has '^step-00000000 +0 '
+run 2 restore c --as c1 --discard-newer
+err_has '^tscale: restore: --as and --discard-newer'
+run 0 restore c --name step-00000000 --discard-newer
+out_has '^model: +c$'
+out_has '^step: +0$'
+run 0 checkpoints c
+[ "$(grep -c '^step-' "$work/out")" -eq 1 ] || fail "restore --discard-newer kept the later checkpoint"
+run 1 restore c --name step-00000042
+err_has '^tscale: restore: NOT_FOUND: .*step-00000042'
+# Deleted without its checkpoints: they go to the trash, the id is free, --deleted brings them back.
+run 0 delete c
+out_has '^deleted c$'
+run 1 checkpoints c
+err_has '^tscale: checkpoints: NOT_FOUND: '
+run 0 create c --spec "$work/spec.json" --seed 2
+run 0 delete c
+run 0 restore c --deleted
+out_has '^model: +c$'
+out_has '^step: +0$'
+run 0 delete c0 --delete-checkpoints
+out_has '^deleted c0 and its checkpoints$'
+run 1 checkpoints c0
+err_has '^tscale: checkpoints: NOT_FOUND: '
+run 1 restore c0 --deleted
+err_has '^tscale: restore: NOT_FOUND: from_deleted: '
+run 1 save nope
+err_has '^tscale: save: NOT_FOUND: '
+
+# ---------------------------------------------------------------- pending passes
+
+run 0 release m1
+out_has '^released 0 pending passes of m1; 0 pending$'
+run 1 release nope
+err_has '^tscale: release: NOT_FOUND: '
+run 2 release
+err_has '^tscale: release: missing arguments'
+
 # ---------------------------------------------------------------- unreachable server
 
 run 1 --server 127.0.0.1:1 --timeout 5 health
-err_has '^tscale: health: UNAVAILABLE: '
+err_has '^tscale: health: UNAVAILABLE: no tscale-server answering at 127.0.0.1:1 \(connection refused\)$'
 err_has 'attempt 1 failed \(UNAVAILABLE\); retrying'
+# Without a port: 50051 (gRPC alone would take 443). (Nothing listens there during the tests.)
+run 1 --server 127.0.0.1 --timeout 3 health
+err_has 'no tscale-server answering at 127.0.0.1:50051 \(connection refused\)'
 
 echo
 if [ "$failures" -ne 0 ]; then

@@ -221,8 +221,8 @@ class CheckpointWriteErrorTest(unittest.TestCase):
         self.assertEqual(self.client.save_checkpoint("m").step, 5)
         self.assertEqual(self.files(), ["step-00000002.safetensors", "step-00000005.safetensors"])
         self.assertTrue(crc_ok(os.path.join(self.model_dir, "step-00000005.safetensors")))
-        # The old checkpoint still loads, exactly.
-        info = self.client.restore_checkpoint("m", "step-00000002")
+        # The old checkpoint still loads, exactly (discarding the later one, as asked).
+        info = self.client.restore_checkpoint("m", "step-00000002", discard_newer=True)
         self.assertEqual(info.step, 2)
         self.assertEqual(self.client.export_state("m"), state2)
         self.assertEqual(train(self.client, "m", 1), 3)

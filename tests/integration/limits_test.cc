@@ -453,7 +453,7 @@ TEST_F(LimitsTest, RestoreBeyondTheBudgetChangesNothing) {
   options.checkpoint_dir = dir.path();
   options.max_device_bytes = large_e + e / 2;
   Start(options);
-  // "large" checkpointed at steps 1 and 2, then deleted (its checkpoints stay).
+  // "large" checkpointed at steps 1 and 2, then deleted (its checkpoints go to the trash).
   ASSERT_TRUE(Create("large", MlpSpec(12, 64, 5)).ok());
   for (int64_t step = 0; step < 2; ++step) {
     ASSERT_TRUE(TrainStep("large", 2, 12, 5, step).ok());
@@ -466,16 +466,20 @@ TEST_F(LimitsTest, RestoreBeyondTheBudgetChangesNothing) {
   ASSERT_TRUE(Delete("large").ok());
   ASSERT_TRUE(Create("a", MlpSpec()).ok());
   ASSERT_TRUE(Create("b", MlpSpec()).ok());
-  auto restore = [&](const std::string& name) {
+  auto restore = [&](const std::string& name, bool from_deleted = false,
+                     bool discard_newer = false) {
     grpc::ClientContext ctx;
     v1::RestoreCheckpointRequest req;
     req.set_model_id("large");
     req.set_name(name);
+    req.set_from_deleted(from_deleted);
+    req.set_discard_newer(discard_newer);
     v1::ModelInfo info;
     return stub_->RestoreCheckpoint(&ctx, req, &info);
   };
-  // The earlier checkpoint, which would remove the later one: refused before anything changes.
-  EXPECT_THAT(restore("step-00000001"),
+  // Taken back from the trash, the earlier checkpoint: refused for the budget before the model is
+  // built, and the later checkpoint stays.
+  EXPECT_THAT(restore("step-00000001", /*from_deleted=*/true),
               GrpcIs(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      AllOf(HasSubstr(absl::StrCat("model 'large' needs ", large_e, " bytes")),
                            HasSubstr(absl::StrCat("the models hold ", 2 * e, " bytes")),
@@ -487,7 +491,7 @@ TEST_F(LimitsTest, RestoreBeyondTheBudgetChangesNothing) {
   ASSERT_TRUE(restore("").ok());
   EXPECT_EQ(Info("large").step(), 2);
   // Restoring over itself: the model replaced counts as freed.
-  ASSERT_TRUE(restore("step-00000001").ok());
+  ASSERT_TRUE(restore("step-00000001", false, /*discard_newer=*/true).ok());
   EXPECT_EQ(Info("large").step(), 1);
   EXPECT_EQ(ServerInfo().device_bytes_in_use(), large_e);
 }

@@ -319,7 +319,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   // "m": trained two steps (the last by TrainStep), checkpointed at step 1 and 2, holding one
   // pending pass P of the current step. "n": a second model with a pending pass whose Backward
   // ran (so UpdateCorrelation at its step would apply). "d": its only checkpoint damaged. "gone":
-  // deleted, its checkpoint still on disk. "many": 80000 scale groups; "wide": 4096 outputs.
+  // deleted, its checkpoint back on disk. "many": 80000 scale groups; "wide": 4096 outputs.
   ASSERT_TRUE(Create("m", MlpSpec(), 3).ok());
   {
     v1::ForwardResponse f;
@@ -362,6 +362,15 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
   ASSERT_TRUE(Create("gone", LinearSpec(8, 4), 6).ok());
   ASSERT_TRUE(Save("gone").ok());
   ASSERT_TRUE(Delete("gone").ok());
+  {
+    // Deleting moved its folder to the trash of deleted models; moved back by hand, its
+    // checkpoint is on disk with no model loaded.
+    const std::vector<std::string> trash = testing::ListDir(dir_.path() + "/.deleted");
+    ASSERT_EQ(trash.size(), 1u);
+    ASSERT_EQ(std::rename((dir_.path() + "/.deleted/" + trash[0]).c_str(),
+                          (dir_.path() + "/gone").c_str()),
+              0);
+  }
   ASSERT_TRUE(Create("many", LinearSpec(2, 40000, 1), 7).ok());
   ASSERT_TRUE(Create("wide", LinearSpec(4, 4096), 8).ok());
 

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/time/clock.h"
 #include "server/checkpoint/checkpointer.h"
 #include "server/checkpoint/store.h"
 #include "server/core/model.h"
@@ -318,12 +319,157 @@ TEST_F(StoreTest, CheckpointerSavesRestoresAndRewinds) {
   EXPECT_TRUE(SameState((*restored)->ExportState().tensors, m->ExportState().tensors));
   EXPECT_THAT(log_, ElementsAre(HasSubstr("restored model 'm'")));
 
-  // Back to step 2: the step-4 checkpoint goes, so a restart comes back to step 2 as well.
-  auto back = ck.Restore("m", "step-00000002", kCpu, {}, std::nullopt, nullptr);
+  // Back to step 2 in place: refused while the step-4 checkpoint exists, which stays; history
+  // goes only when asked (discard_newer), and then a restart comes back to step 2 as well.
+  EXPECT_THAT(ck.Restore("m", "step-00000002", kCpu, {}, std::nullopt, nullptr),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       AllOf(HasSubstr("step-00000004"), HasSubstr("new_model_id"),
+                             HasSubstr("discard_newer"))));
+  EXPECT_THAT(*store_->List("m"), SizeIs(2));
+  EXPECT_EQ((*registry.Get("m"))->step(), 4);
+  Checkpointer::RestoreTarget discard;
+  discard.discard_newer = true;
+  auto back = ck.Restore("m", "step-00000002", kCpu, {}, std::nullopt, nullptr, discard);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_TRUE(SameState((*back)->ExportState().tensors, at2));
   EXPECT_EQ(*registry.Get("m"), *back);
   EXPECT_THAT(*store_->List("m"), SizeIs(1));
+}
+
+// Restoring an older checkpoint as a new model (a branch) leaves the source's model and files
+// alone, and writes the branch's first checkpoint so that a restart brings it back.
+TEST_F(StoreTest, RestoreAsNewModelKeepsTheNewerCheckpoints) {
+  core::ModelRegistry registry;
+  checkpoint::CheckpointPolicy policy;
+  policy.keep = 0;
+  Checkpointer ck(store_.get(), &registry, policy, {}, nullptr);
+  auto m = NewModel(5);
+  ASSERT_TRUE(registry.Add("m", m).ok());
+  Train(*m, 2);
+  ASSERT_TRUE(ck.Save("m").ok());
+  const auto at2 = m->ExportState().tensors;
+  Train(*m, 2);
+  ASSERT_TRUE(ck.Save("m").ok());
+
+  Checkpointer::RestoreTarget branch;
+  branch.new_model_id = "m-at-2";
+  auto b = ck.Restore("m", "step-00000002", kCpu, {}, std::nullopt, nullptr, branch);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ((*b)->step(), 2);
+  EXPECT_TRUE(SameState((*b)->ExportState().tensors, at2));
+  EXPECT_EQ(*registry.Get("m"), m);
+  EXPECT_EQ(m->step(), 4);
+  EXPECT_THAT(*store_->List("m"), SizeIs(2));
+  auto branch_files = store_->List("m-at-2");
+  ASSERT_TRUE(branch_files.ok()) << branch_files.status();
+  ASSERT_THAT(*branch_files, SizeIs(1));
+  EXPECT_EQ((*branch_files)[0].step, 2);
+
+  // The branch trains on and saves without touching the source's later checkpoints.
+  Train(**b, 3);
+  ASSERT_TRUE(ck.Save("m-at-2").ok());
+  EXPECT_THAT(*store_->List("m"), SizeIs(2));
+
+  // Taken ids, the source's own id, and both options at once are refused, naming the field.
+  EXPECT_THAT(ck.Restore("m", "", kCpu, {}, std::nullopt, nullptr, branch),
+              StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("new_model_id")));
+  ASSERT_TRUE(registry.Remove("m-at-2").ok());
+  EXPECT_THAT(ck.Restore("m", "", kCpu, {}, std::nullopt, nullptr, branch),
+              StatusIs(absl::StatusCode::kAlreadyExists,
+                       AllOf(HasSubstr("new_model_id"), HasSubstr("on disk"))));
+  Checkpointer::RestoreTarget same;
+  same.new_model_id = "m";
+  EXPECT_THAT(ck.Restore("m", "", kCpu, {}, std::nullopt, nullptr, same),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("new_model_id")));
+  Checkpointer::RestoreTarget both;
+  both.new_model_id = "other";
+  both.discard_newer = true;
+  EXPECT_THAT(ck.Restore("m", "", kCpu, {}, std::nullopt, nullptr, both),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("discard_newer")));
+}
+
+// A deleted model's folder moves to the trash: a restart no longer restores it, nor does its id
+// hold checkpoints, until it is taken back on purpose; expired trash is removed.
+TEST_F(StoreTest, DeletedModelStaysDeletedUntilTakenBack) {
+  core::ModelRegistry registry;
+  checkpoint::CheckpointPolicy policy;
+  policy.keep = 0;
+  Checkpointer ck(store_.get(), &registry, policy, {}, nullptr);
+  auto m = NewModel(6);
+  ASSERT_TRUE(registry.Add("m", m).ok());
+  Train(*m, 3);
+  ASSERT_TRUE(ck.Save("m").ok());
+  ASSERT_TRUE(registry.Remove("m").ok());
+  ASSERT_TRUE(ck.Discard("m", /*remove=*/false).ok());
+  EXPECT_FALSE(testing::Exists(dir_ + "/m"));
+  EXPECT_THAT(store_->ModelIds(), IsEmpty());
+  EXPECT_THAT(store_->List("m"), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
+  EXPECT_THAT(testing::ListDir(store_->TrashDir()), ElementsAre(::testing::StartsWith("m@")));
+
+  core::ModelRegistry fresh;
+  Checkpointer ck2(store_.get(), &fresh, policy, {}, nullptr);
+  ck2.RestoreAll(kCpu, {});
+  EXPECT_THAT(fresh.Get("m"), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
+
+  // Taken back on purpose, it restores at its step.
+  ASSERT_TRUE(store_->TakeFromTrash("m").ok());
+  auto back = ck2.Restore("m", "", kCpu, {}, std::nullopt, nullptr);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(SameState((*back)->ExportState().tensors, m->ExportState().tensors));
+  EXPECT_THAT(store_->TakeFromTrash("m"), StatusIs(absl::StatusCode::kNotFound,
+                                                   HasSubstr("from_deleted")));
+  // Not over checkpoints of a model of the same id.
+  ASSERT_TRUE(store_->MoveToTrash("m").ok());
+  ASSERT_TRUE(store_->Save("m", 1, File(*NewModel(7))).ok());
+  EXPECT_THAT(store_->TakeFromTrash("m"),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("of its own")));
+  ASSERT_TRUE(store_->Remove("m").ok());
+
+  // Deleted twice in one second: both folders stay.
+  ASSERT_TRUE(store_->Save("m", 1, File(*NewModel(7))).ok());
+  const absl::Time now = absl::Now();
+  ASSERT_TRUE(store_->MoveToTrash("m", now).ok());
+  ASSERT_TRUE(store_->Save("m", 1, File(*NewModel(8))).ok());
+  ASSERT_TRUE(store_->MoveToTrash("m", now).ok());
+  EXPECT_THAT(testing::ListDir(store_->TrashDir()), SizeIs(3));
+
+  // Past the retention (168 hours by default), the trash is emptied, at the next delete or
+  // the next start.
+  log_.clear();
+  EXPECT_EQ(store_->ExpireTrash(now + absl::Hours(169)), 3);
+  EXPECT_THAT(testing::ListDir(store_->TrashDir()), IsEmpty());
+  EXPECT_THAT(log_, ElementsAre(HasSubstr("deleted model 'm'"), HasSubstr("deleted model 'm'"),
+                                HasSubstr("deleted model 'm'")));
+  ASSERT_TRUE(store_->Save("x", 1, File(*NewModel(7))).ok());
+  ASSERT_TRUE(store_->MoveToTrash("x", now - absl::Hours(200)).ok());
+  auto reopened = CheckpointStore::Open(dir_, nullptr);
+  ASSERT_TRUE(reopened.ok());
+  EXPECT_THAT(testing::ListDir(store_->TrashDir()), IsEmpty());
+  // With a retention of 0 nothing expires.
+  ASSERT_TRUE(store_->Save("x", 1, File(*NewModel(7))).ok());
+  ASSERT_TRUE(store_->MoveToTrash("x", now - absl::Hours(2000)).ok());
+  auto keep = CheckpointStore::Open(dir_, nullptr, absl::ZeroDuration());
+  ASSERT_TRUE(keep.ok());
+  EXPECT_THAT(testing::ListDir(store_->TrashDir()), SizeIs(1));
+}
+
+// A snapshot queued by the step policy is not written after its model was deleted: the folder
+// would come back and, with it, the model at the next start.
+TEST_F(StoreTest, QueuedSnapshotOfADeletedModelIsDropped) {
+  core::ModelRegistry registry;
+  checkpoint::CheckpointPolicy policy;
+  policy.every_steps = 1;
+  policy.keep = 0;
+  Checkpointer ck(store_.get(), &registry, policy, {}, nullptr);
+  auto m = NewModel(9);
+  ASSERT_TRUE(registry.Add("m", m).ok());
+  Train(*m, 1);
+  ck.AfterUpdate("m", m->step());  // queued; the thread is not started yet
+  ASSERT_TRUE(registry.Remove("m").ok());
+  ck.Start();
+  absl::SleepFor(absl::Milliseconds(300));
+  ck.Stop();
+  EXPECT_FALSE(testing::Exists(dir_ + "/m"));
 }
 
 TEST_F(StoreTest, StepPolicyRunsInTheBackground) {

@@ -1,6 +1,8 @@
 // The commands of the tscale CLI, except train (train.cc), and what they share.
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -8,13 +10,18 @@
 #include <utility>
 #include <vector>
 
+#include <google/protobuf/descriptor.h>
 #include <google/protobuf/util/json_util.h>
+#include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "client/cpp/cli/cli.h"
 #include "client/cpp/tensor.h"
 
@@ -42,8 +49,17 @@ client::ReplicaGroup* Context::group() {
 }
 
 int Context::Fail(const absl::Status& status) const {
+  std::string message(status.message());
+  // gRPC's text for a port nobody listens on ("failed to connect to all addresses; last error:
+  // UNKNOWN: ipv4:...: Failed to connect to remote host: Connection refused") says the same in
+  // many more words.
+  if (status.code() == absl::StatusCode::kUnavailable &&
+      absl::StrContains(absl::AsciiStrToLower(message), "connection refused")) {
+    const std::string where = servers_.empty() ? server_ : absl::StrJoin(servers_, ", ");
+    message = absl::StrCat("no tscale-server answering at ", where, " (connection refused)");
+  }
   std::cerr << "tscale: " << command_ << ": " << absl::StatusCodeToString(status.code()) << ": "
-            << status.message() << "\n";
+            << message << "\n";
   return kExitFailure;
 }
 
@@ -93,12 +109,43 @@ namespace {
 
 std::string Num(double v) { return absl::StrFormat("%.6g", v); }
 
+// proto3's JSON mapping writes 64-bit integers as strings ("in_features": "64"); a person (and
+// a spec file) reads them as numbers. Walks `j` along the message's fields and converts them.
+void Int64sAsNumbers(const google::protobuf::Descriptor* type, nlohmann::ordered_json& j) {
+  using google::protobuf::FieldDescriptor;
+  if (!j.is_object()) return;
+  for (auto& item : j.items()) {
+    // SpecJson prints the proto's field names.
+    const FieldDescriptor* field = type->FindFieldByName(item.key());
+    if (field == nullptr) continue;
+    auto convert = [&](nlohmann::ordered_json& v) {
+      if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+        Int64sAsNumbers(field->message_type(), v);
+      } else if (v.is_string() && field->cpp_type() == FieldDescriptor::CPPTYPE_INT64) {
+        int64_t n = 0;
+        if (absl::SimpleAtoi(v.get<std::string>(), &n)) v = n;
+      } else if (v.is_string() && field->cpp_type() == FieldDescriptor::CPPTYPE_UINT64) {
+        uint64_t n = 0;
+        if (absl::SimpleAtoi(v.get<std::string>(), &n)) v = n;
+      }
+    };
+    if (item.value().is_array()) {
+      for (auto& element : item.value()) convert(element);
+    } else {
+      convert(item.value());
+    }
+  }
+}
+
 std::string SpecJson(const v1::ModelSpec& spec) {
   google::protobuf::util::JsonPrintOptions options;
   options.preserve_proto_field_names = true;
   std::string json;
   if (!google::protobuf::util::MessageToJsonString(spec, &json, options).ok()) return "?";
-  return json;
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(json, nullptr, false);
+  if (j.is_discarded()) return json;
+  Int64sAsNumbers(v1::ModelSpec::descriptor(), j);
+  return j.dump();
 }
 
 void PrintModelInfo(const v1::ModelInfo& info) {
@@ -216,17 +263,262 @@ int RunInfo(Context& context, const Args& args) {
 int RunDelete(Context& context, const Args& args) {
   v1::DeleteModelRequest request;
   request.set_model_id(args.positional[0]);
+  request.set_delete_checkpoints(args.Has("--delete-checkpoints"));
   const absl::Status status = context.group() != nullptr
                                   ? context.group()->DeleteModel(request)
                                   : context.client().DeleteModel(request);
   if (!status.ok()) return context.Fail(status);
-  std::cout << "deleted " << args.positional[0] << "\n";
+  std::cout << "deleted " << args.positional[0]
+            << (request.delete_checkpoints() ? " and its checkpoints" : "") << "\n";
+  return kExitOk;
+}
+
+// ---------------------------------------------------------------- .npy files (forward)
+
+// numpy's .npy format (versions 1 to 3): "\x93NUMPY", the version, the header's length, a
+// Python dict literal ({'descr': '<f4', 'fortran_order': False, 'shape': (3, 64), }) and the
+// data. Enough of it for a float array in C order.
+struct FloatArray {
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+};
+
+absl::StatusOr<FloatArray> ParseNpy(const std::string& what, const std::string& bytes) {
+  auto invalid = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", why));
+  };
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
+    return invalid("not a .npy file (it does not start with \\x93NUMPY)");
+  }
+  const auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<uint8_t>(bytes[i])); };
+  const uint32_t major = byte(6);
+  size_t offset = 0;
+  size_t header_len = 0;
+  if (major == 1) {
+    header_len = byte(8) | byte(9) << 8;
+    offset = 10;
+  } else if ((major == 2 || major == 3) && bytes.size() >= 12) {
+    header_len = byte(8) | byte(9) << 8 | byte(10) << 16 | byte(11) << 24;
+    offset = 12;
+  } else {
+    return invalid(absl::StrCat("expected .npy version 1, 2 or 3, got ", major));
+  }
+  if (offset + header_len > bytes.size()) return invalid("the header runs past the end");
+  const std::string header = bytes.substr(offset, header_len);
+  offset += header_len;
+  // The value after 'key': in the header's dict, up to the next ',' or '}' outside brackets.
+  auto value_of = [&](const std::string& key) -> std::string {
+    const size_t at = header.find(absl::StrCat("'", key, "'"));
+    if (at == std::string::npos) return "";
+    size_t i = header.find(':', at);
+    if (i == std::string::npos) return "";
+    std::string out;
+    int depth = 0;
+    for (++i; i < header.size(); ++i) {
+      const char c = header[i];
+      if (c == '(') ++depth;
+      if (c == ')') --depth;
+      if (depth == 0 && (c == ',' || c == '}')) break;
+      out += c;
+    }
+    return std::string(absl::StripAsciiWhitespace(out));
+  };
+  const std::string descr = value_of("descr");
+  if (descr != "'<f4'" && descr != "'<f8'") {
+    return invalid(absl::StrCat("expected float32 or float64 data ('<f4', '<f8'), got ",
+                                descr.empty() ? "no descr" : descr));
+  }
+  if (value_of("fortran_order") != "False") {
+    return invalid("expected an array in C order (fortran_order False)");
+  }
+  std::string shape_text = value_of("shape");
+  if (shape_text.size() < 2 || shape_text.front() != '(' || shape_text.back() != ')') {
+    return invalid(absl::StrCat("expected a shape such as (3, 64), got '", shape_text, "'"));
+  }
+  FloatArray out;
+  int64_t count = 1;
+  for (absl::string_view dim :
+       absl::StrSplit(shape_text.substr(1, shape_text.size() - 2), ',', absl::SkipWhitespace())) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(dim, &n) || n < 0 || n > (int64_t{1} << 40)) {
+      return invalid(absl::StrCat("expected a shape such as (3, 64), got '", shape_text, "'"));
+    }
+    out.shape.push_back(n);
+    count *= n;
+  }
+  const size_t item = descr == "'<f4'" ? 4 : 8;
+  if (bytes.size() - offset != static_cast<size_t>(count) * item) {
+    return invalid(absl::StrCat("the shape ", shape_text, " needs ", count * item,
+                                " bytes of data, the file holds ", bytes.size() - offset));
+  }
+  out.values.resize(static_cast<size_t>(count));
+  for (size_t i = 0; i < out.values.size(); ++i) {
+    if (item == 4) {
+      std::memcpy(&out.values[i], bytes.data() + offset + 4 * i, 4);
+    } else {
+      double d;
+      std::memcpy(&d, bytes.data() + offset + 8 * i, 8);
+      out.values[i] = static_cast<float>(d);
+    }
+  }
+  return out;
+}
+
+std::string NpyBytes(const std::vector<int64_t>& shape, const std::vector<float>& values) {
+  // "(3, 10)", but "(3,)": Python's tuples.
+  const std::string dims = shape.size() == 1 ? absl::StrCat(shape[0], ",")
+                                             : absl::StrJoin(shape, ", ");
+  std::string header =
+      absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': (", dims, "), }");
+  // The data starts at a multiple of 64 bytes; the header ends in a newline.
+  while ((10 + header.size() + 1) % 64 != 0) header += ' ';
+  header += '\n';
+  std::string out = "\x93NUMPY";
+  out += '\x01';
+  out += '\x00';
+  out += static_cast<char>(header.size() & 0xff);
+  out += static_cast<char>(header.size() >> 8);
+  out += header;
+  out.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+  return out;
+}
+
+int RunForward(Context& context, const Args& args) {
+  const std::string& id = args.positional[0];
+  const std::string& in_path = args.positional[1];
+  const std::string& out_path = args.positional[2];
+  std::string in_bytes;
+  if (in_path == "-") {
+    std::stringstream ss;
+    ss << std::cin.rdbuf();
+    in_bytes = ss.str();
+  } else {
+    std::ifstream in(in_path, std::ios::binary);
+    if (!in) {
+      return context.Fail(absl::NotFoundError(
+          absl::StrCat("INPUT: cannot open ", in_path, ": ", std::strerror(errno))));
+    }
+    std::stringstream ss;
+    ss << in.rdbuf();
+    in_bytes = ss.str();
+  }
+  absl::StatusOr<FloatArray> input = ParseNpy(absl::StrCat("INPUT ", in_path), in_bytes);
+  if (!input.ok()) return context.Fail(input.status());
+  // One sample may come as a vector.
+  if (input->shape.size() == 1) input->shape.insert(input->shape.begin(), 1);
+  absl::StatusOr<v1::Tensor> tensor = client::MakeTensor(input->values, input->shape);
+  if (!tensor.ok()) return context.Fail(tensor.status());
+  absl::StatusOr<v1::ForwardResponse> resp = context.client().Forward(id, *tensor, false);
+  if (!resp.ok()) return context.Fail(resp.status());
+  absl::StatusOr<std::vector<float>> output = client::TensorFloats(resp->output(), "output");
+  if (!output.ok()) return context.Fail(output.status());
+  const std::vector<int64_t> shape(resp->output().shape().begin(), resp->output().shape().end());
+  const std::string out_bytes = NpyBytes(shape, *output);
+  const std::string summary = absl::StrCat(
+      "forward ", id, " at step ", resp->step(), ": input [", absl::StrJoin(input->shape, ", "),
+      "] -> output [", absl::StrJoin(shape, ", "), "]");
+  if (out_path == "-") {
+    std::cout.write(out_bytes.data(), static_cast<std::streamsize>(out_bytes.size()));
+    std::cout.flush();
+    if (!std::cout) {
+      return context.Fail(absl::InternalError("OUTPUT: writing to standard output failed"));
+    }
+    std::cerr << summary << "\n";
+    return kExitOk;
+  }
+  errno = 0;
+  std::ofstream out(out_path, std::ios::binary | std::ios::trunc);
+  if (out) out.write(out_bytes.data(), static_cast<std::streamsize>(out_bytes.size()));
+  if (out) out.close();
+  if (!out) {
+    return context.Fail(absl::InternalError(absl::StrCat(
+        "OUTPUT: writing ", out_path, " failed", errno != 0 ? ": " : "",
+        errno != 0 ? std::strerror(errno) : "")));
+  }
+  std::cout << summary << ", written to " << out_path << "\n";
+  return kExitOk;
+}
+
+void PrintCheckpoints(const std::vector<v1::CheckpointInfo>& list) {
+  std::vector<std::vector<std::string>> rows;
+  for (const v1::CheckpointInfo& c : list) {
+    rows.push_back({c.name(), absl::StrCat(c.step()), absl::StrCat(c.bytes()), c.crc32c()});
+  }
+  PrintTable({"NAME", "STEP", "BYTES", "CRC32C"}, rows);
+}
+
+int RunSave(Context& context, const Args& args) {
+  absl::StatusOr<v1::CheckpointInfo> info = context.client().SaveCheckpoint(args.positional[0]);
+  if (!info.ok()) return context.Fail(info.status());
+  std::cout << "saved " << info->model_id() << " at step " << info->step() << " as "
+            << info->name() << " (" << info->bytes() << " bytes, crc32c " << info->crc32c()
+            << ")\n";
+  return kExitOk;
+}
+
+int RunCheckpoints(Context& context, const Args& args) {
+  absl::StatusOr<std::vector<v1::CheckpointInfo>> list =
+      context.client().ListCheckpoints(args.positional[0]);
+  if (!list.ok()) return context.Fail(list.status());
+  PrintCheckpoints(*list);
+  return kExitOk;
+}
+
+int RunRestore(Context& context, const Args& args) {
+  v1::RestoreCheckpointRequest request;
+  request.set_model_id(args.positional[0]);
+  request.set_name(args.Get("--name"));
+  request.set_new_model_id(args.Get("--as"));
+  request.set_discard_newer(args.Has("--discard-newer"));
+  request.set_from_deleted(args.Has("--deleted"));
+  if (args.Has("--as") && args.Get("--as").empty()) {
+    return context.Usage("--as: expected the new model's id, got ''");
+  }
+  if (args.Has("--as") && args.Has("--discard-newer")) {
+    return context.Usage("--as and --discard-newer: a restore as a new model removes no "
+                         "checkpoints; give one of them");
+  }
+  request.set_device(args.Get("--device"));
+  if (args.Has("--compute")) {
+    v1::ComputeType compute;
+    if (!ParseCompute(args.Get("--compute"), &compute)) {
+      return context.Usage(absl::StrCat("--compute: expected fp32, tf32 or bf16, got '",
+                                        args.Get("--compute"), "'"));
+    }
+    request.set_compute(compute);
+  }
+  absl::StatusOr<v1::ModelInfo> info = context.client().RestoreCheckpoint(request);
+  if (!info.ok()) return context.Fail(info.status());
+  PrintModelInfo(*info);
+  return kExitOk;
+}
+
+int RunRelease(Context& context, const Args& args) {
+  const std::vector<std::string> ids(args.positional.begin() + 1, args.positional.end());
+  absl::StatusOr<v1::ReleasePassesResponse> resp =
+      context.client().ReleasePasses(args.positional[0], ids);
+  if (!resp.ok()) return context.Fail(resp.status());
+  std::cout << "released " << resp->released() << " pending pass"
+            << (resp->released() == 1 ? "" : "es") << " of " << args.positional[0] << "; "
+            << resp->pending_passes() << " pending\n";
   return kExitOk;
 }
 
 int RunExport(Context& context, const Args& args) {
   const std::string& id = args.positional[0];
   const std::string& path = args.positional[1];
+  if (path == "-") {
+    // The file on stdout; what was done goes to stderr, so that a pipe gets the file alone.
+    absl::StatusOr<std::string> state = context.client().ExportState(id);
+    if (!state.ok()) return context.Fail(state.status());
+    std::cout.write(state->data(), static_cast<std::streamsize>(state->size()));
+    std::cout.flush();
+    if (!std::cout) {
+      return context.Fail(absl::InternalError("export: writing to standard output failed"));
+    }
+    std::cerr << "exported " << id << " to standard output (" << state->size() << " bytes)\n";
+    return kExitOk;
+  }
   absl::StatusOr<int64_t> bytes = context.client().ExportStateToFile(id, path);
   if (!bytes.ok()) return context.Fail(bytes.status());
   std::cout << "exported " << id << " to " << path << " (" << *bytes << " bytes)\n";
@@ -331,7 +623,10 @@ int RunStats(Context& context, const Args& args) {
 }
 
 void PrintGroup(const v1::ServerInfo& info) {
-  if (info.group_size() <= 1) return;
+  if (info.group_size() <= 1) {
+    std::cout << "group:              none\n";
+    return;
+  }
   std::cout << "group:              rank " << info.group_rank() << " of " << info.group_size()
             << (info.group_formed() ? ", formed" : ", not formed") << " (generation "
             << info.group_generation() << ", " << info.group_backend() << ")";
@@ -362,7 +657,11 @@ int RunServerInfo(Context& context, const Args&) {
             << "models:             " << info->models() << "\n"
             << "max_message_bytes:  " << info->max_message_bytes() << "\n"
             << "max_pending_passes: " << info->max_pending_passes() << "\n"
-            << "max_pending_bytes:  " << info->max_pending_bytes() << "\n";
+            << "max_pending_bytes:  " << info->max_pending_bytes() << "\n"
+            << "pending_pass_ttl_seconds: " << info->pending_pass_ttl_seconds() << "\n"
+            << "max_models:         " << info->max_models() << "\n"
+            << "max_device_bytes:   " << info->max_device_bytes() << "\n"
+            << "device_bytes_in_use: " << info->device_bytes_in_use() << "\n";
   PrintGroup(*info);
   return kExitOk;
 }
@@ -378,8 +677,8 @@ const std::vector<Command>& Commands() {
        "Asks the standard health service about the server (\"\") and tscale.v1.TernaryTrainer.\n"
        "Exits 0 only when both are SERVING.\n",
        {}, 0, 0, RunHealth},
-      {"server-info", "", "print the server's version, devices and limits", "", {}, 0, 0,
-       RunServerInfo},
+      {"server-info", "", "print the server's version, devices, limits and replica group", "",
+       {}, 0, 0, RunServerInfo},
       {"models", "", "list the models: id, device, step, params, persistent bytes, pending passes",
        "", {}, 0, 0, RunModels},
       {"create", "ID --spec FILE.json [--seed N] [--device D] [--compute C]",
@@ -397,9 +696,38 @@ const std::vector<Command>& Commands() {
         kComputeOption},
        1, 1, RunCreate},
       {"info", "ID", "print a model's description", "", {}, 1, 1, RunInfo},
-      {"delete", "ID", "delete a model", "", {}, 1, 1, RunDelete},
-      {"export", "ID FILE", "save a model's whole state to FILE (safetensors)", "", {}, 2, 2,
-       RunExport},
+      {"delete", "ID [--delete-checkpoints]", "delete a model",
+       "Without --delete-checkpoints the model's checkpoints (on a server with\n"
+       "--checkpoint-dir) move to the server's trash of deleted models: a restart does not\n"
+       "bring the model back and a new model may take its id, while 'tscale restore ID\n"
+       "--deleted' takes them back for the server's --deleted-retention-hours (default 168).\n",
+       {{"--delete-checkpoints", "", "remove the model's checkpoints as well"}}, 1, 1, RunDelete},
+      {"save", "ID", "checkpoint a model now on the server's disk (--checkpoint-dir)", "", {}, 1,
+       1, RunSave},
+      {"checkpoints", "ID", "list a model's checkpoints: name, step, bytes, crc32c", "", {}, 1, 1,
+       RunCheckpoints},
+      {"restore", "ID [--name N] [--as NEW_ID] [--discard-newer] [--deleted]",
+       "load a model from one of its checkpoints (default: the newest valid one)",
+       "Into the model ID (created when not loaded), or with --as into a new model NEW_ID, a\n"
+       "branch: ID's model and checkpoints stay as they are, and NEW_ID gets its first\n"
+       "checkpoint at once. Restoring in place a checkpoint older than ID's newest is refused\n"
+       "unless --discard-newer: the later checkpoints are then removed and the model goes on\n"
+       "from the one restored. --deleted first takes the checkpoints of the model last\n"
+       "deleted under ID back from the server's trash.\n",
+       {{"--name", "N", "the checkpoint, e.g. step-00000042 (see 'tscale checkpoints ID')"},
+        {"--as", "NEW_ID", "restore as a new model of this id"},
+        {"--discard-newer", "", "restoring an older checkpoint in place: remove the later ones"},
+        {"--deleted", "", "from the checkpoints of the model deleted under ID"},
+        {"--device", "D", "cpu, cuda or cuda:N (default: the server's)"},
+        kComputeOption},
+       1, 1, RunRestore},
+      {"release", "ID [PASS_ID...]",
+       "release a model's pending training passes (all, or those named)",
+       "Passes of Forward(train) calls whose Backward will never come hold memory and count\n"
+       "against --max-pending-passes until their TTL; this frees them now.\n",
+       {}, 1, 1 << 20, RunRelease},
+      {"export", "ID FILE", "save a model's whole state to FILE (safetensors; - for stdout)", "",
+       {}, 2, 2, RunExport},
       {"import", "FILE --id ID [--replace] [--device D] [--spec FILE.json] [--compute C]",
        "load a model from a state FILE (safetensors, as export writes)",
        "The spec comes from --spec when given, else from the file's metadata.\n",
@@ -409,6 +737,12 @@ const std::vector<Command>& Commands() {
         {"--spec", "FILE.json", "the model's layers, for a file without them in its metadata"},
         kComputeOption},
        1, 1, RunImport},
+      {"forward", "ID INPUT.npy OUTPUT.npy",
+       "run a model forward (inference) on a .npy array, writing the output as .npy",
+       "INPUT is a float32 (or float64) array of shape [batch, in_features], or one sample of\n"
+       "shape [in_features]; OUTPUT gets float32 [batch, out_features]. '-' reads INPUT from\n"
+       "standard input, or writes OUTPUT to standard output (the summary then goes to stderr).\n",
+       {}, 3, 3, RunForward},
       {"stats", "ID [--per-group]", "print each layer's scale drift statistics and buckets", "",
        {{"--per-group", "", "also print every group's log2 S"}}, 1, 1, RunStats},
       {"train", "ID [--steps N] [--batch B] [--loss mse|ce] [--seed S]",

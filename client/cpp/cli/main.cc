@@ -25,11 +25,31 @@ namespace tscale::cli {
 namespace {
 
 constexpr char kDefaultServer[] = "127.0.0.1:50051";
+constexpr char kDefaultPort[] = "50051";
+
+// "HOST" means HOST:50051, as in the Python client: left to gRPC, a bare host name would mean
+// port 443. Bracketed or bare IPv6 addresses get the port too; gRPC URIs ("dns:...",
+// "unix:...", "ipv4:...") are left alone.
+std::string WithDefaultPort(const std::string& address) {
+  if (absl::StrContains(address, "://") || absl::StartsWith(address, "unix:") ||
+      absl::StartsWith(address, "dns:") || absl::StartsWith(address, "ipv4:") ||
+      absl::StartsWith(address, "ipv6:")) {
+    return address;
+  }
+  if (absl::StartsWith(address, "[")) {
+    return absl::EndsWith(address, "]") ? absl::StrCat(address, ":", kDefaultPort) : address;
+  }
+  const size_t colons = std::count(address.begin(), address.end(), ':');
+  if (colons == 0) return absl::StrCat(address, ":", kDefaultPort);
+  if (colons > 1) return absl::StrCat("[", address, "]:", kDefaultPort);  // bare IPv6
+  return address;
+}
 
 const std::vector<OptionSpec>& GlobalOptions() {
   static const std::vector<OptionSpec> options = {
-      {"--server", "HOST:PORT",
-       absl::StrCat("the server (default: $TSCALE_SERVER, else ", kDefaultServer, ")")},
+      {"--server", "HOST[:PORT]",
+       absl::StrCat("the server; port 50051 unless given (default: $TSCALE_SERVER, else ",
+                    kDefaultServer, ")")},
       {"--servers", "A,B,...",
        "a replica group, rank r at the r-th address: create, info, train and delete go to every "
        "rank (train splits each batch across them); server-info asks each"},
@@ -64,7 +84,7 @@ void PrintOptions(std::ostream& out, const std::vector<OptionSpec>& options) {
 }
 
 void PrintMainUsage(std::ostream& out) {
-  out << "usage: tscale [--server HOST:PORT] [--timeout SECONDS] <command> [arguments]\n\n"
+  out << "usage: tscale [--server HOST[:PORT]] [--timeout SECONDS] <command> [arguments]\n\n"
          "A command line client of the tscale training service.\n\ncommands:\n";
   size_t width = 0;
   for (const Command& c : Commands()) width = std::max(width, c.name.size());
@@ -210,6 +230,7 @@ int Main(int argc, char** argv) {
   }
   if (auto it = globals.find("--server"); it != globals.end()) server = it->second;
   if (server.empty()) return UsageError(command->name, "--server: expected HOST:PORT, got ''");
+  server = WithDefaultPort(server);
 
   Context context(command->name, server, options);
   if (auto it = globals.find("--auth-token-file"); it != globals.end()) {
@@ -247,6 +268,7 @@ int Main(int argc, char** argv) {
   Context ready(command->name, server, options);
   if (auto it = globals.find("--servers"); it != globals.end()) {
     std::vector<std::string> servers = absl::StrSplit(it->second, ',', absl::SkipEmpty());
+    for (std::string& s : servers) s = WithDefaultPort(s);
     if (servers.empty()) {
       return UsageError(command->name, "--servers: expected HOST:PORT,HOST:PORT,..., got ''");
     }

@@ -462,8 +462,10 @@ class Client:
     def delete_model(self, model_id, delete_checkpoints=False, timeout=None):
         """Deletes the model (and releases its passes). Returns None.
 
-        Its checkpoints (server --checkpoint-dir) stay on disk unless delete_checkpoints, which
-        removes them too, also for a model not loaded now.
+        Its checkpoints (server --checkpoint-dir) move to the server's trash of deleted models,
+        so that a restart does not bring the model back and its id is free; restore_checkpoint
+        with from_deleted takes them back within --deleted-retention-hours. delete_checkpoints
+        removes them instead, also for a model not loaded now.
         """
         req = trainer_pb2.DeleteModelRequest(model_id=model_id)
         if delete_checkpoints:  # only set when asked: servers built before the field ignore it
@@ -600,11 +602,20 @@ class Client:
                                 timeout).checkpoints)
 
     def restore_checkpoint(self, model_id, name="", device="", compute="COMPUTE_TYPE_UNSPECIFIED",
-                           timeout=None):
-        """Loads a checkpoint (name "" = the newest valid one); returns trainer_pb2.ModelInfo."""
+                           timeout=None, new_model_id="", discard_newer=False,
+                           from_deleted=False):
+        """Loads a checkpoint (name "" = the newest valid one); returns trainer_pb2.ModelInfo.
+
+        new_model_id restores it as a new model of that id (a branch; model_id's model and
+        checkpoints stay). Restoring in place a checkpoint older than the newest is refused
+        (FAILED_PRECONDITION) unless discard_newer, which removes the later checkpoints.
+        from_deleted first takes back the checkpoints of the model last deleted under model_id
+        (kept by the server for --deleted-retention-hours).
+        """
         req = trainer_pb2.RestoreCheckpointRequest(
             model_id=model_id, name=name, device=device,
-            compute=_enum(trainer_pb2.ComputeType, compute, "COMPUTE_", "compute"))
+            compute=_enum(trainer_pb2.ComputeType, compute, "COMPUTE_", "compute"),
+            new_model_id=new_model_id, discard_newer=discard_newer, from_deleted=from_deleted)
         return self._unary("RestoreCheckpoint", req, False, timeout)
 
     # ------------------------------------------------------------ statistics
