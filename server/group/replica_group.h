@@ -69,7 +69,7 @@ class GroupObserver {
   virtual void Exchanged(double seconds, int64_t bytes_sent) = 0;
   // The group formed and its ranks were brought in line: the time it took and the state bytes
   // this rank received from a peer (0 when every replica was already the same).
-  virtual void Synced(double seconds, int64_t bytes_received) {}
+  virtual void Synced(double /*seconds*/, int64_t /*bytes_received*/) {}
   // A group call that failed because of the group: "mismatch" (the ranks' calls
   // differ), "refused" (another rank refused its part), "unavailable" (not
   // formed, or a collective failed).
