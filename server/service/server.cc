@@ -413,6 +413,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
 std::string Server::group_description() const { return impl_->group_description; }
 
+int64_t Server::running_calls() const {
+  return impl_->service != nullptr ? impl_->service->running_calls() : 0;
+}
+
 std::string Server::address() const { return absl::StrCat(impl_->host, ":", port_); }
 
 int Server::metrics_port() const { return impl_->exposer ? impl_->exposer->port() : 0; }

@@ -110,6 +110,8 @@ class Server {
   void Wait();
   // Reads --auth-token-file again (SIGHUP). OK without tokens; on an error the old ones stay.
   absl::Status ReloadTokens();
+  // Unary calls being run by a worker now (for tests that act while a call runs).
+  int64_t running_calls() const;
   // The group this server is a rank of: "rank R of N at HOST:PORT"; empty when alone.
   std::string group_description() const;
 

@@ -94,7 +94,10 @@ grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* 
       pool_->Submit([this, ctx, reactor, method, start, fn = std::move(fn)]() mutable {
         // A request cancelled or past its deadline while it waited is not run.
         absl::Status interrupted = Interrupted(ctx, &stop_at_);
-        reactor->Finish(Finished(method, interrupted.ok() ? fn() : interrupted, start));
+        running_.fetch_add(1);
+        absl::Status status = interrupted.ok() ? fn() : interrupted;
+        running_.fetch_sub(1);
+        reactor->Finish(Finished(method, status, start));
       });
   if (!queued) {
     reactor->Finish(Finished(method, absl::UnavailableError("the server is shutting down"), start));

@@ -58,6 +58,8 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   // The server is shutting down: from `deadline` (the end of its grace period) on, calls not yet
   // past their commit point are refused with UNAVAILABLE (retryable, nothing applied).
   void StartShutdown(absl::Time deadline) { stop_at_.store(absl::ToUnixNanos(deadline)); }
+  // Unary calls a worker is running now.
+  int64_t running_calls() const { return running_.load(); }
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
                                         const v1::CreateModelRequest* req,
@@ -192,6 +194,7 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   class GroupSync;
   std::shared_ptr<GroupSync> group_sync_;
   std::atomic<int64_t> stop_at_{0};  // Unix nanoseconds; 0 while serving
+  std::atomic<int64_t> running_{0};
 };
 
 }  // namespace tscale::service

@@ -1250,7 +1250,12 @@ TEST_F(ServiceTest, ShutdownFinishesCallsInFlight) {
     status = BigTrainStep(512);
     done = true;
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Shut down once the step runs (its request has arrived whole: a call still arriving when
+  // the server shuts down is cancelled by gRPC, not run).
+  for (int i = 0; i < 6000 && server_->running_calls() == 0 && !done; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_FALSE(done) << "the step finished before the server could be shut down during it";
   server_->Shutdown(std::chrono::seconds(60));
   caller.join();
   EXPECT_TRUE(done);
