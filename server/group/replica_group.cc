@@ -5,6 +5,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <torch/version.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,10 +16,13 @@
 #include <map>
 #include <thread>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <utility>
+#if TSCALE_WITH_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #if TSCALE_WITH_NCCL
+#include <cstdlib>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -30,6 +34,14 @@
 
 namespace tscale::group {
 namespace {
+
+// The process groups' common base: c10d::ProcessGroup in LibTorch 1.x, c10d::Backend (the
+// collectives of one backend) from 2.0 on.
+#if TORCH_VERSION_MAJOR >= 2
+using Collectives = c10d::Backend;
+#else
+using Collectives = c10d::ProcessGroup;
+#endif
 
 constexpr int64_t kMagic = 0x7473636c67727031;  // "tsclgrp1": the header's layout
 constexpr int kMessageWords = 32;               // 256 bytes of a refusal's message
@@ -74,6 +86,26 @@ std::string LocalAddressTowards(const std::string& host, int port) {
 }
 
 std::string GenerationPrefix(int64_t generation) { return absl::StrCat("tscale/gen/", generation); }
+
+// The backends a group forms: Gloo where compiled in, NCCL for CUDA models where compiled in.
+std::string BackendName(bool use_nccl) {
+#if TSCALE_WITH_GLOO
+  return use_nccl ? "gloo+nccl" : "gloo";
+#else
+  (void)use_nccl;  // NCCL is the only backend
+  return "nccl";
+#endif
+}
+
+#if TSCALE_WITH_NCCL
+// A collective that times out or fails must fail the call (an exception in wait()) and leave
+// the server running: c10d's defaults from LibTorch 2.x tear the process down instead. Set only
+// where the operator has not chosen otherwise.
+void SetNcclErrorHandling() {
+  setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", 0);  // clean up only, never tear down
+  setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);         // wait() throws at the timeout
+}
+#endif
 
 std::vector<uint8_t> Bytes(int64_t value) {
   const std::string s = absl::StrCat(value);
@@ -157,11 +189,22 @@ bool ReplicaGroup::HasNccl() {
 #endif
 }
 
+bool ReplicaGroup::HasGloo() {
+#if TSCALE_WITH_GLOO
+  return true;
+#else
+  return false;
+#endif
+}
+
 // ---------------------------------------------------------------- membership
 
 struct ReplicaGroup::Impl {
   GroupConfig config;
   bool use_nccl = false;
+  // Where the control exchanges (headers, votes, the sync) run: the host with Gloo; the models'
+  // GPU where NCCL is the only backend.
+  at::Device control_device{at::kCPU};
   GroupObserver* observer = nullptr;
   GroupState* state = nullptr;
 
@@ -170,15 +213,15 @@ struct ReplicaGroup::Impl {
 
   mutable absl::Mutex mu;
   c10::intrusive_ptr<c10d::Store> store ABSL_GUARDED_BY(mu);
-  c10::intrusive_ptr<c10d::ProcessGroup> pg ABSL_GUARDED_BY(mu);    // Gloo: headers, votes
-  c10::intrusive_ptr<c10d::ProcessGroup> data ABSL_GUARDED_BY(mu);  // NCCL, when formed
+  c10::intrusive_ptr<Collectives> pg ABSL_GUARDED_BY(mu);    // headers, votes: Gloo, or NCCL
+  c10::intrusive_ptr<Collectives> data ABSL_GUARDED_BY(mu);  // NCCL for CUDA models, when formed
   int64_t generation ABSL_GUARDED_BY(mu) = -1;
   bool formed ABSL_GUARDED_BY(mu) = false;
   bool stopping ABSL_GUARDED_BY(mu) = false;
   std::vector<int> missing ABSL_GUARDED_BY(mu);
   // Process groups of past generations, destroyed by the watcher (their
   // destructors wait for their threads).
-  std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> retired ABSL_GUARDED_BY(mu);
+  std::vector<c10::intrusive_ptr<Collectives>> retired ABSL_GUARDED_BY(mu);
   std::thread watcher;
   absl::Notification exited;
   std::function<void(const std::string&)> log;
@@ -194,14 +237,14 @@ struct ReplicaGroup::Impl {
   void Form(const c10::intrusive_ptr<c10d::Store>& store, int64_t generation);
   // Brings every rank's models in line (see GroupState) over `pg`; an exception when a collective
   // fails.
-  void Sync(c10d::ProcessGroup& pg);
+  void Sync(Collectives& pg);
   // The call at `generation` failed in a collective: that process group is done
   // with.
   void Broken(int64_t generation, const std::string& why);
   std::string MissingText() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 };
 
-std::unique_ptr<ReplicaGroup> ReplicaGroup::Start(GroupConfig config, bool use_nccl,
+std::unique_ptr<ReplicaGroup> ReplicaGroup::Start(GroupConfig config, at::Device device,
                                                   GroupObserver* observer,
                                                   std::function<void(const std::string&)> log,
                                                   GroupState* state) {
@@ -209,7 +252,9 @@ std::unique_ptr<ReplicaGroup> ReplicaGroup::Start(GroupConfig config, bool use_n
   impl->state = state;
   impl->log = std::move(log);
   impl->config = std::move(config);
-  impl->use_nccl = use_nccl && HasNccl();
+  impl->use_nccl = device.is_cuda() && HasNccl();
+  // Without Gloo, NCCL carries the control exchanges too, on the models' GPU.
+  if (!HasGloo()) impl->control_device = device;
   impl->observer = observer;
   std::shared_ptr<Impl> shared(std::move(impl));
   // The watcher holds the group's state too: a watcher still waiting for absent ranks when the
@@ -246,7 +291,7 @@ GroupStatus ReplicaGroup::status() const {
   s.formed = impl_->formed;
   s.generation = impl_->generation;
   s.missing = impl_->missing;
-  s.backend = impl_->use_nccl ? "gloo+nccl" : "gloo";
+  s.backend = BackendName(impl_->use_nccl);
   return s;
 }
 
@@ -272,7 +317,7 @@ void ReplicaGroup::Impl::Watch() {
     c10::intrusive_ptr<c10d::Store> s;
     int64_t mine = -1;
     bool is_formed = false;
-    std::vector<c10::intrusive_ptr<c10d::ProcessGroup>> old;
+    std::vector<c10::intrusive_ptr<Collectives>> old;
     {
       absl::MutexLock lock(&mu);
       old.swap(retired);
@@ -344,37 +389,45 @@ void ReplicaGroup::Impl::Form(const c10::intrusive_ptr<c10d::Store>& s, int64_t 
   const std::string prefix = GenerationPrefix(gen);
   s->set(absl::StrCat(prefix, "/joined/", config.rank), Bytes(1));
   try {
+    c10::intrusive_ptr<Collectives> control, nccl;
+#if TSCALE_WITH_GLOO
     auto options = c10d::ProcessGroupGloo::Options::create(Timeout());
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(local_address));
-    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
+    control = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>(absl::StrCat(prefix, "/gloo"), s), config.rank,
         config.size, options);
-    c10::intrusive_ptr<c10d::ProcessGroup> nccl;
+#endif
 #if TSCALE_WITH_NCCL
     if (use_nccl) {
+      SetNcclErrorHandling();
       auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
       nccl_options->timeout = Timeout();
       nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
           c10::make_intrusive<c10d::PrefixStore>(absl::StrCat(prefix, "/nccl"), s), config.rank,
           config.size, nccl_options);
+      if (!control) control = nccl;
     }
 #endif
+    if (!control) {
+      throw std::runtime_error(
+          "no process group to form: this build's only backend is NCCL, for models on a GPU");
+    }
     const auto sync_start = std::chrono::steady_clock::now();
-    Sync(*gloo);
+    Sync(*control);
     absl::MutexLock lock(&mu);
     if (stopping) return;
-    pg = std::move(gloo);
+    pg = std::move(control);
     data = std::move(nccl);
     generation = gen;
     formed = true;
-    Log(absl::StrCat("group: generation ", gen, " in line after ",
-                     std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start)
-                         .count(),
-                     " s"));
+    Log(absl::StrCat(
+        "group: generation ", gen, " in line after ",
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - sync_start).count(),
+        " s"));
     missing.clear();
     if (observer != nullptr) observer->Formed(true, config.size);
     Log(absl::StrCat("group: formed, generation ", gen, ", rank ", config.rank, " of ", config.size,
-                     (use_nccl ? " (gloo + nccl)" : " (gloo)")));
+                     " (", BackendName(use_nccl), ")"));
   } catch (const std::exception& e) {
     std::vector<int> absent;
     for (int r = 0; r < config.size; ++r) {
@@ -391,7 +444,7 @@ void ReplicaGroup::Impl::Form(const c10::intrusive_ptr<c10d::Store>& s, int64_t 
   }
 }
 
-void ReplicaGroup::Impl::Sync(c10d::ProcessGroup& g) {
+void ReplicaGroup::Impl::Sync(Collectives& g) {
   if (state == nullptr) return;
   const auto start = std::chrono::steady_clock::now();
   constexpr int kIdWords = 8;                // model ids are at most 64 bytes
@@ -399,11 +452,11 @@ void ReplicaGroup::Impl::Sync(c10d::ProcessGroup& g) {
   std::vector<GroupState::Entry> mine = state->Inventory();
   const int n = config.size;
   auto allgather = [&](const at::Tensor& t) {
-    std::vector<at::Tensor> in{t.contiguous()};
+    std::vector<at::Tensor> in{t.to(control_device).contiguous()};
     std::vector<std::vector<at::Tensor>> out(1);
     for (int r = 0; r < n; ++r) out[0].push_back(at::empty_like(in[0]));
     g.allgather(out, in)->wait();
-    return at::stack(out[0]);
+    return at::stack(out[0]).cpu();
   };
   const at::Tensor counts =
       allgather(at::full({1}, static_cast<int64_t>(mine.size()), at::kLong)).flatten();
@@ -453,18 +506,20 @@ void ReplicaGroup::Impl::Sync(c10d::ProcessGroup& g) {
       auto encoded = state->Encode(id);
       if (encoded.ok()) bytes = *std::move(encoded);
     }
-    std::vector<at::Tensor> size{at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong)};
+    std::vector<at::Tensor> size{
+        at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong).to(control_device)};
     c10d::BroadcastOptions options;
     options.rootRank = best.rank;
     g.broadcast(size, options)->wait();
     const int64_t length = size[0].item<int64_t>();
     if (length == 0) continue;  // the source could not encode it (deleted meanwhile)
-    std::vector<at::Tensor> buffer{at::empty({length}, at::kByte)};
-    if (config.rank == best.rank) std::memcpy(buffer[0].data_ptr(), bytes.data(), bytes.size());
+    at::Tensor host = at::empty({length}, at::kByte);
+    if (config.rank == best.rank) std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+    std::vector<at::Tensor> buffer{host.to(control_device)};
     g.broadcast(buffer, options)->wait();
     if (std::find(targets.begin(), targets.end(), config.rank) == targets.end()) continue;
-    std::string state_bytes(static_cast<const char*>(buffer[0].data_ptr()),
-                            static_cast<size_t>(length));
+    host = buffer[0].cpu();
+    std::string state_bytes(static_cast<const char*>(host.data_ptr()), static_cast<size_t>(length));
     const absl::Status installed = state->Install(id, std::move(state_bytes), best.digest);
     received += length;
     Log(absl::StrCat("group: rank ", config.rank, ": model '", id, "' ",
@@ -474,8 +529,7 @@ void ReplicaGroup::Impl::Sync(c10d::ProcessGroup& g) {
   }
   if (observer != nullptr) {
     observer->Synced(
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-        received);
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), received);
   }
 }
 
@@ -642,10 +696,11 @@ absl::StatusOr<Decision> Agree(const CallHeader& mine, int my_rank, const at::Te
 // One call's exchanges over the process group of one generation.
 class CallImpl final : public GroupCall, public core::UpdateCombiner {
  public:
-  CallImpl(const GroupConfig& config, c10::intrusive_ptr<c10d::ProcessGroup> pg,
-           c10::intrusive_ptr<c10d::ProcessGroup> data, const CallHeader& header, Decision decision,
+  CallImpl(const GroupConfig& config, at::Device control_device, c10::intrusive_ptr<Collectives> pg,
+           c10::intrusive_ptr<Collectives> data, const CallHeader& header, Decision decision,
            GroupObserver* observer)
       : config_(config),
+        control_device_(control_device),
         pg_(std::move(pg)),
         data_(std::move(data)),
         header_(header),
@@ -680,13 +735,14 @@ class CallImpl final : public GroupCall, public core::UpdateCombiner {
   // Every rank's verdict: the votes [size, kVoteWords] when every rank's status
   // is OK, else this rank's error or one naming the rank that refused.
   absl::StatusOr<at::Tensor> Votes(const absl::Status& local, int64_t payload);
-  // Allgather of equal-sized CPU or CUDA tensors; UNAVAILABLE (and the group
-  // re-forms) when the collective fails.
-  absl::StatusOr<at::Tensor> Allgather(c10d::ProcessGroup& pg, const at::Tensor& mine);
+  // Allgather of equal-sized CPU or CUDA tensors, run on `device`, the result on `mine`'s device;
+  // UNAVAILABLE (and the group re-forms) when the collective fails.
+  absl::StatusOr<at::Tensor> Allgather(Collectives& pg, const at::Tensor& mine, at::Device device);
   absl::Status Failed(absl::string_view what, const std::exception& e);
 
   const GroupConfig& config_;
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_, data_;
+  const at::Device control_device_;
+  c10::intrusive_ptr<Collectives> pg_, data_;
   const CallHeader& header_;
   const Decision decision_;
   GroupObserver* observer_;
@@ -706,8 +762,9 @@ absl::Status CallImpl::Failed(absl::string_view what, const std::exception& e) {
                    "on this rank; the group re-forms and the call can be retried"));
 }
 
-absl::StatusOr<at::Tensor> CallImpl::Allgather(c10d::ProcessGroup& pg, const at::Tensor& mine) {
-  std::vector<at::Tensor> in{mine.contiguous()};
+absl::StatusOr<at::Tensor> CallImpl::Allgather(Collectives& pg, const at::Tensor& mine,
+                                               at::Device device) {
+  std::vector<at::Tensor> in{mine.to(device).contiguous()};
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < config_.size; ++r) out[0].push_back(at::empty_like(in[0]));
   try {
@@ -715,7 +772,7 @@ absl::StatusOr<at::Tensor> CallImpl::Allgather(c10d::ProcessGroup& pg, const at:
   } catch (const std::exception& e) {
     return Failed("exchange", e);
   }
-  return at::stack(out[0]);
+  return at::stack(out[0]).to(mine.device());
 }
 
 absl::StatusOr<at::Tensor> CallImpl::Votes(const absl::Status& local, int64_t payload) {
@@ -725,7 +782,7 @@ absl::StatusOr<at::Tensor> CallImpl::Votes(const absl::Status& local, int64_t pa
   w[0] = static_cast<int64_t>(local.code());
   w[1] = payload;
   PutMessage(std::string(local.message()), w + 2);
-  auto all = Allgather(*pg_, mine);
+  auto all = Allgather(*pg_, mine, control_device_);
   if (!all.ok()) return all.status();
   const int64_t* v = all->data_ptr<int64_t>();
   for (int r = 0; r < config_.size; ++r) {
@@ -766,8 +823,8 @@ absl::StatusOr<core::UpdateCombiner::Combined> CallImpl::Combine(Local local) {
   auto first_row = [n](int64_t rows, int r) { return rows * r / n; };
   const at::Device model_device = local.states[0]->corr_accum().device();
   const bool on_data = data_ && model_device.is_cuda();
-  const at::Device wire = on_data ? model_device : at::Device(at::kCPU);
-  c10d::ProcessGroup& data_pg = on_data ? *data_ : *pg_;
+  const at::Device wire = on_data ? model_device : control_device_;
+  Collectives& data_pg = on_data ? *data_ : *pg_;
 
   std::vector<at::Tensor> parts;
   std::vector<int64_t> in_splits(n, 0);
@@ -825,7 +882,7 @@ absl::StatusOr<core::UpdateCombiner::Combined> CallImpl::Combine(Local local) {
   at::Tensor packed = at::zeros({widest}, at::TensorOptions(wire).dtype(score_type));
   if (chunk_of(me) > 0) packed.narrow(0, 0, chunk_of(me)).copy_(at::cat(my_scores));
   // As bytes: Gloo has no int16 collectives, and bytes are bytes.
-  auto gathered = Allgather(data_pg, packed.view(at::kByte));
+  auto gathered = Allgather(data_pg, packed.view(at::kByte), wire);
   if (!gathered.ok()) return gathered.status();
   *gathered = gathered->view(score_type);
   // Unpack: layer l's scores are every rank's part of it, in rank order.
@@ -860,7 +917,7 @@ absl::Status ReplicaGroup::Run(const CallHeader& header,
                                const std::function<absl::Status(GroupCall&)>& body) {
   Impl& g = *impl_;
   absl::MutexLock call_lock(&g.call_mu);
-  c10::intrusive_ptr<c10d::ProcessGroup> pg, data;
+  c10::intrusive_ptr<Collectives> pg, data;
   c10::intrusive_ptr<c10d::Store> store;
   int64_t gen = -1;
   {
@@ -878,7 +935,7 @@ absl::Status ReplicaGroup::Run(const CallHeader& header,
     store = g.store;
     gen = g.generation;
   }
-  at::Tensor mine = at::tensor(EncodeHeader(header), at::kLong);
+  const at::Tensor mine = at::tensor(EncodeHeader(header), at::kLong).to(g.control_device);
   auto all = [&]() -> absl::StatusOr<at::Tensor> {
     std::vector<at::Tensor> in{mine};
     std::vector<std::vector<at::Tensor>> out(1);
@@ -889,15 +946,14 @@ absl::Status ReplicaGroup::Run(const CallHeader& header,
       std::string why = e.what();
       if (why.find('\n') != std::string::npos) why.resize(why.find('\n'));
       g.Broken(gen, why);
-      return absl::UnavailableError(
-          absl::StrCat("group: ", CallName(header.kind), " on '", header.model_id,
-                       "': the other ranks did not join the call within ",
-                       absl::FormatDuration(g.config.timeout), ", or one died or its link broke (",
-                       why,
-                       "); every rank must receive the call; nothing was applied; the group "
-                       "re-forms and the call can be retried"));
+      return absl::UnavailableError(absl::StrCat(
+          "group: ", CallName(header.kind), " on '", header.model_id,
+          "': the other ranks did not join the call within ",
+          absl::FormatDuration(g.config.timeout), ", or one died or its link broke (", why,
+          "); every rank must receive the call; nothing was applied; the group "
+          "re-forms and the call can be retried"));
     }
-    return at::cat(out[0]);
+    return at::cat(out[0]).cpu();
   }();
   if (!all.ok()) {
     if (g.observer != nullptr) g.observer->CallFailed("unavailable");
@@ -908,7 +964,7 @@ absl::Status ReplicaGroup::Run(const CallHeader& header,
     if (g.observer != nullptr) g.observer->CallFailed(header.local.ok() ? "mismatch" : "refused");
     return decision.status();
   }
-  CallImpl run(g.config, pg, data, header, *decision, g.observer);
+  CallImpl run(g.config, g.control_device, pg, data, header, *decision, g.observer);
   absl::Status status = body(run);
   if (!decision->local && !run.met()) {
     // The body stopped before the commit point: the others are waiting there

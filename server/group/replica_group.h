@@ -1,7 +1,8 @@
 // A replica group: N tscale-server processes that hold the same models and
 // train them together, data-parallel, over LibTorch's c10d: rank 0 hosts a
 // TCPStore where the ranks meet, and their process group (Gloo; NCCL for CUDA
-// models where LibTorch has it) carries every exchange. No gRPC here: the
+// models where LibTorch has it; NCCL alone where LibTorch comes without Gloo's
+// headers, as PyTorch's wheels do) carries every exchange. No gRPC here: the
 // service runs its state-changing calls through ReplicaGroup::Run.
 //
 // A group call (create, import, restore, delete, UpdateCorrelation, TrainStep)
@@ -91,8 +92,7 @@ class GroupState {
   virtual absl::StatusOr<std::string> Encode(const std::string& model_id) = 0;
   // Installs a state file's bytes as `model_id`, replacing the model there; an error, and
   // nothing installed, unless the installed state's digest is `digest`.
-  virtual absl::Status Install(const std::string& model_id, std::string bytes,
-                               uint64_t digest) = 0;
+  virtual absl::Status Install(const std::string& model_id, std::string bytes, uint64_t digest) = 0;
 };
 
 // The group's view of one call, handed to the call's body on every rank.
@@ -119,20 +119,21 @@ struct GroupStatus {
   bool formed = false;
   int64_t generation = -1;   // of the process group in use; -1 before the first
   std::vector<int> missing;  // ranks that did not join the last attempt to form
-  std::string backend;       // "gloo", or "gloo+nccl"
+  std::string backend;       // "gloo", "gloo+nccl", or "nccl"
 };
 
 class ReplicaGroup {
  public:
   // Starts joining the group in the background (rank 0 opens the store); Run
-  // waits for it. `use_nccl`: form an NCCL process group too, for models on
-  // CUDA (where LibTorch has it). `log` receives a line for each change of
-  // membership.
+  // waits for it. `device`: the models' default device; on a GPU, where LibTorch
+  // has c10d's NCCL, an NCCL process group carries the CUDA models' exchanges (and,
+  // in a build without Gloo, every exchange). `log` receives a line for each
+  // change of membership.
   // `state`, when given, is brought in line across the ranks each time the group forms: for
   // each model, the replica at the highest step (the lowest such rank's) is broadcast to every
   // rank that lacks it or holds another state, which installs it and checks its digest; only then
   // do group calls run.
-  static std::unique_ptr<ReplicaGroup> Start(GroupConfig config, bool use_nccl = false,
+  static std::unique_ptr<ReplicaGroup> Start(GroupConfig config, at::Device device = at::kCPU,
                                              GroupObserver* observer = nullptr,
                                              std::function<void(const std::string&)> log = {},
                                              GroupState* state = nullptr);
@@ -146,6 +147,9 @@ class ReplicaGroup {
   bool WaitFormed(absl::Duration timeout) const;
   // Whether NCCL is compiled in (LibTorch with CUDA and c10d's NCCL).
   static bool HasNccl();
+  // Whether Gloo is compiled in (its headers were found). Without it a group needs its models'
+  // default device to be a GPU, and a group of N ranks N GPUs.
+  static bool HasGloo();
 
   // Runs a group call (one at a time on this rank): the headers meet; where
   // they agree, `body` runs with the call's view, and must reach the group's

@@ -233,13 +233,13 @@ void TrainerService::GroupInfo(v1::ServerInfo* resp) const {
   resp->set_group_backend(status.backend);
 }
 
-#else  // !TSCALE_WITH_GROUP: built without Gloo's headers; no group is ever set (see server.cc).
+#else  // !TSCALE_WITH_GROUP: built with neither Gloo nor NCCL; no group is ever set (server.cc).
 
 namespace {
 absl::Status NoGroups() {
   return absl::FailedPreconditionError(
-      "group: this tscale-server was built without replica groups (Gloo's headers were not "
-      "found)");
+      "group: this tscale-server was built without replica groups (neither Gloo's headers nor "
+      "c10d's NCCL were found)");
 }
 }  // namespace
 

@@ -321,20 +321,27 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (group_config->has_value()) {
 #if TSCALE_WITH_GROUP
     const group::GroupConfig& config = **group_config;
+    if (!group::ReplicaGroup::HasGloo() && !trainer.default_device.is_cuda()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--group-size: this tscale-server's groups run over NCCL alone (its LibTorch came "
+          "without Gloo's headers), which needs the models on a GPU: expected --device cuda or "
+          "cuda:N, got ",
+          trainer.default_device.str()));
+    }
     if (impl.metrics != nullptr) impl.metrics->EnableGroup(config.size, config.rank);
     impl.group_health = std::make_unique<Impl::GroupHealth>(impl.metrics.get());
     impl.group_description = absl::StrCat("rank ", config.rank, " of ", config.size,
                                           ", store at ", config.store_host, ":",
                                           config.store_port);
     impl.group = group::ReplicaGroup::Start(
-        config, trainer.default_device.is_cuda(), impl.group_health.get(),
+        config, trainer.default_device, impl.group_health.get(),
         [](const std::string& line) { std::cerr << "tscale-server: " << line << std::endl; },
         impl.service->group_state());
     impl.service->set_group(impl.group.get());
 #else
     return absl::InvalidArgumentError(
-        "--group-size: this tscale-server was built without replica groups (Gloo's headers "
-        "were not found at build time)");
+        "--group-size: this tscale-server was built without replica groups (neither Gloo's "
+        "headers nor c10d's NCCL were found at build time)");
 #endif
   }
 

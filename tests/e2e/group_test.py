@@ -55,7 +55,8 @@ MLP = {"layers": [
 class Group:
     """N tscale-server processes forming one group on loopback (or under `prefixes`)."""
 
-    def __init__(self, size, store_host="127.0.0.1", listen=None, prefixes=None, extra=()):
+    def __init__(self, size, store_host="127.0.0.1", listen=None, prefixes=None, extra=(),
+                 device=None):
         self.store = f"{store_host}:{free_port()}"
         self.servers = []
         for r in range(size):
@@ -63,18 +64,32 @@ class Group:
                     "--group-timeout-seconds", str(TIMEOUT), *extra]
             if listen is not None:
                 args += ["--listen", listen[r]]
-            self.servers.append(ServerProcess(*args, prefix=prefixes[r] if prefixes else ()))
+            kwargs = {} if device is None else {"device": device}
+            self.servers.append(ServerProcess(*args, prefix=prefixes[r] if prefixes else (),
+                                              **kwargs))
 
-    def start(self):
+    def start(self, announce_skip=True):
+        """Starts the ranks; SkipTest (announced with "group_test: skipped:", which makes ctest
+        count the entry as skipped, unless `announce_skip` is false) where this build's groups
+        cannot run here."""
         for s in self.servers:
             try:
                 s.start(ready=False)
             except RuntimeError as e:
                 if "built without replica groups" in str(e):
-                    # A LibTorch without Gloo's headers (some CUDA builds): no groups to test.
-                    print("group_test: skipped: this tscale-server was built without replica "
-                          "groups")
+                    # A LibTorch with neither Gloo's headers nor NCCL: no groups to test.
+                    if announce_skip:
+                        print("group_test: skipped: this tscale-server was built without "
+                              "replica groups")
                     raise unittest.SkipTest("tscale-server built without replica groups")
+                if "run over NCCL alone" in str(e):
+                    # A LibTorch without Gloo's headers (PyTorch's wheels): groups of models on
+                    # GPUs, one per rank; the groups of CPU models here cannot run.
+                    if announce_skip:
+                        print(f"group_test: skipped: this tscale-server's groups run over NCCL "
+                              f"alone, for models on GPUs (a group of {len(self.servers)} on "
+                              f"{self.servers[0].device or 'its default device'} cannot run)")
+                    raise unittest.SkipTest("groups over NCCL alone need GPU models")
                 raise
         for s in self.servers:
             s.wait_ready()
@@ -123,6 +138,43 @@ class GroupTest(ErrorAssertions, unittest.TestCase):
         model_id = f"{model_id}-{uuid.uuid4().hex[:8]}"
         self.single_client.create_model(model_id, spec, seed=seed)
         return model_id
+
+    def test_group_of_one_on_each_device(self):
+        """A group of one server process on the host (Gloo) and on the first GPU (NCCL, where
+        built in): it forms, names its backend, and its TrainSteps, through the whole exchange,
+        equal a single server's exactly (the same batch, the same sums)."""
+        devices = [d for d in self.single_client.server_info().devices
+                   if d == "cpu" or d.startswith("cuda")]
+        devices = devices[:1] + [d for d in devices if d.startswith("cuda")][:1]
+        for device in devices:
+            with self.subTest(device=device):
+                try:
+                    g = Group(1, device=device).start(announce_skip=False)
+                except unittest.SkipTest as e:
+                    print(f"group_test: group of one on {device}: skipped ({e})")
+                    continue
+                try:
+                    info = g.client.server_info()[0]
+                    self.assertTrue(info.group_formed)
+                    self.assertIn("nccl" if device.startswith("cuda") else "gloo",
+                                  info.group_backend)
+                    g.client.create_model("m", MLP, seed=3, device=device)
+                    ref = f"one-{uuid.uuid4().hex[:8]}"
+                    self.single_client.create_model(ref, MLP, seed=3, device=device)
+                    for step in range(20):
+                        x, y = batch(100 + step, 8, 16, 8)
+                        r = g.client.train_step("m", x, y, expected_step=step)
+                        s = self.single_client.train_step(ref, x, y, expected_step=step)
+                        self.assertEqual(r.step, step + 1)
+                        self.assertAlmostEqual(r.loss, s.loss, delta=1e-6 * abs(s.loss))
+                        self.assertEqual(tensors(g.states("m")[0]),
+                                         tensors(self.single_client.export_state(ref)),
+                                         f"{device}: after step {step + 1}")
+                    print(f"\ngroup_test: group of one on {device} ({info.group_backend}): 20 "
+                          f"TrainSteps equal the single server's state after every step")
+                    self.single_client.delete_model(ref)
+                finally:
+                    g.stop()
 
     def test_train_steps_of_groups_of_2_and_3(self):
         for size in (2, 3):

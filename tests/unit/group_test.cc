@@ -1,6 +1,9 @@
-// server/group without the service: membership from flags and the environment, and two ranks in
-// one process over a real c10d TCPStore and Gloo process group on loopback, running the group's
-// calls on core models.
+// server/group without the service: membership from flags and the environment, a group of one
+// (Gloo on the host, NCCL on a GPU), and two ranks in one process over a real c10d TCPStore and
+// Gloo process group on loopback, running the group's calls on core models.
+#include <ATen/ATen.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -10,10 +13,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "server/core/model.h"
 #include "server/group/config.h"
@@ -51,8 +50,8 @@ TEST(GroupConfigTest, FromFlags) {
 
 TEST(GroupConfigTest, FromTorchrunEnvironment) {
   auto config = ResolveGroupConfig(
-      GroupFlags{}, Env({{"WORLD_SIZE", "4"}, {"RANK", "1"}, {"MASTER_ADDR", "[::1]"},
-                         {"MASTER_PORT", "1234"}}),
+      GroupFlags{},
+      Env({{"WORLD_SIZE", "4"}, {"RANK", "1"}, {"MASTER_ADDR", "[::1]"}, {"MASTER_PORT", "1234"}}),
       "host");
   ASSERT_TRUE(config.ok()) << config.status();
   ASSERT_TRUE(config->has_value());
@@ -89,10 +88,10 @@ TEST(GroupConfigTest, NoGroupAndErrorsNameTheFlag) {
   bad_rank.store = "h:1";
   EXPECT_THAT(std::string(ResolveGroupConfig(bad_rank, Env({}), "h").status().message()),
               HasSubstr("--group-rank: expected a rank in [0, 2), got 2"));
-  EXPECT_THAT(std::string(ResolveGroupConfig(GroupFlags{}, Env({{"WORLD_SIZE", "x"}}), "h")
-                              .status()
-                              .message()),
-              HasSubstr("WORLD_SIZE: expected an integer"));
+  EXPECT_THAT(
+      std::string(
+          ResolveGroupConfig(GroupFlags{}, Env({{"WORLD_SIZE", "x"}}), "h").status().message()),
+      HasSubstr("WORLD_SIZE: expected an integer"));
   GroupFlags hostname = no_store;
   hostname.rank = -1;
   hostname.store = "h:1";
@@ -125,9 +124,77 @@ core::ModelSpec LinearSpec(int64_t in, int64_t out) {
   return spec;
 }
 
+GroupConfig OneRank() {
+  GroupConfig config;
+  config.size = 1;
+  config.rank = 0;
+  config.store_host = "127.0.0.1";
+  config.store_port = FreePort();
+  config.timeout = absl::Seconds(10);
+  return config;
+}
+
+// A group of one on each device its backends serve (the host with Gloo; a GPU with NCCL, which
+// carries every exchange in a build without Gloo): it forms, names its backend, and its
+// TrainSteps go through the whole exchange and equal the single model's exactly (one rank: the
+// same batch, the same sums).
+TEST(GroupOfOne, TrainStepsThroughTheExchangeEqualOneModel) {
+  std::vector<c10::Device> devices;
+  if (ReplicaGroup::HasGloo()) devices.emplace_back(c10::kCPU);
+  if (ReplicaGroup::HasNccl() && at::hasCUDA()) devices.emplace_back(c10::kCUDA, 0);
+  if (devices.empty()) GTEST_SKIP() << "NCCL alone is compiled in and there is no GPU";
+  for (const c10::Device& device : devices) {
+    SCOPED_TRACE(device.str());
+    auto group = ReplicaGroup::Start(OneRank(), device);
+    ASSERT_TRUE(group->WaitFormed(absl::Seconds(60))) << device;
+    const std::string backend = group->status().backend;
+    if (device.is_cuda()) {
+      EXPECT_THAT(backend, HasSubstr("nccl"));
+    } else {
+      EXPECT_EQ(backend, "gloo");
+    }
+    const core::ModelSpec spec = LinearSpec(32, 16);
+    auto replica = core::Model::Create(spec, 5, device);
+    auto single = core::Model::Create(spec, 5, device);
+    ASSERT_TRUE(replica.ok()) << replica.status();
+    ASSERT_TRUE(single.ok()) << single.status();
+    at::Generator gen = at::detail::createCPUGenerator(11);
+    for (int64_t step = 0; step < 10; ++step) {
+      const at::Tensor x = at::randint(-3, 4, {6, 32}, gen).to(at::kFloat).to(device);
+      const at::Tensor y = at::randint(-3, 4, {6, 16}, gen).to(at::kFloat).to(device);
+      auto want = (*single)->TrainStep(x, y, core::Loss::kMse, step);
+      ASSERT_TRUE(want.ok()) << want.status();
+      CallHeader h;
+      h.kind = CallKind::kTrainStep;
+      h.model_id = "m";
+      h.expected_step = step;
+      h.model_step = (*replica)->step();
+      h.batch = 6;
+      h.loss = 1;
+      double loss = 0;
+      const absl::Status status = group->Run(h, [&](GroupCall& call) -> absl::Status {
+        EXPECT_FALSE(call.local());
+        const core::GroupStep group_step{call.combiner(), call.group_batch()};
+        auto result = (*replica)->TrainStep(x, y, core::Loss::kMse, step, nullptr, &group_step);
+        if (!result.ok()) return result.status();
+        loss = result->loss;
+        return absl::OkStatus();
+      });
+      ASSERT_TRUE(status.ok()) << status;
+      EXPECT_NEAR(loss, want->loss, 1e-6 * want->loss);
+      ASSERT_EQ(StateDigest((*replica)->ExportState()), StateDigest((*single)->ExportState()))
+          << "step " << step;
+    }
+  }
+}
+
 class TwoRanks : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (!ReplicaGroup::HasGloo()) {
+      // NCCL alone: one GPU per rank, and two ranks in one process would share one.
+      GTEST_SKIP() << "two ranks in one process need Gloo, which this build lacks";
+    }
     const int port = FreePort();
     for (int r = 0; r < 2; ++r) {
       GroupConfig config;
@@ -292,8 +359,7 @@ TEST_F(TwoRanks, ACallOneRankNeverJoinsFailsWithinTheTimeoutAndTheGroupReforms) 
   // Both ranks move to the next generation and meet again.
   ASSERT_TRUE(groups_[0]->WaitFormed(absl::Seconds(30)));
   for (int i = 0; i < 100 && (groups_[0]->status().generation < 1 ||
-                              groups_[1]->status().generation < 1 ||
-                              !groups_[1]->status().formed);
+                              groups_[1]->status().generation < 1 || !groups_[1]->status().formed);
        ++i) {
     absl::SleepFor(absl::Milliseconds(100));
   }
