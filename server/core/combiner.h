@@ -31,6 +31,9 @@ class UpdateCombiner {
     // This rank's share of the group's loss (TrainStep: its mean loss times its
     // part of the group's batch); 0 for UpdateCorrelation.
     double loss = 0;
+    // TrainStep: the fingerprint of this rank's request (what tells its retry from
+    // another request); 0 for UpdateCorrelation.
+    uint64_t fingerprint = 0;
     // This rank's verdict: OK to commit, or why it cannot (a loss that is not
     // finite, a request cancelled or past its deadline). Every rank calls
     // Combine even when this is not OK.
@@ -41,6 +44,7 @@ class UpdateCombiner {
     // the model's device, the same on every rank.
     std::vector<at::Tensor> scores;
     double loss = 0;  // the group's loss: the sum of the ranks' shares, in rank order
+    std::vector<uint64_t> fingerprints;  // every rank's Local::fingerprint, in rank order
   };
 
   // Every rank's verdict first: when one is not OK, every rank returns an error

@@ -1,11 +1,5 @@
 #include "server/core/model.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <random>
-#include <utility>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/Event.h>
 #include <c10/core/GradMode.h>
@@ -13,8 +7,13 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <utility>
+
 #include "absl/cleanup/cleanup.h"
-#include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -177,9 +176,9 @@ class StreamScope {
 absl::Status CheckCompute(ComputeType compute, c10::Device device) {
   if (compute != ComputeType::kFp32 && compute != ComputeType::kTf32 &&
       compute != ComputeType::kBf16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "compute: expected COMPUTE_FP32, COMPUTE_TF32 or COMPUTE_BF16, got ",
-        static_cast<int>(compute)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("compute: expected COMPUTE_FP32, COMPUTE_TF32 or COMPUTE_BF16, got ",
+                     static_cast<int>(compute)));
   }
   if (compute != ComputeType::kTf32) return absl::OkStatus();
 #if TSCALE_WITH_CUDA
@@ -197,14 +196,39 @@ at::Tensor AddGradient(const at::Tensor& sum, const at::Tensor& grad) {
   return sum.to(at::kFloat) + grad.to(at::kFloat);
 }
 
-// Tells a retried TrainStep from another request: the bytes of its tensors and its loss.
-size_t Fingerprint(const at::Tensor& input, const at::Tensor& target, Loss loss) {
-  const at::Tensor x = input.to(at::kCPU).contiguous();
-  const at::Tensor t = target.to(at::kCPU).contiguous();
-  return absl::HashOf(
-      absl::string_view(static_cast<const char*>(x.data_ptr()), x.nbytes()), x.sizes().vec(),
-      absl::string_view(static_cast<const char*>(t.data_ptr()), t.nbytes()), t.sizes().vec(),
-      static_cast<int>(loss));
+// A 64-bit hash of `n` bytes continuing from `h`, the same in every process (a replica group's
+// member compares fingerprints its peers computed): four multiply-xor lanes of 8-byte words.
+uint64_t HashBytes(const void* data, size_t n, uint64_t h) {
+  constexpr uint64_t kMul = 0x9E3779B97F4A7C15ull;
+  const auto* p = static_cast<const unsigned char*>(data);
+  uint64_t lane[4] = {h ^ 0x243F6A8885A308D3ull, h ^ 0x13198A2E03707344ull,
+                      h ^ 0xA4093822299F31D0ull, h ^ 0x082EFA98EC4E6C89ull};
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int k = 0; k < 4; ++k) {
+      uint64_t w;
+      std::memcpy(&w, p + i + 8 * k, 8);
+      lane[k] = (lane[k] ^ w) * kMul;
+      lane[k] ^= lane[k] >> 29;
+    }
+  }
+  uint64_t out = n * kMul;
+  for (; i < n; ++i) out = (out ^ p[i]) * kMul;
+  for (uint64_t l : lane) out = ((out ^ l) * kMul) ^ (out >> 31);
+  return out;
+}
+
+// Tells a retried TrainStep from another request: the bytes and shapes of its tensors and its
+// loss.
+uint64_t Fingerprint(const at::Tensor& input, const at::Tensor& target, Loss loss) {
+  uint64_t h = static_cast<uint64_t>(loss);
+  for (const at::Tensor& tensor : {input, target}) {
+    const at::Tensor t = tensor.to(at::kCPU).contiguous();
+    const std::vector<int64_t> sizes = t.sizes().vec();
+    h = HashBytes(sizes.data(), sizes.size() * sizeof(int64_t), h);
+    h = HashBytes(t.data_ptr(), t.nbytes(), h);
+  }
+  return h;
 }
 
 uint64_t RandomNonce() {
@@ -311,8 +335,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelSpec& spec, uint
   return model;
 }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec,
-                                                     const StateDict& state,
+absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec, const StateDict& state,
                                                      std::optional<int64_t> step,
                                                      c10::Device device, ModelOptions options) {
   auto summary = ValidateSpec(spec);
@@ -361,9 +384,9 @@ std::string Model::NewPassId(int64_t step) {
 absl::Status Model::CheckInput(const at::Tensor& input) const {
   if (!input.defined() || input.scalar_type() != at::kFloat || input.dim() != 2 ||
       input.size(0) < 1 || input.size(1) != summary_.in_features) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "input: expected FP32 [batch >= 1, ", summary_.in_features, "], got ",
-        input.defined() ? DescribeTensor(input) : "nothing"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("input: expected FP32 [batch >= 1, ", summary_.in_features, "], got ",
+                     input.defined() ? DescribeTensor(input) : "nothing"));
   }
   return absl::OkStatus();
 }
@@ -429,8 +452,8 @@ absl::Status Model::UnknownPass(absl::string_view pass_id) const {
   return absl::NotFoundError(absl::StrCat("pass_id: no pass '", pass_id, "' on this model"));
 }
 
-absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id,
-                                           const at::Tensor& grad_output, bool want_grad_input) {
+absl::StatusOr<at::Tensor> Model::Backward(absl::string_view pass_id, const at::Tensor& grad_output,
+                                           bool want_grad_input) {
   StreamScope on_stream(stream_, {&grad_output});
   absl::MutexLock lock(&mu_);
   ExpirePasses();
@@ -507,12 +530,12 @@ absl::StatusOr<int64_t> Model::ReleasePasses(const std::vector<std::string>& pas
       auto it = passes_.find(id);
       if (it == passes_.end()) return UnknownPass(id);
       if (it->second.used || it->second.expired) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "pass_ids: pass '", id, "' is not pending (",
-            it->second.used       ? "a Backward used it"
-            : it->second.released ? "it was released already"
-                                  : "it expired",
-            "); nothing was released"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("pass_ids: pass '", id, "' is not pending (",
+                         it->second.used       ? "a Backward used it"
+                         : it->second.released ? "it was released already"
+                                               : "it expired",
+                         "); nothing was released"));
       }
       if (!seen.emplace(id, true).second) continue;
       chosen.push_back(&it->second);
@@ -542,12 +565,12 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
       replay.replayed = true;
       return replay;
     }
-    return absl::FailedPreconditionError(absl::StrCat(
-        "expected_step: expected ", step_, " (the model's step), got ", expected_step));
+    return absl::FailedPreconditionError(absl::StrCat("expected_step: expected ", step_,
+                                                      " (the model's step), got ", expected_step));
   }
   if (backwards_ == 0 && combiner == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "update: no Backward since step ", step_, " began; nothing to apply"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("update: no Backward since step ", step_, " began; nothing to apply"));
   }
   // The last moment to give up: nothing has changed yet, and from here the update applies wholly.
   if (interrupt) {
@@ -558,8 +581,9 @@ absl::StatusOr<UpdateResult> Model::UpdateCorrelation(int64_t expected_step,
   return result;
 }
 
-absl::StatusOr<std::vector<at::Tensor>> Model::CombinedScores(
-    const std::vector<at::Tensor>& extra, StepLoss* loss, UpdateCombiner* combiner) {
+absl::StatusOr<std::vector<at::Tensor>> Model::CombinedScores(const std::vector<at::Tensor>& extra,
+                                                              StepLoss* loss,
+                                                              UpdateCombiner* combiner) {
   UpdateCombiner::Local local;
   for (size_t i = 0; i < linears_.size(); ++i) {
     at::Tensor sum = linears_[i].grad_sum;
@@ -571,6 +595,7 @@ absl::StatusOr<std::vector<at::Tensor>> Model::CombinedScores(
   // the update on every rank.
   if (loss != nullptr) {
     local.loss = loss->value.detach().to(at::kDouble).item<double>();
+    local.fingerprint = loss->fingerprint;
     if (!std::isfinite(local.loss)) {
       local.status = absl::InvalidArgumentError(absl::StrCat(
           "loss: the ", loss->kind == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
@@ -583,7 +608,10 @@ absl::StatusOr<std::vector<at::Tensor>> Model::CombinedScores(
   }
   auto combined = combiner->Combine(std::move(local));
   if (!combined.ok()) return combined.status();
-  if (loss != nullptr) loss->host = combined->loss;
+  if (loss != nullptr) {
+    loss->host = combined->loss;
+    loss->group_fingerprints = std::move(combined->fingerprints);
+  }
   return std::move(combined->scores);
 }
 
@@ -664,8 +692,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       const TernaryState& st = l.layer->state();
       const int64_t* v = host.data_ptr<int64_t>() + 2 * i;
       // |drift| = 4 |corr_accum| / (step gs), averaged over the groups.
-      const double denom =
-          static_cast<double>(st.step_counter()) * st.group_size() * st.groups();
+      const double denom = static_cast<double>(st.step_counter()) * st.group_size() * st.groups();
       result.layers.push_back({l.name, v[0], 4.0 * static_cast<double>(v[1]) / denom});
     }
     step_ = result.step;
@@ -688,16 +715,16 @@ absl::Status Model::CheckTrainStep(const at::Tensor& input, const at::Tensor& ta
   if (loss == Loss::kMse) {
     if (!target.defined() || target.scalar_type() != at::kFloat || target.dim() != 2 ||
         target.size(0) != batch || target.size(1) != out) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "target: expected FP32 [", batch, ", ", out, "] for MSE, got ",
-          target.defined() ? DescribeTensor(target) : "nothing"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("target: expected FP32 [", batch, ", ", out, "] for MSE, got ",
+                       target.defined() ? DescribeTensor(target) : "nothing"));
     }
   } else if (loss == Loss::kCrossEntropy) {
     if (!target.defined() || target.scalar_type() != at::kLong || target.dim() != 1 ||
         target.size(0) != batch) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "target: expected INT64 [", batch, "] class indices for CROSS_ENTROPY, got ",
-          target.defined() ? DescribeTensor(target) : "nothing"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("target: expected INT64 [", batch, "] class indices for CROSS_ENTROPY, got ",
+                       target.defined() ? DescribeTensor(target) : "nothing"));
     }
   } else {
     return absl::InvalidArgumentError(
@@ -714,8 +741,8 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
   const int64_t batch = input.size(0);
   const int64_t out = summary_.out_features;
   if (group != nullptr && group->group_batch < batch) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "group batch: expected at least this rank's ", batch, " rows, got ", group->group_batch));
+    return absl::InvalidArgumentError(absl::StrCat("group batch: expected at least this rank's ",
+                                                   batch, " rows, got ", group->group_batch));
   }
   StreamScope on_stream(stream_, {&input, &target});
   absl::MutexLock lock(&mu_);
@@ -728,8 +755,8 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       replay.update.replayed = true;
       return replay;
     }
-    return absl::FailedPreconditionError(absl::StrCat(
-        "expected_step: expected ", step_, " (the model's step), got ", expected_step));
+    return absl::FailedPreconditionError(absl::StrCat("expected_step: expected ", step_,
+                                                      " (the model's step), got ", expected_step));
   }
   try {
     at::Tensor x = input.to(device_);
@@ -744,21 +771,21 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       const at::Tensor range = at::stack({target.min(), target.max()}).to(at::kCPU);
       const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
       if (lo < 0 || hi >= out) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "target: expected class indices in [0, ", out, "), got ", lo < 0 ? lo : hi));
+        return absl::InvalidArgumentError(absl::StrCat("target: expected class indices in [0, ",
+                                                       out, "), got ", lo < 0 ? lo : hi));
       }
     }
     TrainStepResult result;
     StepLoss step_loss;
+    step_loss.fingerprint = Fingerprint(input, target, loss);
     std::vector<at::Tensor> weights;
     std::vector<at::Tensor> grads;
     // One sample and no pending gradient sums: each linear layer's weight gradient is an outer
     // product, taken in its two factors (the gradient at the layer's pre-bias output and its
     // input) instead of an [out, in] matrix; autograd then runs no weight-gradient GEMM.
-    const bool factored =
-        group == nullptr && batch == 1 && !linears_.empty() &&
-        std::all_of(linears_.begin(), linears_.end(),
-                    [](const Linear& l) { return !l.grad_sum.defined(); });
+    const bool factored = group == nullptr && batch == 1 && !linears_.empty() &&
+                          std::all_of(linears_.begin(), linears_.end(),
+                                      [](const Linear& l) { return !l.grad_sum.defined(); });
     std::vector<at::Tensor> sample_inputs;
     {
       c10::AutoGradMode grad_mode(true);
@@ -786,8 +813,8 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
       // A rank's share of the group's mean: its mean times its part of the group's rows (both
       // losses are means over rows, MSE over every element of them).
       if (group != nullptr && group->group_batch != batch) {
-        step_loss.value = step_loss.value * (static_cast<double>(batch) /
-                                             static_cast<double>(group->group_batch));
+        step_loss.value = step_loss.value *
+                          (static_cast<double>(batch) / static_cast<double>(group->group_batch));
       }
       const at::Tensor& value = step_loss.value;
       if (!weights.empty()) {
@@ -806,7 +833,9 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     if (!update.ok()) return update.status();
     result.loss = step_loss.host;
     result.update = *std::move(update);
-    last_train_ = LastTrainStep{result.loss, Fingerprint(input, target, loss)};
+    std::vector<uint64_t> fingerprints = std::move(step_loss.group_fingerprints);
+    if (fingerprints.empty()) fingerprints.push_back(step_loss.fingerprint);
+    last_train_ = LastTrainStep{result.loss, step_loss.fingerprint, std::move(fingerprints)};
     return result;
   } catch (const c10::Error& e) {
     return TorchError(e, "train step");
@@ -814,6 +843,40 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
 }
 
 // ---------------------------------------------------------------- state
+
+std::optional<LastUpdateRecord> Model::LastUpdate() const {
+  absl::MutexLock lock(&mu_);
+  if (!last_update_.has_value()) return std::nullopt;
+  LastUpdateRecord record;
+  record.update = *last_update_;
+  record.update.replayed = false;
+  if (last_train_.has_value()) {
+    record.train_step = true;
+    record.loss = last_train_->loss;
+    record.fingerprints = last_train_->fingerprints;
+  }
+  return record;
+}
+
+absl::Status Model::AdoptLastUpdate(const LastUpdateRecord& record, size_t rank) {
+  absl::MutexLock lock(&mu_);
+  if (record.update.step != step_) {
+    return absl::InvalidArgumentError(absl::StrCat("last update: expected a record of step ", step_,
+                                                   ", got step ", record.update.step));
+  }
+  if (record.train_step && rank >= record.fingerprints.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("last update: expected a fingerprint for rank ",
+                                                   rank, ", got ", record.fingerprints.size()));
+  }
+  last_update_ = record.update;
+  last_update_->replayed = false;
+  if (record.train_step) {
+    last_train_ = LastTrainStep{record.loss, record.fingerprints[rank], record.fingerprints};
+  } else {
+    last_train_.reset();
+  }
+  return absl::OkStatus();
+}
 
 StateSnapshot Model::ExportState() const {
   StreamScope on_stream(stream_);
@@ -860,8 +923,8 @@ ModelScaleStats Model::ScaleStats(bool per_group) const {
   // E and the shapes never change after construction; only corr_accum needed the lock.
   for (const Copy& c : copies) {
     const TernaryState& st = *c.layer->state;
-    out.layers.push_back(ComputeScaleStats(c.layer->name, c.corr_accum, st.e(), c.step,
-                                           st.group_size(), per_group));
+    out.layers.push_back(
+        ComputeScaleStats(c.layer->name, c.corr_accum, st.e(), c.step, st.group_size(), per_group));
     out.layers.back().frozen = c.layer->frozen;
   }
   return out;

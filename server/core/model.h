@@ -1,13 +1,17 @@
 // A model: an ordered list of layers built from a ModelSpec, with its training passes.
 //
-// Training protocol (docs/arithmetic.md, section 8): Forward(train) keeps what Backward needs and returns a pass id
-// that belongs to the current step; Backward of a pass (once) adds its weight gradients to the
-// step's float32 sums, in arrival order; UpdateCorrelation(expected_step) applies the sign of the
-// sums to every ternary linear layer, advances the step and releases the step's passes. Updates are
-// exactly-once: a retry of the update just applied returns its response again, marked replayed.
-// A failing call changes nothing. All methods are thread-safe; calls on one model are serialised.
+// Training protocol (docs/arithmetic.md, section 8): Forward(train) keeps what Backward needs and
+// returns a pass id that belongs to the current step; Backward of a pass (once) adds its weight
+// gradients to the step's float32 sums, in arrival order; UpdateCorrelation(expected_step) applies
+// the sign of the sums to every ternary linear layer, advances the step and releases the step's
+// passes. Updates are exactly-once: a retry of the update just applied returns its response again,
+// marked replayed. A failing call changes nothing. All methods are thread-safe; calls on one model
+// are serialised.
 #ifndef TSCALE_SERVER_CORE_MODEL_H_
 #define TSCALE_SERVER_CORE_MODEL_H_
+
+#include <ATen/ATen.h>
+#include <c10/core/Stream.h>
 
 #include <cstdint>
 #include <deque>
@@ -16,9 +20,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <c10/core/Stream.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
@@ -74,6 +75,17 @@ struct UpdateResult {
 enum class Loss {
   kMse = 1,           // mean over all elements of (y - target)^2; target float32 [batch, out]
   kCrossEntropy = 2,  // mean over the batch of -log softmax(y)[target]; target int64 [batch]
+};
+
+// What a model keeps of its last update to answer a retry of it (exactly once): the update's
+// result and, when a TrainStep made it, the loss and the fingerprint of the request. A rank of a
+// replica group keeps every rank's fingerprint, so that a member brought forward from a peer
+// (Model::AdoptLastUpdate) can replay a retry of its own part.
+struct LastUpdateRecord {
+  UpdateResult update;
+  bool train_step = false;
+  double loss = 0;
+  std::vector<uint64_t> fingerprints;  // one, or the group's in rank order (train_step only)
 };
 
 struct TrainStepResult {
@@ -156,6 +168,14 @@ class Model {
   ModelScaleStats ScaleStats(bool per_group) const;
 
   StateSnapshot ExportState() const;
+  // The record of the last update, when the model made one since it was created, imported or
+  // restored (a replay needs it).
+  std::optional<LastUpdateRecord> LastUpdate() const;
+  // Takes a peer's record of the update that brought its replica to this model's step, so that a
+  // retry of that update is replayed here as there; `rank` picks this replica's fingerprint.
+  // InvalidArgument (nothing changed) when the record is of another step or has no fingerprint
+  // at `rank`.
+  absl::Status AdoptLastUpdate(const LastUpdateRecord& record, size_t rank);
 
   const ModelSpec& spec() const { return spec_; }  // defaults made explicit
   const SpecSummary& summary() const { return summary_; }
@@ -182,7 +202,7 @@ class Model {
   struct Pass {
     int64_t step = 0;
     bool used = false;
-    bool expired = false;  // released unused after options_.pending_pass_ttl, or by ReleasePasses
+    bool expired = false;   // released unused after options_.pending_pass_ttl, or by ReleasePasses
     bool released = false;  // by ReleasePasses
     absl::Time created;
     int64_t bytes = 0;
@@ -224,6 +244,8 @@ class Model {
     at::Tensor value;
     Loss kind;
     double host = 0;
+    uint64_t fingerprint = 0;                  // of the TrainStep's request
+    std::vector<uint64_t> group_fingerprints;  // with a combiner: every rank's
   };
   // With `combiner`, the scores are the group's (see UpdateCombiner), and `loss` holds this
   // rank's share of the group's loss; the group's comes back in loss->host.
@@ -234,8 +256,7 @@ class Model {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The group's scores of this step's gradient sums plus `extra`, and the group's loss.
   absl::StatusOr<std::vector<at::Tensor>> CombinedScores(const std::vector<at::Tensor>& extra,
-                                                         StepLoss* loss,
-                                                         UpdateCombiner* combiner)
+                                                         StepLoss* loss, UpdateCombiner* combiner)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UnknownPass(absl::string_view pass_id) const;
   // Releases the passes older than the TTL that no Backward used. Also from const accessors, so
@@ -272,7 +293,8 @@ class Model {
   // target, loss), so that only a retry of that same request is replayed.
   struct LastTrainStep {
     double loss = 0;
-    size_t fingerprint = 0;
+    uint64_t fingerprint = 0;
+    std::vector<uint64_t> fingerprints;  // the group's, in rank order; just this one alone
   };
   std::optional<LastTrainStep> last_train_ ABSL_GUARDED_BY(mu_);
 };

@@ -48,9 +48,9 @@ constexpr int kMessageWords = 32;               // 256 bytes of a refusal's mess
 // Header: magic, kind, model id's digest, digest, expected_step, model_step,
 // batch, backwards, loss, status code, message length, message.
 constexpr int kHeaderWords = 11 + kMessageWords;
-// Vote: status code, payload (digest, or the loss's bits), message length,
-// message.
-constexpr int kVoteWords = 3 + kMessageWords;
+// Vote: status code, payload (digest, or the loss's bits), the request's
+// fingerprint (TrainStep), message length, message.
+constexpr int kVoteWords = 4 + kMessageWords;
 constexpr char kGenerationKey[] = "tscale/generation";
 
 // The local address this host's route to host:port leaves from (a UDP socket connected there
@@ -387,6 +387,17 @@ void ReplicaGroup::Impl::Form(const c10::intrusive_ptr<c10d::Store>& s, int64_t 
     if (data) retired.push_back(std::move(data));
   }
   const std::string prefix = GenerationPrefix(gen);
+  // A generation that another rank has formed did so without this rank (a member that restarted
+  // or whose link was cut while the others stayed idle): it is over. Move every rank on to the
+  // next one, which the formed ranks' watchers see within a poll, and form that.
+  for (int r = 0; r < config.size; ++r) {
+    if (r != config.rank && s->check({absl::StrCat(prefix, "/formed/", r)})) {
+      Log(absl::StrCat("group: generation ", gen, " formed without rank ", config.rank,
+                       "; moving the group on to generation ", gen + 1));
+      s->compareSet(kGenerationKey, Bytes(gen), Bytes(gen + 1));
+      return;
+    }
+  }
   s->set(absl::StrCat(prefix, "/joined/", config.rank), Bytes(1));
   try {
     c10::intrusive_ptr<Collectives> control, nccl;
@@ -414,6 +425,7 @@ void ReplicaGroup::Impl::Form(const c10::intrusive_ptr<c10d::Store>& s, int64_t 
     }
     const auto sync_start = std::chrono::steady_clock::now();
     Sync(*control);
+    s->set(absl::StrCat(prefix, "/formed/", config.rank), Bytes(1));
     absl::MutexLock lock(&mu);
     if (stopping) return;
     pg = std::move(control);
@@ -714,7 +726,7 @@ class CallImpl final : public GroupCall, public core::UpdateCombiner {
   const std::string& failure() const { return failure_; }
 
   absl::Status Vote(const absl::Status& local, uint64_t digest) override {
-    auto votes = Votes(local, static_cast<int64_t>(digest));
+    auto votes = Votes(local, static_cast<int64_t>(digest), 0);
     if (!votes.ok()) return votes.status();
     const int64_t* w = votes->data_ptr<int64_t>();
     for (int r = 1; r < config_.size; ++r) {
@@ -734,7 +746,7 @@ class CallImpl final : public GroupCall, public core::UpdateCombiner {
  private:
   // Every rank's verdict: the votes [size, kVoteWords] when every rank's status
   // is OK, else this rank's error or one naming the rank that refused.
-  absl::StatusOr<at::Tensor> Votes(const absl::Status& local, int64_t payload);
+  absl::StatusOr<at::Tensor> Votes(const absl::Status& local, int64_t payload, int64_t fingerprint);
   // Allgather of equal-sized CPU or CUDA tensors, run on `device`, the result on `mine`'s device;
   // UNAVAILABLE (and the group re-forms) when the collective fails.
   absl::StatusOr<at::Tensor> Allgather(Collectives& pg, const at::Tensor& mine, at::Device device);
@@ -775,13 +787,15 @@ absl::StatusOr<at::Tensor> CallImpl::Allgather(Collectives& pg, const at::Tensor
   return at::stack(out[0]).to(mine.device());
 }
 
-absl::StatusOr<at::Tensor> CallImpl::Votes(const absl::Status& local, int64_t payload) {
+absl::StatusOr<at::Tensor> CallImpl::Votes(const absl::Status& local, int64_t payload,
+                                           int64_t fingerprint) {
   met_ = true;
   at::Tensor mine = at::zeros({kVoteWords}, at::kLong);
   int64_t* w = mine.data_ptr<int64_t>();
   w[0] = static_cast<int64_t>(local.code());
   w[1] = payload;
-  PutMessage(std::string(local.message()), w + 2);
+  w[2] = fingerprint;
+  PutMessage(std::string(local.message()), w + 3);
   auto all = Allgather(*pg_, mine, control_device_);
   if (!all.ok()) return all.status();
   const int64_t* v = all->data_ptr<int64_t>();
@@ -793,7 +807,7 @@ absl::StatusOr<at::Tensor> CallImpl::Votes(const absl::Status& local, int64_t pa
         OthersCode(code),
         absl::StrCat("group: rank ", r, " refused to commit ", CallName(header_.kind), " on '",
                      header_.model_id, "': ", absl::StatusCodeToString(code), ": ",
-                     GetMessage(v + r * kVoteWords + 2), "; nothing was applied on any rank"));
+                     GetMessage(v + r * kVoteWords + 3), "; nothing was applied on any rank"));
   }
   return all->view({config_.size, kVoteWords});
 }
@@ -803,7 +817,7 @@ absl::StatusOr<core::UpdateCombiner::Combined> CallImpl::Combine(Local local) {
   double loss = local.loss;
   int64_t loss_bits = 0;
   std::memcpy(&loss_bits, &loss, sizeof(loss));
-  auto votes = Votes(local.status, loss_bits);
+  auto votes = Votes(local.status, loss_bits, static_cast<int64_t>(local.fingerprint));
   if (!votes.ok()) return votes.status();
   Combined combined;
   const int64_t* v = votes->data_ptr<int64_t>();
@@ -811,6 +825,7 @@ absl::StatusOr<core::UpdateCombiner::Combined> CallImpl::Combine(Local local) {
     double share = 0;
     std::memcpy(&share, v + r * kVoteWords + 1, sizeof(share));
     combined.loss += share;
+    combined.fingerprints.push_back(static_cast<uint64_t>(v[r * kVoteWords + 2]));
   }
 
   const int n = config_.size, me = config_.rank;

@@ -2,10 +2,14 @@
 // (CallHeader), the group checks that the ranks agree, and the call commits at the group's commit
 // point (a vote, or the update's exchange). Thin: the checks and the exchange live in
 // server/group, the arithmetic in the core.
+#include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/checkpoint/state_file.h"
 #include "server/service/convert.h"
@@ -34,6 +38,73 @@ group::CallHeader HeaderFor(group::CallKind kind, const std::string& model_id,
   }
   if (auto model = registry.Get(model_id); model.ok()) h.model_step = (*model)->step();
   return h;
+}
+
+// What GroupSync sends a member it brings forward: the state file, and the record of the update
+// that made it (so that the member replays a retry of that update as its peers do). Layout:
+// "tsrec001", the record's length (8 bytes), the record, the state file. The record: step,
+// train_step, loss, the fingerprints (count, then each), the layers (count, then each: name's
+// length, name, score_sum, mean_abs_drift), 8 bytes each number, native order (one build).
+constexpr char kEnvelopeMagic[] = "tsrec001";
+
+template <typename T>
+void Put(std::string* out, T value) {
+  out->append(reinterpret_cast<const char*>(&value), sizeof(value));
+}
+
+template <typename T>
+bool Take(absl::string_view* in, T* value) {
+  if (in->size() < sizeof(T)) return false;
+  std::memcpy(value, in->data(), sizeof(T));
+  in->remove_prefix(sizeof(T));
+  return true;
+}
+
+std::string EncodeRecord(const core::LastUpdateRecord& r) {
+  std::string out;
+  Put<int64_t>(&out, r.update.step);
+  Put<int64_t>(&out, r.train_step ? 1 : 0);
+  Put<double>(&out, r.loss);
+  Put<int64_t>(&out, static_cast<int64_t>(r.fingerprints.size()));
+  for (uint64_t f : r.fingerprints) Put<uint64_t>(&out, f);
+  Put<int64_t>(&out, static_cast<int64_t>(r.update.layers.size()));
+  for (const core::LayerUpdate& l : r.update.layers) {
+    Put<int64_t>(&out, static_cast<int64_t>(l.layer.size()));
+    out.append(l.layer);
+    Put<int64_t>(&out, l.score_sum);
+    Put<double>(&out, l.mean_abs_drift);
+  }
+  return out;
+}
+
+absl::StatusOr<core::LastUpdateRecord> DecodeRecord(absl::string_view in) {
+  core::LastUpdateRecord r;
+  int64_t train_step = 0, count = 0;
+  const auto bad = [] {
+    return absl::DataLossError("the peer's record of its last update is cut");
+  };
+  if (!Take(&in, &r.update.step) || !Take(&in, &train_step) || !Take(&in, &r.loss) ||
+      !Take(&in, &count) || count < 0 || static_cast<uint64_t>(count) > in.size() / 8) {
+    return bad();
+  }
+  r.train_step = train_step != 0;
+  r.fingerprints.resize(static_cast<size_t>(count));
+  for (uint64_t& f : r.fingerprints) Take(&in, &f);
+  if (!Take(&in, &count) || count < 0 || static_cast<uint64_t>(count) > in.size() / 24) {
+    return bad();
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    core::LayerUpdate l;
+    int64_t length = 0;
+    if (!Take(&in, &length) || length < 0 || static_cast<uint64_t>(length) > in.size()) {
+      return bad();
+    }
+    l.layer = std::string(in.substr(0, static_cast<size_t>(length)));
+    in.remove_prefix(static_cast<size_t>(length));
+    if (!Take(&in, &l.score_sum) || !Take(&in, &l.mean_abs_drift)) return bad();
+    r.update.layers.push_back(std::move(l));
+  }
+  return r;
 }
 
 // A gate that votes with the digest of the state about to be committed.
@@ -79,8 +150,8 @@ absl::Status TrainerService::GroupRestoreCheckpoint(const v1::RestoreCheckpointR
       for (const checkpoint::CheckpointInfo& info : *list) {
         if (info.name == req.name()) chosen = &info;
       }
-      h.digest = group::Fnv1a(absl::StrCat(chosen->name, ":", chosen->crc32c, ":",
-                                           req.device(), ":", req.compute()));
+      h.digest = group::Fnv1a(
+          absl::StrCat(chosen->name, ":", chosen->crc32c, ":", req.device(), ":", req.compute()));
     }
   }
   return group_->Run(h, [&](group::GroupCall& call) -> absl::Status {
@@ -175,13 +246,41 @@ class TrainerService::GroupSync final : public group::GroupState {
   }
 
   absl::StatusOr<std::string> Encode(const std::string& model_id) override {
+    auto model = service_->registry_.Get(model_id);
+    if (!model.ok()) return model.status();
+    // The record first: an update committed between the two would make the state newer than
+    // the record, which the member then ignores (its digest check still holds the state).
+    const std::optional<core::LastUpdateRecord> last = (*model)->LastUpdate();
     v1::ExportStateRequest req;
     req.set_model_id(model_id);
-    return service_->DoExportState(req);
+    auto state = service_->DoExportState(req);
+    if (!state.ok()) return state.status();
+    const std::string record = last.has_value() ? EncodeRecord(*last) : std::string();
+    std::string out(kEnvelopeMagic, 8);
+    Put<uint64_t>(&out, record.size());
+    out += record;
+    out += *state;
+    return out;
   }
 
   absl::Status Install(const std::string& model_id, std::string bytes, uint64_t digest) override {
-    auto decoded = checkpoint::DecodeState(std::move(bytes));
+    absl::string_view in(bytes);
+    uint64_t record_size = 0;
+    if (!absl::StartsWith(in, absl::string_view(kEnvelopeMagic, 8))) {
+      return absl::DataLossError("the peer's state has no envelope (another tscale version?)");
+    }
+    in.remove_prefix(8);
+    if (!Take(&in, &record_size) || record_size > in.size()) {
+      return absl::DataLossError("the peer's state is cut");
+    }
+    std::optional<core::LastUpdateRecord> last;
+    if (record_size > 0) {
+      auto record = DecodeRecord(in.substr(0, record_size));
+      if (!record.ok()) return record.status();
+      last = *std::move(record);
+    }
+    in.remove_prefix(record_size);
+    auto decoded = checkpoint::DecodeState(std::string(in));
     if (!decoded.ok()) return decoded.status();
     if (!decoded->spec.has_value()) {
       return absl::DataLossError("the peer's state file has no spec in its metadata");
@@ -200,8 +299,14 @@ class TrainerService::GroupSync final : public group::GroupState {
     std::shared_ptr<core::Model> shared = *std::move(model);
     const uint64_t got = group::StateDigest(shared->ExportState());
     if (got != digest) {
-      return absl::DataLossError(absl::StrCat("the state received has digest ", got,
-                                              ", the peer's is ", digest));
+      return absl::DataLossError(
+          absl::StrCat("the state received has digest ", got, ", the peer's is ", digest));
+    }
+    // A retry of the update that brought the peer here is replayed on this rank too. A record
+    // that does not fit (of an older step, or without this rank's fingerprint) is left out: the
+    // state is the group's all the same, and such a retry is refused as stale.
+    if (last.has_value()) {
+      (void)shared->AdoptLastUpdate(*last, static_cast<size_t>(service_->group_->config().rank));
     }
     if (absl::Status s = service_->registry_.Add(model_id, shared, /*replace=*/true); !s.ok()) {
       return s;
@@ -249,8 +354,8 @@ absl::Status TrainerService::GroupCreateModel(const v1::CreateModelRequest&, v1:
                                               const core::Interrupt&) {
   return NoGroups();
 }
-absl::Status TrainerService::GroupImportState(const v1::ImportHeader&, std::string,
-                                              v1::ModelInfo*, const core::Interrupt&) {
+absl::Status TrainerService::GroupImportState(const v1::ImportHeader&, std::string, v1::ModelInfo*,
+                                              const core::Interrupt&) {
   return NoGroups();
 }
 absl::Status TrainerService::GroupRestoreCheckpoint(const v1::RestoreCheckpointRequest&,

@@ -415,14 +415,55 @@ class GroupTest(ErrorAssertions, unittest.TestCase):
         finally:
             g.stop()
 
+    def test_a_member_brought_forward_replays_the_last_update(self):
+        """A client whose answer to a TrainStep was lost retries it after a member died and came
+        back empty: the member, brought forward from rank 0 with the record of that update,
+        replays it like the others (the same loss, no second update); another batch at that
+        stale step is refused on every rank, the member too (its part's fingerprint came
+        along)."""
+        g = Group(2).start()
+        try:
+            g.client.create_model("m", MLP, seed=5)
+            for step in range(3):
+                x, y = batch(50 + step, 6, 16, 8)
+                last = g.client.train_step("m", x, y, expected_step=step)
+            g.servers[1].sigkill()
+            g.servers[1].start(ready=False)
+            g.client.close()
+            g.client = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=60)
+            g.client.wait_ready(timeout=60)
+            self.assertIn("brought forward from rank 0", g.servers[1].log())
+            before = g.states("m")
+            self.assertEqual(before[0], before[1])
+            r = g.client.train_step("m", x, y, expected_step=2)
+            self.assertTrue(r.replayed, "the retry was not replayed on every rank")
+            self.assertEqual((r.step, r.loss), (3, last.loss))
+            self.assertEqual(g.states("m"), before)
+            other_x, other_y = batch(99, 6, 16, 8)
+            for rank, server in enumerate(g.servers):
+                with tscale.Client(server.address, retries=0) as c:
+                    with self.assertRaises(tscale.Error) as cm:
+                        part = slice(3 * rank, 3 * rank + 3)
+                        c.train_step("m", other_x[part], other_y[part], expected_step=2)
+                    self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION,
+                                     f"rank {rank}: {cm.exception}")
+            self.assertEqual(g.states("m"), before)
+        finally:
+            g.stop()
+
     def test_a_member_killed_and_restarted_empty_five_times(self):
         """Each cycle: rank 2 of 3 is killed with SIGKILL while the group trains, comes back
-        empty, is brought forward from a live peer, and the group goes on; the model's step is
-        the number of updates the client was told were applied, and the replicas identical."""
+        empty, is brought forward from a live peer, and the group goes on. The client then
+        retries the step the kill interrupted: where the survivors had committed it, every rank
+        replays it (the member brought forward too, from its peer's record), else it applies
+        once. The model's step is the number of updates the client was told were applied, and
+        the replicas identical."""
         g = Group(3).start()
         try:
             g.client.create_model("m", MLP, seed=8)
             applied = 0
+            replays = 0
+            rejoin_seconds = []
             for cycle in range(5):
                 x, y = batch(cycle, 6, 16, 8)
                 killer = threading.Timer(0.05, g.servers[2].sigkill)
@@ -436,22 +477,30 @@ class GroupTest(ErrorAssertions, unittest.TestCase):
                     except (tscale.Error, ValueError):
                         break
                 killer.join()
+                restarted = time.monotonic()
                 g.servers[2].start(ready=False)
                 g.client.close()
                 g.client = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=60)
                 g.client.wait_ready(timeout=60)
-                steps = [i.step for i in g.client.get_model("m")]
-                # A step applied on the survivors before the kill counts too.
-                self.assertEqual(len(set(steps)), 1, f"cycle {cycle}: steps {steps}")
-                self.assertIn(steps[0], (applied, applied + 1), f"cycle {cycle}")
-                applied = steps[0]
+                rejoin_seconds.append(time.monotonic() - restarted)
                 states = g.states("m")
                 self.assertEqual(len(set(states)), 1, f"cycle {cycle}: replicas differ")
+                # The retry of the interrupted step: exactly once, whether or not it committed.
+                r = g.client.train_step("m", x, y, expected_step=applied)
+                self.assertEqual(r.step, applied + 1, f"cycle {cycle}")
+                replays += r.replayed
+                applied = r.step
+                steps = [i.step for i in g.client.get_model("m")]
+                self.assertEqual(steps, [applied] * 3, f"cycle {cycle}")
                 r = g.client.train_step("m", x, y, expected_step=applied)
                 applied = r.step
             self.assertEqual(len(set(g.states("m"))), 1)
+            self.assertEqual([i.step for i in g.client.get_model("m")], [applied] * 3)
             print(f"\ngroup_test: 5 kills of rank 2 and restarts: the group at step {applied}, "
-                  f"replicas identical")
+                  f"replicas identical; {replays} of 5 retries of the interrupted step were "
+                  f"replays (committed before the kill), the rest applied once; from the "
+                  f"restart to every rank serving the group: "
+                  f"{', '.join(f'{s:.2f}' for s in rejoin_seconds)} s")
         finally:
             g.stop()
 
@@ -525,6 +574,55 @@ class GroupTest(ErrorAssertions, unittest.TestCase):
             if any(s.running() for s in g.servers):
                 g.stop()
             for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def test_a_member_restarted_from_an_old_checkpoint(self):
+        """Rank 1 dies and comes back from an old copy of its checkpoint folder (step 2, the
+        group at 5): the group brings it forward from rank 0, never rank 0 back, and trains on
+        with identical replicas."""
+        dirs = [tempfile.mkdtemp(prefix=f"tscale-group-old-{r}-") for r in range(2)]
+        old = tempfile.mkdtemp(prefix="tscale-group-old-copy-")
+        g = Group(2)
+        for r, server in enumerate(g.servers):
+            server.args += ["--checkpoint-dir", dirs[r], "--checkpoint-every-steps", "2"]
+        g.start()
+        try:
+            g.client.create_model("m", MLP, seed=12)
+            for step in range(2):
+                x, y = batch(200 + step, 8, 16, 8)
+                g.client.train_step("m", x, y, expected_step=step)
+            wanted = os.path.join(dirs[1], "m", "step-00000002.safetensors")
+            deadline = time.monotonic() + 30
+            while not os.path.exists(wanted) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertTrue(os.path.exists(wanted), "rank 1 wrote no checkpoint of step 2")
+            time.sleep(0.2)  # the write is atomic (rename); let the folder settle
+            shutil.rmtree(old)
+            shutil.copytree(dirs[1], old)
+            for step in range(2, 5):
+                x, y = batch(200 + step, 8, 16, 8)
+                g.client.train_step("m", x, y, expected_step=step)
+            before = g.states("m")[0]
+            g.servers[1].sigkill()
+            shutil.rmtree(dirs[1])
+            shutil.copytree(old, dirs[1])
+            g.servers[1].start(ready=False)
+            g.client.close()
+            g.client = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=60)
+            g.client.wait_ready(timeout=60)
+            log = g.servers[1].log()
+            self.assertIn("brought forward from rank 0 (step 5", log)
+            self.assertEqual([i.step for i in g.client.get_model("m")], [5, 5])
+            self.assertEqual(g.states("m"), [before, before])
+            x, y = batch(205, 8, 16, 8)
+            self.assertEqual(g.client.train_step("m", x, y, expected_step=5).step, 6)
+            self.assertEqual(len(set(g.states("m"))), 1)
+            print("\ngroup_test: rank 1 restarted from its checkpoint of step 2 while the group "
+                  "was at step 5: brought forward from rank 0, replicas identical at step 6")
+        finally:
+            if any(s.running() for s in g.servers):
+                g.stop()
+            for d in dirs + [old]:
                 shutil.rmtree(d, ignore_errors=True)
 
     def test_cli_servers(self):
