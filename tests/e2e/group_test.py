@@ -728,11 +728,55 @@ class NamespaceGroupTest(unittest.TestCase):
                           (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED))
             self.assertLess(time.monotonic() - start, TIMEOUT + 30)
             subprocess.run(["ip", "link", "set", self.veth + "a", "up"], check=True)
+            # No split brain: the rank left alone committed nothing.
+            with tscale.Client(g.servers[0].address, retries=0) as c0:
+                self.assertEqual(c0.get_model("m").step, 5)
+                self.assertEqual(c0.export_state("m"), states[0])
+            subprocess.run(["ip", "link", "set", self.veth + "a", "up"], check=True)
             # Back up: the group re-forms and trains on.
             r = g.client.train_step("m", x, y, expected_step=5)
             self.assertEqual(r.step, 6)
             states = g.states("m")
             self.assertEqual(states[0], states[1])
+
+            # The link cut in the middle of a longer step: whichever side of the commit the cut
+            # fell, the retry after the link is back applies the step exactly once on both ranks
+            # (a rank that missed the commit is brought forward and replays it).
+            g.client.create_model("big", linear_spec(1024, 1024), seed=3)
+            rng = np.random.RandomState(7)
+            xb = rng.randn(512, 1024).astype(np.float32)
+            yb = rng.randn(512, 1024).astype(np.float32)
+            g.client.train_step("big", xb, yb, expected_step=0)
+            outcome = {}
+            once = tscale.ReplicaGroup([s.address for s in g.servers], retry_seconds=0,
+                                       timeout=TIMEOUT + 30)
+
+            def step():
+                try:
+                    outcome["result"] = once.train_step("big", xb, yb, expected_step=1)
+                except (tscale.Error, ValueError) as e:
+                    outcome["error"] = e
+            t = threading.Thread(target=step)
+            t.start()
+            time.sleep(0.05)
+            subprocess.run(["ip", "link", "set", self.veth + "a", "down"], check=True)
+            t.join(TIMEOUT + 60)
+            self.assertFalse(t.is_alive(), "the call did not end within the group timeout")
+            once.close()
+            with tscale.Client(g.servers[0].address, retries=0) as c0:
+                during = c0.get_model("big").step  # reads work on the live rank
+            subprocess.run(["ip", "link", "set", self.veth + "a", "up"], check=True)
+            g.client.wait_ready(timeout=60)
+            r = g.client.train_step("big", xb, yb, expected_step=1)
+            self.assertEqual(r.step, 2)
+            self.assertEqual([i.step for i in g.client.get_model("big")], [2, 2])
+            states = g.states("big")
+            self.assertEqual(states[0], states[1])
+            what = ("answered" if "result" in outcome
+                    else f"failed with {outcome['error'].code.name}")
+            print(f"\ngroup_test: link cut mid-step: the call {what}; rank 0 at step {during} "
+                  f"during the cut; the retry after the link came back "
+                  f"{'replayed' if r.replayed else 'applied'} step 2 once on both ranks")
         finally:
             g.stop()
 
