@@ -75,7 +75,7 @@ USER 10001:10001
 WORKDIR /var/lib/tscale
 EXPOSE 50051 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["tscale", "--server", "127.0.0.1:50051", "--timeout", "3", "health"]
+  CMD ["tscale", "--server", "127.0.0.1:50051", "--timeout", "3", "--retry-seconds", "0", "health"]
 ENTRYPOINT ["tscale-server"]
 CMD ["--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090", "--checkpoint-dir", "/var/lib/tscale/checkpoints"]
 
@@ -109,7 +109,7 @@ USER 10001:10001
 WORKDIR /var/lib/tscale
 EXPOSE 50051 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["tscale", "--server", "127.0.0.1:50051", "--timeout", "3", "health"]
+  CMD ["tscale", "--server", "127.0.0.1:50051", "--timeout", "3", "--retry-seconds", "0", "health"]
 ENTRYPOINT ["tscale-server"]
 CMD ["--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090", "--checkpoint-dir", "/var/lib/tscale/checkpoints"]
 

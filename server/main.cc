@@ -1,4 +1,5 @@
-// tscale-server: serves the TernaryTrainer API. Flags as the README's "The server" table lists them (--listen,
+// tscale-server: serves the TernaryTrainer API. Flags as the README's "The server" table lists them
+// (--listen,
 // --device, ...), given as `--flag value` or `--flag=value`.
 //
 // SIGTERM or SIGINT: the server stops accepting calls, finishes those in flight and exits 0.
@@ -6,8 +7,8 @@
 
 #include <cerrno>
 #include <csignal>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <string>
@@ -76,8 +77,10 @@ int main(int argc, char** argv) {
   options.listen = "0.0.0.0:50051";
   int grace_seconds = 30;
   const std::vector<Flag> flags = {
-      {"listen", "HOST:PORT", "address to serve the API on; port 0 picks a free port (default "
-                              "0.0.0.0:50051)", StringFlag(&options.listen)},
+      {"listen", "HOST:PORT",
+       "address to serve the API on; port 0 picks a free port (default "
+       "0.0.0.0:50051)",
+       StringFlag(&options.listen)},
       {"device", "cpu|cuda|cuda:N",
        "default device of models (default: cuda:0 when a GPU is usable, else cpu)",
        StringFlag(&options.device)},
@@ -86,6 +89,9 @@ int main(int argc, char** argv) {
        IntFlag(&options.max_message_bytes)},
       {"max-import-bytes", "N", "largest state file ImportState accepts (default 16 GiB)",
        IntFlag(&options.max_import_bytes)},
+      {"stream-window", "N",
+       "TrainStream: steps a stream may have read and not yet answered (default 8, at most 1024)",
+       IntFlag(&options.stream_window)},
       {"max-pending-passes", "N",
        "per model: training passes held for a Backward at once (default 1024)",
        IntFlag(&options.max_pending_passes)},
@@ -243,6 +249,22 @@ int main(int argc, char** argv) {
   }
   // Scripts and tests read this line to learn the port.
   std::cout << "tscale-server: listening on " << (*server)->address() << std::endl;
+  // What protects the port, in one line: a server started without what was meant is seen at once.
+  const bool tls = !options.tls_cert.empty();
+  const bool tokens = !options.auth_token_file.empty();
+  std::cout << "tscale-server: security: TLS "
+            << (tls ? absl::StrCat("on (--tls-cert ", options.tls_cert, ")")
+                    : std::string("off (plaintext)"))
+            << ", mutual TLS "
+            << (!options.tls_client_ca.empty()
+                    ? absl::StrCat("on (client certificates signed by --tls-client-ca ",
+                                   options.tls_client_ca, ")")
+                    : std::string("off"))
+            << ", bearer tokens "
+            << (tokens ? absl::StrCat("on (--auth-token-file ", options.auth_token_file, ")")
+                       : std::string("off"))
+            << (!tls && !tokens ? "; anyone who can reach the port can use every call" : "")
+            << std::endl;
   if (!(*server)->group_description().empty()) {
     std::cout << "tscale-server: replica group: " << (*server)->group_description() << std::endl;
   }

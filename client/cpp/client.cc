@@ -1,5 +1,8 @@
 #include "client/cpp/client.h"
 
+#include <google/protobuf/unknown_field_set.h>
+#include <grpcpp/generic/generic_stub.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -8,9 +11,7 @@
 #include <random>
 #include <utility>
 
-#include <google/protobuf/unknown_field_set.h>
-#include <grpcpp/generic/generic_stub.h>
-
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 
@@ -28,6 +29,34 @@ absl::Duration Jittered(absl::Duration backoff) {
 
 int ClampMs(absl::Duration d) {
   return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, 3'600'000));
+}
+
+// Retries before the client's first answer from the server, when attempts are not capped: a
+// wrong address or a server not started fails within a second (as in the Python client).
+constexpr int kFirstContactRetries = 3;
+
+// The error of an exactly-once call whose outcome it leaves unknown, saying so: the request may
+// have reached the server and been applied before its answer was lost (a deadline that passed
+// on the way back, a connection that broke). Errors that say nothing was applied (the server's
+// refusals, a call that never started or never connected) are left as they are.
+absl::Status UnknownOutcome(const absl::Status& status, absl::string_view method,
+                            int64_t expected_step) {
+  const absl::string_view message = status.message();
+  const bool unknown = (absl::IsDeadlineExceeded(status) || absl::IsUnavailable(status) ||
+                        absl::IsCancelled(status)) &&
+                       !absl::StrContains(message, "nothing was") &&
+                       !absl::StrContains(message, "before the call could start") &&
+                       !absl::StrContains(message, "failed to connect") &&
+                       !absl::StrContains(message, "DNS resolution failed");
+  if (!unknown) return status;
+  return absl::Status(
+      status.code(),
+      absl::StrCat(message, " (", method, " with expected_step ", expected_step,
+                   " may have been applied: read the model's step (GetModel; the CLI's 'tscale "
+                   "info ID'): ",
+                   expected_step + 1, " means it was, ", expected_step,
+                   " that it was not; sending it again with expected_step ", expected_step,
+                   " is safe: the server answers it as a replay when it was applied)"));
 }
 
 }  // namespace
@@ -72,13 +101,25 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   // gRPC otherwise stops pinging after two pings without data in between.
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  std::shared_ptr<grpc::ChannelCredentials> credentials =
-      options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
+  std::shared_ptr<grpc::ChannelCredentials> credentials = options.credentials;
+  if (credentials == nullptr && options.tls.enabled) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls.root_certs;
+    ssl.pem_cert_chain = options.tls.cert_chain;
+    ssl.pem_private_key = options.tls.private_key;
+    credentials = grpc::SslCredentials(ssl);
+    if (!options.tls.server_name.empty()) {
+      args.SetSslTargetNameOverride(options.tls.server_name);
+    }
+  }
+  if (credentials == nullptr) credentials = grpc::InsecureChannelCredentials();
   return grpc::CreateCustomChannel(address, credentials, args);
 }
 
 Client::Client(const std::string& address, ClientOptions options)
-    : Client(MakeChannel(address, options), options) {}
+    : Client(MakeChannel(address, options), options) {
+  address_ = address;
+}
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
     : options_(std::move(options)),
@@ -86,28 +127,25 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
       stub_(v1::TernaryTrainer::NewStub(channel_)) {}
 
 absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt& attempt,
-                          bool exactly_once) {
+                          std::optional<ExactlyOnce> exactly_once) {
   const RetryPolicy& retry = options_.retry;
-  absl::Time deadline = absl::Now() + call.timeout.value_or(options_.timeout);
-  if (call.deadline.has_value()) deadline = std::min(deadline, *call.deadline);
-  const int max_attempts = retryable ? std::max(1, retry.max_attempts) : 1;
+  const absl::Duration timeout = call.timeout.value_or(options_.timeout);
+  const absl::Time call_deadline = call.deadline.value_or(absl::InfiniteFuture());
+  const int max_attempts = retryable ? std::max(0, retry.max_attempts) : 1;
   absl::Duration backoff = retry.initial_backoff;
+  std::optional<absl::Time> first_failure;
   for (int n = 1;; ++n) {
     // gRPC would send a call whose deadline is just now, and the server might answer it in time.
+    const absl::Time deadline = std::min(absl::Now() + timeout, call_deadline);
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError("deadline exceeded before the call could start");
     }
     grpc::ClientContext context;
     absl::Time attempt_deadline = deadline;
-    bool cut_short = false;  // whether the attempt's deadline is earlier than the call's
-    // The last attempt is not cut short: nothing would follow it, so it may use what remains of
-    // the call's deadline.
-    if (retry.attempt_timeout > absl::ZeroDuration() && n < max_attempts) {
-      const absl::Time t = absl::Now() + retry.attempt_timeout;
-      if (t < deadline) {
-        attempt_deadline = t;
-        cut_short = true;
-      }
+    // The last attempt (when they are capped) is not cut short: nothing would follow it, so it
+    // may use the whole timeout.
+    if (retry.attempt_timeout > absl::ZeroDuration() && (max_attempts == 0 || n < max_attempts)) {
+      attempt_deadline = std::min(deadline, absl::Now() + retry.attempt_timeout);
     }
     if (attempt_deadline != absl::InfiniteFuture()) {
       context.set_deadline(absl::ToChronoTime(attempt_deadline));
@@ -116,17 +154,39 @@ absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt
       context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
     }
     const grpc::Status status = attempt(context);
-    if (status.ok()) return absl::OkStatus();
+    if (status.ok()) {
+      answered_ = true;
+      return absl::OkStatus();
+    }
 
-    const bool transient = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
-                           (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && cut_short) ||
-                           (status.error_code() == grpc::StatusCode::CANCELLED && exactly_once);
-    if (!transient || n >= max_attempts) return FromGrpcStatus(status);
-    const absl::Duration wait = Jittered(backoff);
-    // A retry that could not start before the deadline would only turn this error into
+    const grpc::StatusCode code = status.error_code();
+    const bool transient = code == grpc::StatusCode::UNAVAILABLE ||
+                           code == grpc::StatusCode::DEADLINE_EXCEEDED ||
+                           (code == grpc::StatusCode::CANCELLED && exactly_once.has_value());
+    if (!transient) answered_ = true;  // the server's own answer
+    absl::Status result = FromGrpcStatus(status);
+    // A TLS set-up that does not match the server's fails every attempt alike: said plainly,
+    // and not retried.
+    if (code == grpc::StatusCode::UNAVAILABLE) {
+      std::optional<std::string> diagnosis = DiagnoseConnection(
+          address_, options_.tls, options_.credentials == nullptr, status.error_message());
+      if (diagnosis.has_value()) return absl::UnavailableError(*diagnosis);
+    }
+    if (exactly_once.has_value()) {
+      result = UnknownOutcome(result, exactly_once->method, exactly_once->expected_step);
+    }
+    const absl::Time now = absl::Now();
+    if (!first_failure.has_value()) first_failure = now;
+    const bool may_retry =
+        max_attempts == 0 ? (answered_ || n <= kFirstContactRetries) : n < max_attempts;
+    if (!transient || !may_retry) return result;
+    const absl::Duration left = retry.retry_time - (now - *first_failure);
+    if (left <= absl::ZeroDuration()) return result;
+    const absl::Duration wait = std::min(Jittered(backoff), left);
+    // A retry that could not start before the call's deadline would only turn this error into
     // DEADLINE_EXCEEDED; the real cause is more useful.
-    if (absl::Now() + wait >= deadline) return FromGrpcStatus(status);
-    if (options_.on_retry) options_.on_retry(n, FromGrpcStatus(status), wait);
+    if (now + wait >= call_deadline) return result;
+    if (options_.on_retry) options_.on_retry(n, result, wait);
     absl::SleepFor(wait);
     backoff = std::min(backoff * retry.multiplier, retry.max_backoff);
   }
@@ -282,8 +342,9 @@ absl::StatusOr<v1::ReleasePassesResponse> Client::ReleasePasses(
   return response;
 }
 
-absl::StatusOr<v1::UpdateCorrelationResponse> Client::UpdateCorrelation(
-    absl::string_view model_id, int64_t expected_step, const CallOptions& call) {
+absl::StatusOr<v1::UpdateCorrelationResponse> Client::UpdateCorrelation(absl::string_view model_id,
+                                                                        int64_t expected_step,
+                                                                        const CallOptions& call) {
   v1::UpdateCorrelationRequest request;
   request.set_model_id(std::string(model_id));
   request.set_expected_step(expected_step);
@@ -294,7 +355,7 @@ absl::StatusOr<v1::UpdateCorrelationResponse> Client::UpdateCorrelation(
       [&](grpc::ClientContext& context) {
         return stub_->UpdateCorrelation(&context, request, &response);
       },
-      /*exactly_once=*/true);
+      ExactlyOnce{"UpdateCorrelation", expected_step});
   if (!status.ok()) return status;
   return response;
 }
@@ -306,7 +367,7 @@ absl::StatusOr<v1::TrainStepResponse> Client::TrainStep(const v1::TrainStepReque
   absl::Status status = Call(
       true, call,
       [&](grpc::ClientContext& context) { return stub_->TrainStep(&context, request, &response); },
-      /*exactly_once=*/true);
+      ExactlyOnce{"TrainStep", request.expected_step()});
   if (!status.ok()) return status;
   return response;
 }
@@ -361,8 +422,9 @@ absl::StatusOr<int64_t> Client::ExportStateToFile(absl::string_view model_id,
   // errno is read right after the failing file operation: gRPC's own calls change it later.
   int err = 0;
   auto write_error = [&] {
-    return absl::InternalError(absl::StrCat("export: writing ", tmp, " failed",
-                                            err != 0 ? absl::StrCat(": ", std::strerror(err)) : ""));
+    return absl::InternalError(
+        absl::StrCat("export: writing ", tmp, " failed",
+                     err != 0 ? absl::StrCat(": ", std::strerror(err)) : ""));
   };
   absl::Status status = Export(
       model_id, call,
@@ -393,8 +455,8 @@ absl::StatusOr<int64_t> Client::ExportStateToFile(absl::string_view model_id,
     }
   }
   if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = absl::InternalError(absl::StrCat("export: renaming ", tmp, " to ", path,
-                                              " failed: ", std::strerror(errno)));
+    status = absl::InternalError(
+        absl::StrCat("export: renaming ", tmp, " to ", path, " failed: ", std::strerror(errno)));
   }
   if (!status.ok()) {
     if (file.is_open()) file.close();
@@ -476,8 +538,8 @@ absl::StatusOr<v1::CheckpointInfo> Client::SaveCheckpoint(absl::string_view mode
   return response;
 }
 
-absl::StatusOr<std::vector<v1::CheckpointInfo>> Client::ListCheckpoints(
-    absl::string_view model_id, const CallOptions& call) {
+absl::StatusOr<std::vector<v1::CheckpointInfo>> Client::ListCheckpoints(absl::string_view model_id,
+                                                                        const CallOptions& call) {
   v1::ListCheckpointsRequest request;
   request.set_model_id(std::string(model_id));
   v1::ListCheckpointsResponse response;
@@ -489,8 +551,8 @@ absl::StatusOr<std::vector<v1::CheckpointInfo>> Client::ListCheckpoints(
                                          response.checkpoints().end());
 }
 
-absl::StatusOr<v1::ModelInfo> Client::RestoreCheckpoint(
-    const v1::RestoreCheckpointRequest& request, const CallOptions& call) {
+absl::StatusOr<v1::ModelInfo> Client::RestoreCheckpoint(const v1::RestoreCheckpointRequest& request,
+                                                        const CallOptions& call) {
   v1::ModelInfo response;
   absl::Status status = Call(false, call, [&](grpc::ClientContext& context) {
     return stub_->RestoreCheckpoint(&context, request, &response);

@@ -10,7 +10,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
@@ -59,6 +58,20 @@ absl::Status MakeDir(const std::string& path) {
     return absl::OkStatus();
   }
   return IoError("creating the folder", path);
+}
+
+// MakeDir of `path` and of each missing folder above it (mkdir -p): --checkpoint-dir A/B/C needs
+// no A/B beforehand.
+absl::Status MakeDirs(const std::string& path) {
+  for (size_t slash = path.find('/', 1); slash != std::string::npos;
+       slash = path.find('/', slash + 1)) {
+    const std::string parent = path.substr(0, slash);
+    if (parent.empty() || parent.back() == '/') continue;  // "//" inside a path
+    struct stat st;
+    if (stat(parent.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) continue;
+    if (absl::Status s = MakeDir(parent); !s.ok()) return s;
+  }
+  return MakeDir(path);
 }
 
 std::vector<std::string> Entries(const std::string& dir) {
@@ -139,7 +152,7 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
     const std::string& dir, std::function<void(const std::string&)> log,
     absl::Duration deleted_retention) {
   if (dir.empty()) return absl::InvalidArgumentError("checkpoint folder: expected a path, got ''");
-  if (absl::Status s = MakeDir(dir); !s.ok()) return s;
+  if (absl::Status s = MakeDirs(dir); !s.ok()) return s;
   std::unique_ptr<CheckpointStore> store(new CheckpointStore(dir));
   store->deleted_retention_ = deleted_retention;
   store->log_ = log;
@@ -183,8 +196,8 @@ absl::StatusOr<CheckpointInfo> CheckpointStore::Save(absl::string_view model_id,
   static std::atomic<uint64_t> counter{0};
   const std::string name = CheckpointName(step);
   const std::string path = absl::StrCat(model_dir, "/", name, kSuffix);
-  const std::string tmp = absl::StrCat(model_dir, "/.", name, kSuffix, ".tmp-", getpid(), "-",
-                                       counter.fetch_add(1));
+  const std::string tmp =
+      absl::StrCat(model_dir, "/.", name, kSuffix, ".tmp-", getpid(), "-", counter.fetch_add(1));
   const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return IoError("creating", tmp);
   absl::Status status;
@@ -238,8 +251,8 @@ absl::StatusOr<std::vector<CheckpointInfo>> CheckpointStore::List(
     out.push_back(std::move(info));
   }
   if (out.empty()) {
-    return absl::NotFoundError(absl::StrCat("model_id: no checkpoints of '", model_id, "' in ",
-                                            dir_));
+    return absl::NotFoundError(
+        absl::StrCat("model_id: no checkpoints of '", model_id, "' in ", dir_));
   }
   return out;
 }
@@ -253,8 +266,8 @@ absl::StatusOr<LoadedCheckpoint> CheckpointStore::Load(
   if (!name.empty()) {
     int64_t step = 0;
     if (!ParseName(name, &step)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "name: expected a checkpoint name such as step-00000042, got '", name, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("name: expected a checkpoint name such as step-00000042, got '", name, "'"));
     }
     const std::string file = absl::StrCat(CheckpointName(step), kSuffix);
     struct stat st;
@@ -267,8 +280,8 @@ absl::StatusOr<LoadedCheckpoint> CheckpointStore::Load(
     candidates = CheckpointFiles(model_dir);
     std::reverse(candidates.begin(), candidates.end());
     if (candidates.empty()) {
-      return absl::NotFoundError(absl::StrCat("model_id: no checkpoints of '", model_id, "' in ",
-                                              dir_));
+      return absl::NotFoundError(
+          absl::StrCat("model_id: no checkpoints of '", model_id, "' in ", dir_));
     }
   }
   LoadedCheckpoint out;
@@ -310,8 +323,8 @@ absl::StatusOr<LoadedCheckpoint> CheckpointStore::Load(
     out.state = *std::move(decoded);
     return out;
   }
-  return absl::DataLossError(absl::StrCat("checkpoint of '", model_id, "' damaged: ",
-                                          absl::StrJoin(out.skipped, "; ")));
+  return absl::DataLossError(
+      absl::StrCat("checkpoint of '", model_id, "' damaged: ", absl::StrJoin(out.skipped, "; ")));
 }
 
 absl::Status CheckpointStore::Remove(absl::string_view model_id) {
@@ -419,14 +432,15 @@ absl::Status CheckpointStore::TakeFromTrash(absl::string_view model_id) {
   }
   if (newest.empty()) {
     return absl::NotFoundError(absl::StrCat("from_deleted: no deleted checkpoints of '", model_id,
-                                            "' in ", trash, " (removed by hand, or older than "
+                                            "' in ", trash,
+                                            " (removed by hand, or older than "
                                             "the server's --deleted-retention-hours)"));
   }
   if (!CheckpointFiles(model_dir).empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "from_deleted: model '", model_id, "' has checkpoints of its own in ", model_dir,
-        "; restore the deleted ones as another model by moving ", trash, "/", newest,
-        " to a folder of that name"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("from_deleted: model '", model_id, "' has checkpoints of its own in ",
+                     model_dir, "; restore the deleted ones as another model by moving ", trash,
+                     "/", newest, " to a folder of that name"));
   }
   // An empty folder (or one of temporaries) is in the way of the rename.
   if (absl::Status s = RemoveFolder(model_dir); !s.ok()) return s;

@@ -3,14 +3,16 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <set>
-#include <system_error>
-
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <string>
+#include <system_error>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "server/core/json_depth.h"
+#include "server/core/json_keys.h"
 
 namespace tscale::core {
 namespace {
@@ -47,9 +49,9 @@ class Validator {
             where, ".name: expected 1-64 characters of [A-Za-z0-9_-], got '", layer.name, "'"));
       }
       if (!names.insert(layer.name).second) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            where, ".name: expected a name unique among its siblings, got '", layer.name,
-            "' again"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ".name: expected a name unique among its siblings, got '",
+                         layer.name, "' again"));
       }
       const std::string at = absl::StrCat(where, " (", layer.name, ")");
       const std::string full = prefix.empty() ? layer.name : absl::StrCat(prefix, ".", layer.name);
@@ -73,9 +75,9 @@ class Validator {
 
   absl::Status GroupSize(int32_t gs, const std::string& field) {
     if (gs < 0 || gs > kMaxGroupSize) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ": expected 1 to ", kMaxGroupSize, " (0 for the default ", kDefaultGroupSize,
-          "), got ", gs));
+      return absl::InvalidArgumentError(absl::StrCat(field, ": expected 1 to ", kMaxGroupSize,
+                                                     " (0 for the default ", kDefaultGroupSize,
+                                                     "), got ", gs));
     }
     return absl::OkStatus();
   }
@@ -87,16 +89,16 @@ class Validator {
       return absl::OkStatus();
     }
     if (in != *features) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", *features, " (",
-                                                     producer, "), got ", in));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": expected ", *features, " (", producer, "), got ", in));
     }
     return absl::OkStatus();
   }
 
   absl::Status AddWeights(int64_t weights, int64_t groups, const std::string& at) {
     if (weights > kMaxModelWeights - summary.ternary_params) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          at, ": the model would hold more than ", kMaxModelWeights, " weights"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(at, ": the model would hold more than ", kMaxModelWeights, " weights"));
     }
     summary.ternary_params += weights;
     summary.groups += groups;
@@ -147,9 +149,10 @@ class Validator {
             at, ".activation.kind: expected RELU, GELU or SILU, got ", ActivationName(a->kind)));
       }
       if (*features == 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            at, ": an activation cannot come first; the first layer must define the input "
-                "features (ternary_linear or ternary_rms_norm)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(at,
+                         ": an activation cannot come first; the first layer must define the input "
+                         "features (ternary_linear or ternary_rms_norm)"));
       }
       return absl::OkStatus();
     }
@@ -160,18 +163,19 @@ class Validator {
       }
       if (*features == 0) {
         return absl::InvalidArgumentError(absl::StrCat(
-            at, ": a residual block cannot come first; the first layer must define the input "
-                "features (ternary_linear or ternary_rms_norm)"));
+            at,
+            ": a residual block cannot come first; the first layer must define the input "
+            "features (ternary_linear or ternary_rms_norm)"));
       }
       const int64_t in = *features;
       std::string inner_producer = "the block's input";
-      absl::Status s = Layers(r->layers, at + ".residual.", full, depth + 1, features,
-                              &inner_producer);
+      absl::Status s =
+          Layers(r->layers, at + ".residual.", full, depth + 1, features, &inner_producer);
       if (!s.ok()) return s;
       if (*features != in) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            at, ".residual: expected its layers to map ", in, " features to ", in, ", got ",
-            *features, " at the end (", inner_producer, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(at, ".residual: expected its layers to map ",
+                                                       in, " features to ", in, ", got ", *features,
+                                                       " at the end (", inner_producer, ")"));
       }
       return absl::OkStatus();
     }
@@ -200,7 +204,6 @@ void NormalizeLayers(std::vector<LayerSpec>* layers) {
 // a deep enough value would overflow the stack.
 constexpr int kMaxJsonDepth = 4 + 3 * kMaxResidualDepth;
 
-
 // Looks a field up by its proto name or its lowerCamelCase JSON name.
 const json* Field(const json& obj, const char* proto_name, const char* camel_name) {
   auto it = obj.find(proto_name);
@@ -227,14 +230,13 @@ absl::Status CheckFields(const json& obj, const std::string& at,
 }
 
 // proto3 JSON writes 64-bit integers as strings; accept both forms.
-absl::Status GetInt(const json* v, const std::string& field, int64_t lo, int64_t hi,
-                    int64_t* out) {
+absl::Status GetInt(const json* v, const std::string& field, int64_t lo, int64_t hi, int64_t* out) {
   if (v == nullptr) return absl::OkStatus();
   int64_t value = 0;
   if (v->is_number_integer()) {
     if (v->is_number_unsigned() && v->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": expected an integer from ", lo,
-                                                     " to ", hi, ", got ", v->dump()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": expected an integer from ", lo, " to ", hi, ", got ", v->dump()));
     }
     value = v->get<int64_t>();
   } else if (v->is_string()) {
@@ -294,7 +296,9 @@ absl::StatusOr<LayerSpec> LayerFromJson(const json& j, const std::string& at, in
       s = GetInt(Field(*v, "out_features", "outFeatures"), f + ".out_features", INT64_MIN,
                  INT64_MAX, &l.out_features);
     }
-    if (s.ok()) s = GetInt(Field(*v, "group_size", "groupSize"), f + ".group_size", INT32_MIN, INT32_MAX, &gs);
+    if (s.ok())
+      s = GetInt(Field(*v, "group_size", "groupSize"), f + ".group_size", INT32_MIN, INT32_MAX,
+                 &gs);
     if (!s.ok()) return s;
     l.group_size = static_cast<int32_t>(gs);
     if (const json* t = Field(*v, "threshold", "threshold")) {
@@ -321,7 +325,9 @@ absl::StatusOr<LayerSpec> LayerFromJson(const json& j, const std::string& at, in
     TernaryRMSNormSpec n;
     int64_t gs = 0;
     s = GetInt(Field(*v, "dim", "dim"), f + ".dim", INT64_MIN, INT64_MAX, &n.dim);
-    if (s.ok()) s = GetInt(Field(*v, "group_size", "groupSize"), f + ".group_size", INT32_MIN, INT32_MAX, &gs);
+    if (s.ok())
+      s = GetInt(Field(*v, "group_size", "groupSize"), f + ".group_size", INT32_MIN, INT32_MAX,
+                 &gs);
     if (!s.ok()) return s;
     n.group_size = static_cast<int32_t>(gs);
     layer.kind = n;
@@ -353,8 +359,8 @@ absl::StatusOr<LayerSpec> LayerFromJson(const json& j, const std::string& at, in
     ++kinds;
     const std::string f = at + ".residual";
     if (depth >= kMaxResidualDepth) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          f, ": expected at most ", kMaxResidualDepth, " nested residual blocks"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(f, ": expected at most ", kMaxResidualDepth, " nested residual blocks"));
     }
     s = CheckFields(*v, f, {{"layers", "layers"}});
     if (!s.ok()) return s;
@@ -463,13 +469,17 @@ absl::string_view ActivationName(ActivationKind kind) {
 
 absl::StatusOr<ModelSpec> SpecFromJson(absl::string_view text) {
   if (JsonNestingDepth(text) > kMaxJsonDepth) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "spec: expected JSON nested at most ", kMaxJsonDepth, " levels (", kMaxResidualDepth,
-        " residual blocks), got deeper"));
+    return absl::InvalidArgumentError(absl::StrCat("spec: expected JSON nested at most ",
+                                                   kMaxJsonDepth, " levels (", kMaxResidualDepth,
+                                                   " residual blocks), got deeper"));
   }
   json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
     return absl::InvalidArgumentError("spec: expected JSON, got text that does not parse");
+  }
+  // nlohmann keeps the last of two equal keys; a spec saying two things is refused instead.
+  if (std::optional<std::string> duplicate = FindDuplicateKey(text); duplicate.has_value()) {
+    return absl::InvalidArgumentError(absl::StrCat("spec: ", *duplicate));
   }
   absl::Status s = CheckFields(j, "spec", {{"layers", "layers"}});
   if (!s.ok()) return s;

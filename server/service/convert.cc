@@ -179,6 +179,35 @@ void TensorToProto(const at::Tensor& tensor, v1::Tensor* out) {
   out->set_data(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
 }
 
+absl::StatusOr<at::Tensor> FloatTensorFromProto(const v1::Tensor& t, absl::string_view field) {
+  if (t.dtype() != v1::FP32 && t.dtype() != v1::BF16 && t.dtype() != v1::FP16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".dtype: expected FP32, BF16 or FP16, got ", DataTypeName(t.dtype())));
+  }
+  auto tensor = TensorFromProto(t, field);
+  if (!tensor.ok() || t.dtype() == v1::FP32) return tensor;
+  return tensor->to(at::kFloat);
+}
+
+absl::StatusOr<v1::DataType> ResponseFloatType(int dtype, absl::string_view field) {
+  switch (dtype) {
+    case v1::DATA_TYPE_UNSPECIFIED:
+    case v1::FP32:
+      return v1::FP32;
+    case v1::BF16:
+      return v1::BF16;
+    case v1::FP16:
+      return v1::FP16;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, ": expected FP32, BF16 or FP16, got ", DataTypeName(dtype)));
+}
+
+void FloatTensorToProto(const at::Tensor& tensor, v1::DataType dtype, v1::Tensor* out) {
+  const DTypeInfo* d = FindProto(dtype);
+  TensorToProto(d != nullptr ? tensor.detach().to(d->torch) : tensor, out);
+}
+
 absl::StatusOr<core::ModelSpec> SpecFromProto(const v1::ModelSpec& spec) {
   core::ModelSpec out;
   absl::Status s = LayersFromProto(spec.layers(), "layers", &out.layers);

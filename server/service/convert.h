@@ -29,6 +29,15 @@ absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_vie
                                            v1::DataType dtype);
 // Writes a tensor of a dtype the API has (any device, any layout) as a dense message.
 void TensorToProto(const at::Tensor& tensor, v1::Tensor* out);
+// A float tensor that may come as FP32, BF16 or FP16, as float32 (FP32 as sent; BF16 and FP16
+// converted, exactly: every value of theirs is a float32).
+absl::StatusOr<at::Tensor> FloatTensorFromProto(const v1::Tensor& t, absl::string_view field);
+// The dtype a response's float tensor is asked for in (`field`): FP32 for DATA_TYPE_UNSPECIFIED;
+// FP32, BF16 or FP16; else InvalidArgument naming the field.
+absl::StatusOr<v1::DataType> ResponseFloatType(int dtype, absl::string_view field);
+// A float tensor as a message of `dtype` (FP32, BF16 or FP16), converted where it lies (on the
+// GPU, before the copy to the host) with round-to-nearest-even.
+void FloatTensorToProto(const at::Tensor& tensor, v1::DataType dtype, v1::Tensor* out);
 
 absl::StatusOr<core::ModelSpec> SpecFromProto(const v1::ModelSpec& spec);
 void SpecToProto(const core::ModelSpec& spec, v1::ModelSpec* out);

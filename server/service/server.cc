@@ -193,6 +193,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         absl::StrCat("--max-message-bytes: expected 1024 to ", kMaxMessageBytesLimit, ", got ",
                      options.max_message_bytes));
   }
+  if (options.stream_window < 1 || options.stream_window > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--stream-window: expected 1 to 1024 steps, got ", options.stream_window));
+  }
   for (auto [value, flag] : {std::pair<int64_t, const char*>{options.max_import_bytes,
                                                              "max-import-bytes"},
                              {options.max_pending_passes, "max-pending-passes"},
@@ -256,6 +260,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   }
   trainer.max_message_bytes = options.max_message_bytes;
   trainer.max_import_bytes = options.max_import_bytes;
+  trainer.stream_window = static_cast<int>(options.stream_window);
   trainer.model.max_pending_passes = options.max_pending_passes;
   trainer.model.max_pending_bytes = options.max_pending_bytes;
   trainer.model.pending_pass_ttl = absl::Seconds(options.pending_pass_ttl_seconds);

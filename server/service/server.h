@@ -24,6 +24,9 @@ struct ServerOptions {
   int64_t max_message_bytes = int64_t{256} << 20;
   // The largest state file ImportState accepts (--max-import-bytes).
   int64_t max_import_bytes = int64_t{16} << 30;
+  // TrainStream's flow control (--stream-window): steps a stream may have read and not yet
+  // answered. 1 to 1024.
+  int64_t stream_window = 8;
   // Per model: training passes awaiting Backward, and the activation bytes they hold.
   int64_t max_pending_passes = 1024;
   int64_t max_pending_bytes = int64_t{4} << 30;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <deque>
+#include <optional>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -74,12 +76,28 @@ TrainerService::TrainerService(TrainerOptions options, WorkerPool* pool)
 
 // ---------------------------------------------------------------- plumbing
 
+namespace {
+
+// A client that asks for compressed answers (metadata "tscale-compression: gzip", which the
+// clients send with their compression option; gRPC keeps its own grpc-encoding headers from the
+// application) gets them in gzip; the others get them as they are.
+void AnswerInKind(grpc::CallbackServerContext* ctx) {
+  const auto& metadata = ctx->client_metadata();
+  auto it = metadata.find("tscale-compression");
+  if (it != metadata.end() && absl::string_view(it->second.data(), it->second.size()) == "gzip") {
+    ctx->set_compression_algorithm(GRPC_COMPRESS_GZIP);
+  }
+}
+
+}  // namespace
+
 template <typename Fn>
 grpc::ServerUnaryReactor* TrainerService::Dispatch(grpc::CallbackServerContext* ctx,
                                                    absl::string_view method,
                                                    const google::protobuf::Message& request,
                                                    Fn fn) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  AnswerInKind(ctx);
   const absl::Time start = absl::Now();
   if (absl::Status auth = Authorize(ctx); !auth.ok()) {
     reactor->Finish(Finished(method, auth, start));
@@ -246,8 +264,10 @@ grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContex
 absl::Status TrainerService::DoForward(const v1::ForwardRequest& req, v1::ForwardResponse* resp) {
   auto model = Find(req.model_id());
   if (!model.ok()) return model.status();
-  auto input = TensorFromProto(req.input(), "input", v1::FP32);
+  auto input = FloatTensorFromProto(req.input(), "input");
   if (!input.ok()) return input.status();
+  auto output_dtype = ResponseFloatType(req.output_dtype(), "output_dtype");
+  if (!output_dtype.ok()) return output_dtype.status();
   // Refuse an answer too large to send before the pass exists.
   const int64_t batch = Rows(*input, (*model)->summary().in_features);
   if (absl::Status s = CheckSize(batch * (*model)->summary().out_features * 4 + kEnvelopeBytes,
@@ -257,7 +277,7 @@ absl::Status TrainerService::DoForward(const v1::ForwardRequest& req, v1::Forwar
   }
   auto result = (*model)->Forward(*input, req.train());
   if (!result.ok()) return result.status();
-  TensorToProto(result->output, resp->mutable_output());
+  FloatTensorToProto(result->output, *output_dtype, resp->mutable_output());
   resp->set_pass_id(result->pass_id);
   resp->set_step(result->step);
   return absl::OkStatus();
@@ -273,8 +293,10 @@ absl::Status TrainerService::DoBackward(const v1::BackwardRequest& req,
                                         v1::BackwardResponse* resp) {
   auto model = Find(req.model_id());
   if (!model.ok()) return model.status();
-  auto grad = TensorFromProto(req.grad_output(), "grad_output", v1::FP32);
+  auto grad = FloatTensorFromProto(req.grad_output(), "grad_output");
   if (!grad.ok()) return grad.status();
+  auto grad_input_dtype = ResponseFloatType(req.grad_input_dtype(), "grad_input_dtype");
+  if (!grad_input_dtype.ok()) return grad_input_dtype.status();
   if (req.want_grad_input()) {
     const int64_t batch = Rows(*grad, (*model)->summary().out_features);
     if (absl::Status s = CheckSize(batch * (*model)->summary().in_features * 4 + kEnvelopeBytes,
@@ -285,7 +307,9 @@ absl::Status TrainerService::DoBackward(const v1::BackwardRequest& req,
   }
   auto grad_input = (*model)->Backward(req.pass_id(), *grad, req.want_grad_input());
   if (!grad_input.ok()) return grad_input.status();
-  if (req.want_grad_input()) TensorToProto(*grad_input, resp->mutable_grad_input());
+  if (req.want_grad_input()) {
+    FloatTensorToProto(*grad_input, *grad_input_dtype, resp->mutable_grad_input());
+  }
   return absl::OkStatus();
 }
 
@@ -363,12 +387,16 @@ absl::StatusOr<TrainerService::TrainArgs> TrainerService::ParseTrainStep(
               ? v1::TrainStepRequest::Loss_Name(req.loss())
               : absl::StrCat(static_cast<int>(req.loss()))));
   }
-  auto input = TensorFromProto(req.input(), "input", v1::FP32);
+  auto input = FloatTensorFromProto(req.input(), "input");
   if (!input.ok()) return input.status();
   args.input = *std::move(input);
-  auto target = TensorFromProto(req.target(), "target", target_dtype);
+  auto target = target_dtype == v1::FP32 ? FloatTensorFromProto(req.target(), "target")
+                                         : TensorFromProto(req.target(), "target", target_dtype);
   if (!target.ok()) return target.status();
   args.target = *std::move(target);
+  if (absl::Status s = ResponseFloatType(req.output_dtype(), "output_dtype").status(); !s.ok()) {
+    return s;
+  }
   if (req.want_output()) {
     const int64_t batch = Rows(args.input, args.model->summary().in_features);
     if (absl::Status s =
@@ -394,7 +422,8 @@ absl::Status TrainerService::RunTrainStep(const v1::TrainStepRequest& req, const
   resp->set_replayed(result->update.replayed);
   for (const core::LayerUpdate& u : result->update.layers) UpdateToProto(u, resp->add_layers());
   if (req.want_output() && result->output.defined()) {
-    TensorToProto(result->output, resp->mutable_output());
+    FloatTensorToProto(result->output, *ResponseFloatType(req.output_dtype(), "output_dtype"),
+                       resp->mutable_output());
   }
   return absl::OkStatus();
 }
@@ -414,6 +443,184 @@ grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext*
     if (group_ != nullptr) return GroupTrainStep(*req, resp, InterruptOf(ctx, &stop_at_));
     return DoTrainStep(*req, resp, InterruptOf(ctx, &stop_at_));
   });
+}
+
+// TrainStream: reads steps while fewer than the window are in flight, runs them one at a time in
+// the order read (each on a worker, as a TrainStep), and writes their answers in that order. The
+// first step that fails ends the stream with its status once the answers before it are written;
+// the steps read after it are dropped. Every decision is taken under mu_; the gRPC operations are
+// started after it is released, and Finish is the last thing a callback does.
+class TrainerService::TrainStreamReactor final
+    : public grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse> {
+ public:
+  TrainStreamReactor(TrainerService* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), window_(std::max(1, service->options_.stream_window)) {
+    AnswerInKind(ctx);
+    if (absl::Status auth = service->Authorize(ctx); !auth.ok()) {
+      finished_ = true;
+      Finish(service_->Finished("TrainStream", auth, start_));
+      return;
+    }
+    Act(Decide());
+  }
+
+  void OnReadDone(bool ok) override {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      if (!ok) {
+        read_done_ = true;
+      } else if (absl::Status s = service_->CheckSize(
+                     static_cast<int64_t>(incoming_.ByteSizeLong()),
+                     absl::StrCat("TrainStream request ", read_));
+                 !s.ok()) {
+        Fail(s);
+      } else if (!failed_.has_value()) {
+        ++read_;
+        pending_.push_back(std::move(incoming_));
+        incoming_.Clear();
+      }
+      actions = DecideLocked();
+    }
+    Act(actions);
+  }
+
+  void OnWriteDone(bool ok) override {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) Fail(absl::CancelledError("the client stopped reading the stream's answers"));
+      actions = DecideLocked();
+    }
+    Act(actions);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  struct Actions {
+    bool read = false;
+    v1::TrainStepRequest* run = nullptr;  // a step to hand to a worker
+    v1::TrainStepResponse* write = nullptr;
+    std::optional<absl::Status> finish;
+  };
+
+  void Fail(absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!failed_.has_value()) failed_ = std::move(s);
+    pending_.clear();
+  }
+
+  Actions Decide() {
+    absl::MutexLock lock(&mu_);
+    return DecideLocked();
+  }
+
+  Actions DecideLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Actions a;
+    if (finished_) return a;
+    // A server shutting down ends its streams after the step in flight: the client resumes from
+    // the model's step once the server is back.
+    if (service_->stop_at_.load(std::memory_order_relaxed) != 0) {
+      Fail(absl::UnavailableError(
+          "the server is shutting down; the steps not yet answered were not applied; resume "
+          "from the model's step (the server may be restarting)"));
+    }
+    const int64_t in_flight = static_cast<int64_t>(pending_.size() + to_write_.size()) +
+                              (running_ ? 1 : 0) + (writing_ ? 1 : 0);
+    if (!reading_ && !read_done_ && !failed_.has_value() && in_flight < window_) {
+      reading_ = true;
+      a.read = true;
+    }
+    if (!running_ && !pending_.empty() && !failed_.has_value()) {
+      running_ = true;
+      current_ = std::move(pending_.front());
+      pending_.pop_front();
+      a.run = &current_;
+    }
+    if (!writing_ && !to_write_.empty()) {
+      writing_ = true;
+      written_ = std::move(to_write_.front());
+      to_write_.pop_front();
+      a.write = &written_;
+    }
+    const bool idle = !running_ && !writing_ && to_write_.empty();
+    if (idle && (failed_.has_value() || (read_done_ && pending_.empty()))) {
+      finished_ = true;
+      a.finish = failed_.value_or(absl::OkStatus());
+    }
+    return a;
+  }
+
+  void Act(const Actions& a) {
+    if (a.read) StartRead(&incoming_);
+    if (a.write != nullptr) StartWrite(a.write);
+    if (a.run != nullptr) Run(a.run);
+    if (a.finish.has_value()) Finish(service_->Finished("TrainStream", *a.finish, start_));
+  }
+
+  void Run(v1::TrainStepRequest* req) {
+    const bool queued = service_->pool_->Submit([this, req] {
+      const absl::Time start = absl::Now();
+      absl::Status s = Interrupted(ctx_, &service_->stop_at_);
+      v1::TrainStepResponse resp;
+      if (s.ok()) {
+        const core::Interrupt interrupt = InterruptOf(ctx_, &service_->stop_at_);
+        s = service_->group_ != nullptr ? service_->GroupTrainStep(*req, &resp, interrupt)
+                                        : service_->DoTrainStep(*req, &resp, interrupt);
+      }
+      if (service_->metrics_ != nullptr) {
+        service_->metrics_->ObserveRpc("TrainStream", s.code(),
+                                       absl::ToDoubleSeconds(absl::Now() - start));
+      }
+      Actions actions;
+      {
+        absl::MutexLock lock(&mu_);
+        running_ = false;
+        if (s.ok()) {
+          to_write_.push_back(std::move(resp));
+        } else {
+          Fail(s);
+        }
+        actions = DecideLocked();
+      }
+      Act(actions);
+    });
+    if (!queued) {
+      Actions actions;
+      {
+        absl::MutexLock lock(&mu_);
+        running_ = false;
+        Fail(absl::UnavailableError("the server is shutting down; nothing was applied"));
+        actions = DecideLocked();
+      }
+      Act(actions);
+    }
+  }
+
+  TrainerService* const service_;
+  grpc::CallbackServerContext* const ctx_;
+  const int64_t window_;
+  const absl::Time start_ = absl::Now();
+  v1::TrainStepRequest incoming_;  // the read in progress
+  absl::Mutex mu_;
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  bool read_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool running_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t read_ ABSL_GUARDED_BY(mu_) = 0;
+  std::optional<absl::Status> failed_ ABSL_GUARDED_BY(mu_);
+  std::deque<v1::TrainStepRequest> pending_ ABSL_GUARDED_BY(mu_);
+  std::deque<v1::TrainStepResponse> to_write_ ABSL_GUARDED_BY(mu_);
+  v1::TrainStepRequest current_;   // the step a worker runs
+  v1::TrainStepResponse written_;  // the answer being written
+};
+
+grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse>* TrainerService::TrainStream(
+    grpc::CallbackServerContext* ctx) {
+  return new TrainStreamReactor(this, ctx);
 }
 
 // ---------------------------------------------------------------- state
@@ -436,6 +643,7 @@ class TrainerService::ExportReactor final : public grpc::ServerWriteReactor<v1::
                 const v1::ExportStateRequest& req)
       : service_(service),
         chunk_bytes_(std::min(kChunkBytes, service->options_.max_message_bytes - 64)) {
+    AnswerInKind(ctx);
     if (absl::Status auth = service->Authorize(ctx); !auth.ok()) {
       Finish(service_->Finished("ExportState", auth, start_));
       return;
@@ -804,6 +1012,7 @@ grpc::ServerUnaryReactor* TrainerService::GetServerInfo(grpc::CallbackServerCont
     resp->add_devices("cpu");
     for (int i = 0; i < core::CudaDeviceCount(); ++i) resp->add_devices(absl::StrCat("cuda:", i));
     resp->set_max_message_bytes(options_.max_message_bytes);
+    resp->set_stream_window(options_.stream_window);
     resp->set_max_pending_passes(options_.model.max_pending_passes);
     resp->set_max_pending_bytes(options_.model.max_pending_bytes);
     resp->set_models(static_cast<int32_t>(registry_.size()));

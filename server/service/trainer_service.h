@@ -33,6 +33,7 @@ struct TrainerOptions {
   c10::Device default_device = c10::Device(c10::kCPU);
   int64_t max_message_bytes = int64_t{256} << 20;
   int64_t max_import_bytes = int64_t{16} << 30;
+  int stream_window = 8;     // TrainStream: steps read and not yet answered, at most
   core::ModelOptions model;  // pending-pass limits of every model
   core::RegistryLimits limits;  // models and their device bytes
 };
@@ -87,6 +88,8 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
   grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
                                       const v1::TrainStepRequest* req,
                                       v1::TrainStepResponse* resp) override;
+  grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse>* TrainStream(
+      grpc::CallbackServerContext* ctx) override;
   grpc::ServerWriteReactor<v1::StateChunk>* ExportState(
       grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* req) override;
   grpc::ServerReadReactor<v1::ImportStateRequest>* ImportState(grpc::CallbackServerContext* ctx,
@@ -112,6 +115,7 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
  private:
   class ExportReactor;
   class ImportReactor;
+  class TrainStreamReactor;
 
   // Runs `fn` on a worker and finishes the call with its status.
   template <typename Fn>

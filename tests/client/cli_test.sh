@@ -87,6 +87,8 @@ run 2 info a b
 err_has '^tscale: info: too many arguments'
 run 2 --timeout abc models
 err_has '--timeout: expected a number of seconds'
+run 2 --retry-seconds -1 models
+err_has "^tscale: models: --retry-seconds: expected a number of seconds >= 0, got '-1'"
 run 2 train m --steps 0
 err_has '^tscale: train: --steps: expected an integer'
 run 2 train m --loss hinge
@@ -132,6 +134,9 @@ echo '{"layers": [{"name": "fc", "ternary_linear": {"in_features": 8, "out_featu
   >"$work/broken.json"
 echo '{"layers": [{"name": "fc", "ternary_linear": {"in_features": 8, "out_features": 0}}]}' \
   >"$work/invalid.json"
+# A key twice: JSON parsers keep one of the two values without a word.
+echo '{"layers": [{"name": "fc", "ternary_linear": {"in_features": 8, "out_features": 4,
+  "in_features": 16}}]}' >"$work/duplicate.json"
 
 run 0 create m1 --spec "$work/spec.json" --seed 7
 out_has '^model: +m1$'
@@ -142,11 +147,16 @@ out_has '^ternary_params: +2368$'
 run 0 create m2 --spec="$work/camel.json" --device cpu
 out_has '^groups: +9$'  # 4 rows x 2 groups, and the norm's one
 run 1 create m1 --spec "$work/spec.json"
-err_has '^tscale: create: ALREADY_EXISTS: .*m1'
+err_has "^tscale: create: ALREADY_EXISTS: ID: a model 'm1' already exists"
 run 1 create m3 --spec "$work/broken.json"
 err_has '^tscale: create: INVALID_ARGUMENT: --spec: '
 run 1 create m3 --spec "$work/invalid.json"
 err_has '^tscale: create: INVALID_ARGUMENT: .*out_features'
+# The spec's errors name the option that gave it, then the field in the file.
+err_has '^tscale: create: INVALID_ARGUMENT: --spec: layers\[0\] \(fc\)\.ternary_linear\.out_features'
+run 1 create m3 --spec "$work/duplicate.json"
+err_has "^tscale: create: INVALID_ARGUMENT: --spec: .*duplicate.json: duplicate key 'in_features' in layers\[0\]\.ternary_linear"
+run 1 info m3
 run 1 create m3 --spec "$work/missing.json"
 err_has '^tscale: create: NOT_FOUND: --spec: cannot open '
 
@@ -208,7 +218,7 @@ run 0 info copy
 out_has '^step: +7$'
 out_has '^ternary_params: +2368$'
 run 1 import "$work/m1.safetensors" --id copy
-err_has '^tscale: import: ALREADY_EXISTS: '
+err_has "^tscale: import: ALREADY_EXISTS: --id: a model 'copy' already exists; --replace replaces it$"
 run 0 train copy --steps 1
 run 0 import "$work/m1.safetensors" --id copy --replace --device cpu
 out_has '^step: +7$'
@@ -252,7 +262,7 @@ cmp -s "$work/stdout.npy" "$work/out.npy" || fail "forward to - differs from for
 err_has '^forward m1 at step 7: input \[3, 64\] -> output \[3, 10\]$'
 make_npy "$work/wrong.npy" 3 63
 run 1 forward m1 "$work/wrong.npy" "$work/out2.npy"
-err_has '^tscale: forward: INVALID_ARGUMENT: input: expected FP32 \[batch >= 1, 64\], got FP32 \[3, 63\]'
+err_has '^tscale: forward: INVALID_ARGUMENT: INPUT: expected FP32 \[batch >= 1, 64\], got FP32 \[3, 63\]'
 echo 'not an array' >"$work/bad.npy"
 run 1 forward m1 "$work/bad.npy" "$work/out2.npy"
 err_has '^tscale: forward: INVALID_ARGUMENT: INPUT .*: not a .npy file'
@@ -292,6 +302,8 @@ run 0 checkpoints c0
 out_has '^step-00000000 +0 '
 run 2 restore c --as c1 --discard-newer
 err_has '^tscale: restore: --as and --discard-newer'
+run 1 restore c --name step-00000000 --as c
+err_has "^tscale: restore: INVALID_ARGUMENT: --as: expected an id other than"
 run 0 restore c --name step-00000000 --discard-newer
 out_has '^model: +c$'
 out_has '^step: +0$'
@@ -314,7 +326,7 @@ out_has '^deleted c0 and its checkpoints$'
 run 1 checkpoints c0
 err_has '^tscale: checkpoints: NOT_FOUND: '
 run 1 restore c0 --deleted
-err_has '^tscale: restore: NOT_FOUND: from_deleted: '
+err_has '^tscale: restore: NOT_FOUND: --deleted: '
 run 1 save nope
 err_has '^tscale: save: NOT_FOUND: '
 
@@ -335,6 +347,16 @@ err_has 'attempt 1 failed \(UNAVAILABLE\); retrying'
 # Without a port: 50051 (gRPC alone would take 443). (Nothing listens there during the tests.)
 run 1 --server 127.0.0.1 --timeout 3 health
 err_has 'no tscale-server answering at 127.0.0.1:50051 \(connection refused\)'
+# --retry-seconds 0: no retries at all.
+run 1 --server 127.0.0.1:1 --retry-seconds 0 health
+if grep -q 'retrying' "$work/err"; then fail "--retry-seconds 0 retried"; cat "$work/err"; fi
+# A token in plaintext to another machine: a warning (nothing listens at the TEST-NET address;
+# the call fails either way). To this machine (loopback) it stays quiet.
+echo "a-token" >"$work/token"
+run 1 --server 192.0.2.1:1 --timeout 2 --retry-seconds 0 --auth-token-file "$work/token" health
+err_has '^tscale: warning: --auth-token-file: the token goes to 192\.0\.2\.1:1 in plaintext'
+run 0 --auth-token-file "$work/token" health
+if grep -q 'warning' "$work/err"; then fail "a token to loopback warned"; cat "$work/err"; fi
 
 echo
 if [ "$failures" -ne 0 ]; then

@@ -2,34 +2,36 @@
 // retries, and the tensor conversions.
 #include "client/cpp/client.h"
 
-#include <sys/socket.h>
+#include <ATen/ATen.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/cpp/at_tensor.h"
 #include "client/cpp/tensor.h"
 #include "server/service/server.h"
+#include "tests/unit/files.h"
 #include "tests/unit/test_util.h"
 
 namespace tscale::client {
 namespace {
 
 using ::testing::_;
+using ::testing::AllOf;
 using ::testing::AnyOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -260,8 +262,8 @@ TEST_F(ClientTest, ForwardBackwardUpdate) {
   EXPECT_THAT(client_->UpdateCorrelation("fbu", 0),
               StatusIs(absl::StatusCode::kFailedPrecondition, _));
 
-  absl::StatusOr<v1::BackwardResponse> back = client_->Backward(
-      "fbu", pass->pass_id(), Proto(at::ones({4, 10})), /*want_grad_input=*/true);
+  absl::StatusOr<v1::BackwardResponse> back =
+      client_->Backward("fbu", pass->pass_id(), Proto(at::ones({4, 10})), /*want_grad_input=*/true);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_THAT(Shape(back->grad_input()), ElementsAre(4, 64));
   // Once per pass.
@@ -359,8 +361,7 @@ TEST_F(ClientTest, TrainStepMse) {
       EXPECT_FALSE(again->has_output());
       // A stale step fails and changes nothing.
       request.set_expected_step(1);
-      EXPECT_THAT(client_->TrainStep(request),
-                  StatusIs(absl::StatusCode::kFailedPrecondition, _));
+      EXPECT_THAT(client_->TrainStep(request), StatusIs(absl::StatusCode::kFailedPrecondition, _));
     }
   }
   EXPECT_GT(first, 0);
@@ -573,8 +574,7 @@ TEST_F(ClientTest, DeadlineAlreadyPassed) {
   CallOptions zero;
   zero.timeout = absl::ZeroDuration();
   EXPECT_THAT(client_->Health("", zero), StatusIs(absl::StatusCode::kDeadlineExceeded, _));
-  EXPECT_THAT(client_->ExportState("nope", zero),
-              StatusIs(absl::StatusCode::kDeadlineExceeded, _));
+  EXPECT_THAT(client_->ExportState("nope", zero), StatusIs(absl::StatusCode::kDeadlineExceeded, _));
   // The client's own timeout.
   ClientOptions options;
   options.timeout = absl::ZeroDuration();
@@ -609,6 +609,86 @@ TEST_F(ClientTest, TheLastAttemptIsNotCutShort) {
   EXPECT_EQ(retries.load(), 1);
 }
 
+// An exactly-once call whose deadline passed on its way may have been applied: the error says
+// so and which step tells; sending it again is answered as a replay when it was applied.
+TEST_F(ClientTest, AnExactlyOnceCallCutByItsDeadlineSaysWhichStepToRead) {
+  Create("cut");
+  ClientOptions options;
+  options.retry.max_attempts = 1;
+  Client client(server_->address(), options);
+  v1::TrainStepRequest request;
+  request.set_model_id("cut");
+  *request.mutable_input() = Proto(Input(4096, 64, 1));
+  *request.mutable_target() = Proto(Input(4096, 10, 2));
+  request.set_loss(v1::TrainStepRequest::MSE);
+  request.set_expected_step(0);
+  CallOptions hasty;
+  hasty.timeout = absl::Milliseconds(1);  // shorter than sending and running the step
+  EXPECT_THAT(client.TrainStep(request, hasty),
+              StatusIs(absl::StatusCode::kDeadlineExceeded,
+                       AllOf(HasSubstr("TrainStep with expected_step 0 may have been applied"),
+                             HasSubstr("1 means it was, 0 that it was not"))));
+  absl::StatusOr<v1::TrainStepResponse> again = client.TrainStep(request);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->step(), 1);
+  EXPECT_THAT(client.GetModel("cut"), IsOkAndHolds(::testing::Property(&v1::ModelInfo::step, 1)));
+}
+
+// A TernaryTrainer whose first TrainStep applies but answers late (as over a slow link), and which
+// answers a repeat of the same expected_step as the server does: a replay.
+class LateAnswerTrainer final : public v1::TernaryTrainer::Service {
+ public:
+  grpc::Status TrainStep(grpc::ServerContext*, const v1::TrainStepRequest* request,
+                         v1::TrainStepResponse* response) override {
+    size_t calls = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      expected_steps_.push_back(request->expected_step());
+      calls = expected_steps_.size();
+    }
+    response->set_step(request->expected_step() + 1);
+    if (calls == 1) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(800));  // applied; the answer is late
+    } else {
+      response->set_replayed(true);
+    }
+    return grpc::Status::OK;
+  }
+  std::vector<int64_t> expected_steps() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return expected_steps_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<int64_t> expected_steps_;
+};
+
+// The retry of an exactly-once call whose attempt ran past its deadline finds out by itself what
+// happened: it sends the same expected_step, and the server answers it as a replay.
+TEST(ClientRetryTest, AnExactlyOnceCallPastItsDeadlineIsRetriedIntoTheReplay) {
+  LateAnswerTrainer trainer;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&trainer);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  ClientOptions options;  // the default retries
+  options.timeout = absl::Milliseconds(300);
+  options.retry.initial_backoff = absl::Milliseconds(700);  // the late answer goes first
+  Client client(absl::StrCat("127.0.0.1:", port), options);
+  v1::TrainStepRequest request;
+  request.set_model_id("m");
+  request.set_expected_step(41);
+  absl::StatusOr<v1::TrainStepResponse> r = client.TrainStep(request);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->step(), 42);
+  EXPECT_TRUE(r->replayed());
+  EXPECT_THAT(trainer.expected_steps(), ElementsAre(41, 41));
+  server->Shutdown(std::chrono::system_clock::now());
+}
+
 struct RetryLog {
   std::atomic<int> retries{0};
   ClientOptions Options(int max_attempts, absl::Duration initial_backoff) {
@@ -637,7 +717,8 @@ TEST(ClientRetryTest, NothingListeningIsUnavailableAfterMaxAttempts) {
 
   // Safe to repeat: reads, Forward without train, UpdateCorrelation, TrainStep.
   log.retries = 0;
-  EXPECT_THAT(client.Forward("m", v1::Tensor(), false), StatusIs(absl::StatusCode::kUnavailable, _));
+  EXPECT_THAT(client.Forward("m", v1::Tensor(), false),
+              StatusIs(absl::StatusCode::kUnavailable, _));
   EXPECT_THAT(client.UpdateCorrelation("m", 0), StatusIs(absl::StatusCode::kUnavailable, _));
   EXPECT_THAT(client.Health(), StatusIs(absl::StatusCode::kUnavailable, _));
   EXPECT_THAT(client.ExportState("m"), StatusIs(absl::StatusCode::kUnavailable, _));
@@ -656,18 +737,110 @@ TEST(ClientRetryTest, NothingListeningIsUnavailableAfterMaxAttempts) {
   EXPECT_EQ(log.retries, 0);
 }
 
-TEST(ClientRetryTest, RetriesStopAtTheDeadline) {
+TEST(ClientRetryTest, RetriesStopAtTheCallsDeadline) {
   const std::string address = absl::StrCat("127.0.0.1:", FreePort());
   RetryLog log;
-  ClientOptions options = log.Options(100, absl::Milliseconds(100));
-  options.timeout = absl::Milliseconds(500);
-  Client client(address, options);
+  Client client(address, log.Options(100, absl::Milliseconds(100)));
+  CallOptions call;
+  call.deadline = absl::Now() + absl::Milliseconds(500);
   const absl::Time start = absl::Now();
   // The last error is the cause (UNAVAILABLE), not the deadline the waits ran into.
-  EXPECT_THAT(client.GetServerInfo(), StatusIs(absl::StatusCode::kUnavailable, _));
+  EXPECT_THAT(client.GetServerInfo(call), StatusIs(absl::StatusCode::kUnavailable, _));
   EXPECT_LT(absl::Now() - start, absl::Seconds(2));
   EXPECT_GE(log.retries, 1);
   EXPECT_LT(log.retries, 5);
+}
+
+// Before the server has ever answered, a few retries only: a wrong address is not waited on for
+// the whole retry time.
+TEST(ClientRetryTest, AServerNeverReachedFailsFast) {
+  const std::string address = absl::StrCat("127.0.0.1:", FreePort());
+  RetryLog log;
+  ClientOptions options = log.Options(0, absl::Milliseconds(10));  // no cap: the defaults
+  Client client(address, options);
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(client.GetServerInfo(), StatusIs(absl::StatusCode::kUnavailable, _));
+  EXPECT_EQ(log.retries, 3);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+// Once the server has answered, retries go on until retry_time has passed since the first
+// failure, however many attempts that takes.
+TEST(ClientRetryTest, RetryTimeBoundsTheRetries) {
+  service::ServerOptions server_options;
+  server_options.listen = "127.0.0.1:0";
+  server_options.device = "cpu";
+  auto server = service::Server::Start(server_options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  RetryLog log;
+  ClientOptions options = log.Options(0, absl::Milliseconds(20));
+  options.retry.multiplier = 1;
+  options.retry.retry_time = absl::Seconds(1);
+  Client client((*server)->address(), options);
+  ASSERT_TRUE(client.GetServerInfo().ok());
+  (*server)->Shutdown(std::chrono::milliseconds(0));
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(client.GetServerInfo(), StatusIs(absl::StatusCode::kUnavailable, _));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_GE(took, absl::Seconds(1));
+  EXPECT_LT(took, absl::Seconds(4));
+  EXPECT_GT(log.retries, 10);  // far beyond the first contact's 3
+}
+
+// A TrainStep running when its server shuts down (no grace) is refused at its commit point with
+// UNAVAILABLE, nothing applied; the client's retries ride through the restart of the server on
+// the same port from its checkpoints, and the step applies exactly once.
+TEST(ClientRetryTest, ATrainStepRidesThroughAServerRestart) {
+  testing::TempDir checkpoints;
+  const int port = FreePort();
+  service::ServerOptions server_options;
+  server_options.listen = absl::StrCat("127.0.0.1:", port);
+  server_options.device = "cpu";
+  server_options.checkpoint_dir = checkpoints.path();
+  auto first = service::Server::Start(server_options);
+  ASSERT_TRUE(first.ok()) << first.status();
+
+  std::atomic<int> retries{0};
+  ClientOptions options;  // the default retries: 60 s of them
+  options.on_retry = [&](int, const absl::Status&, absl::Duration) { ++retries; };
+  Client client(absl::StrCat("127.0.0.1:", port), options);
+  v1::CreateModelRequest create;
+  create.set_model_id("big");
+  v1::Layer* fc = create.mutable_spec()->add_layers();
+  fc->set_name("fc");
+  fc->mutable_ternary_linear()->set_in_features(2048);
+  fc->mutable_ternary_linear()->set_out_features(2048);
+  ASSERT_TRUE(client.CreateModel(create).ok());
+  v1::TrainStepRequest request;
+  request.set_model_id("big");
+  *request.mutable_input() = Proto(Input(512, 2048, 1));
+  *request.mutable_target() = Proto(Input(512, 2048, 2));
+  request.set_loss(v1::TrainStepRequest::MSE);
+  request.set_expected_step(0);
+  ASSERT_THAT(client.TrainStep(request),
+              IsOkAndHolds(::testing::Property(&v1::TrainStepResponse::step, 1)));
+
+  request.set_expected_step(1);
+  absl::StatusOr<v1::TrainStepResponse> result;
+  std::thread caller([&] { result = client.TrainStep(request); });
+  // Shut down while the step computes (bounded: 60 s).
+  for (int i = 0; i < 6000 && (*first)->running_calls() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_GT((*first)->running_calls(), 0) << "the step never ran";
+  (*first)->Shutdown(std::chrono::milliseconds(0));  // checkpoints the model, at step 1
+  first->reset();
+  // Down for longer than a few retries take (4 attempts, the old default, last under 1 s).
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  auto second = service::Server::Start(server_options);
+  ASSERT_TRUE(second.ok()) << second.status();
+  caller.join();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->step(), 2);
+  EXPECT_FALSE(result->replayed());
+  EXPECT_GE(retries.load(), 1);
+  EXPECT_THAT(client.GetModel("big"), IsOkAndHolds(::testing::Property(&v1::ModelInfo::step, 2)));
+  (*second)->Shutdown(std::chrono::milliseconds(0));
 }
 
 TEST(ClientRetryTest, ARetryReachesAServerThatCameUp) {
@@ -770,9 +943,9 @@ TEST(TensorTest, MalformedProtoTensorsAreRejected) {
 
   t = *MakeTensor(std::vector<float>(6, 1.0f), std::vector<int64_t>{2, 3});
   t.set_dtype(v1::DATA_TYPE_UNSPECIFIED);
-  EXPECT_THAT(FromProtoTensor(t, "input"),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("input.dtype: expected one of FP32")));
+  EXPECT_THAT(
+      FromProtoTensor(t, "input"),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("input.dtype: expected one of FP32")));
   t.set_dtype(static_cast<v1::DataType>(42));
   EXPECT_THAT(ValidateTensor(t), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("42")));
 
@@ -780,8 +953,8 @@ TEST(TensorTest, MalformedProtoTensorsAreRejected) {
   v1::Tensor huge;
   huge.set_dtype(v1::INT64);
   for (int64_t d : {int64_t{1} << 32, int64_t{1} << 32}) huge.add_shape(d);
-  EXPECT_THAT(ValidateTensor(huge), StatusIs(absl::StatusCode::kInvalidArgument,
-                                             HasSubstr("more bytes than an int64")));
+  EXPECT_THAT(ValidateTensor(huge),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("more bytes than an int64")));
   // ... unless a zero dimension makes it empty.
   huge.add_shape(0);
   EXPECT_THAT(ValidateTensor(huge), IsOkAndHolds(0));
@@ -822,6 +995,60 @@ TEST(StatusTest, GrpcStatusKeepsCodeAndMessage) {
               StatusIs(absl::StatusCode::kFailedPrecondition, "stale"));
   EXPECT_THAT(FromGrpcStatus(grpc::Status(grpc::StatusCode::DATA_LOSS, "crc")),
               StatusIs(absl::StatusCode::kDataLoss, "crc"));
+}
+
+TEST_F(ClientTest, TrainStreamEqualsTrainStepsAndStopsAtTheFirstFailure) {
+  Create("streamed", 6);
+  Create("unary", 6);
+  auto request_of = [](int64_t k, int64_t width) {
+    v1::TrainStepRequest request;
+    *request.mutable_input() = Proto(Input(8, width, 300 + k));
+    *request.mutable_target() = Proto(Input(8, 10, 400 + k));
+    request.set_loss(v1::TrainStepRequest::MSE);
+    return request;
+  };
+  int64_t produced = 0;
+  std::vector<v1::TrainStepResponse> answers;
+  absl::Status s = client_->TrainStream(
+      "streamed", 0,
+      [&]() -> std::optional<v1::TrainStepRequest> {
+        if (produced == 12) return std::nullopt;
+        return request_of(produced++, 64);
+      },
+      [&](const v1::TrainStepResponse& r) { answers.push_back(r); });
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_EQ(answers.size(), 12u);
+  for (int64_t k = 0; k < 12; ++k) {
+    v1::TrainStepRequest request = request_of(k, 64);
+    request.set_model_id("unary");
+    request.set_expected_step(k);
+    absl::StatusOr<v1::TrainStepResponse> r = client_->TrainStep(request);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(answers[k].step(), k + 1);
+    EXPECT_EQ(answers[k].loss(), r->loss()) << "step " << k;
+  }
+  // The same state: the same outputs, bit for bit.
+  const v1::Tensor probe = Proto(Input(16, 64, 999));
+  auto streamed = client_->Forward("streamed", probe, false);
+  auto unary = client_->Forward("unary", probe, false);
+  ASSERT_TRUE(streamed.ok() && unary.ok());
+  EXPECT_EQ(streamed->output().data(), unary->output().data());
+
+  // The fourth step's input is too narrow: the stream ends with its error, naming its
+  // expected_step, and nothing after it applies.
+  produced = 0;
+  answers.clear();
+  s = client_->TrainStream(
+      "streamed", -1,
+      [&]() -> std::optional<v1::TrainStepRequest> {
+        if (produced == 8) return std::nullopt;
+        const int64_t k = produced++;
+        return request_of(k, k == 3 ? 63 : 64);
+      },
+      [&](const v1::TrainStepResponse& r) { answers.push_back(r); });
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("expected_step 15")));
+  EXPECT_EQ(answers.size(), 3u);
+  EXPECT_EQ(client_->GetModel("streamed")->step(), 15);
 }
 
 }  // namespace

@@ -193,7 +193,8 @@ class DockerfileTest(unittest.TestCase):
                              ["--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090",
                               "--checkpoint-dir", "/var/lib/tscale/checkpoints"])
             self.assertEqual(healthcheck_cmd(last(self.by_name, t, "HEALTHCHECK")),
-                             ["tscale", "--server", "127.0.0.1:50051", "--timeout", "3", "health"])
+                             ["tscale", "--server", "127.0.0.1:50051", "--timeout", "3",
+                              "--retry-seconds", "0", "health"])
         runtime_runs = " ".join(r for s in chain(self.by_name, "cpu") for k, r in s.instructions
                                 if k == "RUN")
         for pkg in ("libgrpc++1.51", "libprotobuf32", "libabsl20220623", "libtorch1.13",
@@ -224,7 +225,8 @@ GROUP_VARIANTS = ("group", "group-mtls")
 # The options whose value is a file, of the server and of the CLI.
 SERVER_FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file")
 CLI_FILE_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key", "--auth-token-file")
-CLI_VALUE_OPTIONS = set(CLI_FILE_FLAGS) | {"--server", "--timeout"}
+CLI_VALUE_OPTIONS = set(CLI_FILE_FLAGS) | {"--server", "--timeout", "--retry-seconds",
+                                           "--tls-server-name"}
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "components", "labels", "images",
                       "generatorOptions", "secretGenerator", "patches"}
 
@@ -764,8 +766,10 @@ class KubernetesTest(unittest.TestCase):
                     if flag_value(args, "--tls-client-ca") is not None:
                         self.assertIsNotNone(flag_value(cmd, "--tls-cert"), "mTLS: no client cert")
                         self.assertIsNotNone(flag_value(cmd, "--tls-key"))
-                    # The CLI's deadline ends before the kubelet's.
+                    # The CLI's deadline ends before the kubelet's: one attempt (--timeout is
+                    # each attempt's), no retries.
                     self.assertLess(float(flag_value(cmd, "--timeout")), p["timeoutSeconds"])
+                    self.assertEqual(flag_value(cmd, "--retry-seconds"), "0")
             if not tls:
                 self.assertEqual(c["readinessProbe"]["grpc"]["service"], "tscale.v1.TernaryTrainer")
                 self.assertEqual(c["livenessProbe"]["grpc"].get("service", ""), "")
@@ -1297,7 +1301,7 @@ class KubernetesCommandsTest(unittest.TestCase):
                     probes[p] = [CLI_BIN] + [host(a) for a in cmd[1:]]
                 else:
                     probes[p] = [CLI_BIN, "--server", f"127.0.0.1:{grpc_port}", "--timeout", "3",
-                                 "health"]
+                                 "--retry-seconds", "0", "health"]
             conn = connection(probes["readinessProbe"])
             tls = flag_value(args, "--tls-cert") is not None
             with running_server(self, server, tmp):

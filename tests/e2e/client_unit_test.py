@@ -245,6 +245,34 @@ class RetryTest(unittest.TestCase):
         u = self.client.update_correlation("m", 3)
         self.assertEqual((u.step, u.replayed), (4, True))
 
+    def test_an_unknown_outcome_says_which_step_to_read(self):
+        """An exactly-once call that failed without an answer (retries spent) may have been
+        applied: the message says so, and which step tells."""
+        zeros = np.zeros((1, 2), np.float32)
+        self.inject("TrainStep", 5, grpc.StatusCode.DEADLINE_EXCEEDED)
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.train_step("m", zeros, zeros, expected_step=3)
+        self.assertEqual(cm.exception.code, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertIn("injected failure of TrainStep (TrainStep with expected_step 3 may have "
+                      "been applied: read the model's step (get_model): 4 means it was, 3 that "
+                      "it was not; sending it again with expected_step 3 is safe",
+                      cm.exception.message)
+        self.assertEqual(cm.exception.details, "injected failure of TrainStep")
+        self.inject("UpdateCorrelation", 5)
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.update_correlation("m", 7)
+        self.assertIn("UpdateCorrelation with expected_step 7 may have been applied",
+                      cm.exception.message)
+        # Not for calls that change nothing, nor for other codes.
+        self.inject("GetModel", 5, grpc.StatusCode.DEADLINE_EXCEEDED)
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.get_model("m")
+        self.assertNotIn("may have been applied", cm.exception.message)
+        self.inject("TrainStep", 1, grpc.StatusCode.FAILED_PRECONDITION)
+        with self.assertRaises(tscale.Error) as cm:
+            self.client.train_step("m", zeros, zeros, expected_step=3)
+        self.assertNotIn("may have been applied", cm.exception.message)
+
     def test_cancelled_by_the_server_is_retried_for_exactly_once_calls(self):
         # A server shutting down cancels what still runs; the exactly-once calls are retried.
         self.inject("TrainStep", 1, grpc.StatusCode.CANCELLED)
@@ -487,6 +515,48 @@ class ConnectionFailureTest(unittest.TestCase):
                 ("Socket closed", None),
                 ("server shutting down", None)):
             self.assertEqual(describe(address, details), want, details)
+
+
+    def test_tls_texts(self):
+        """gRPC's texts that are clear about TLS, told in words of what to change, with no
+        handshake of the client's own (credentials it cannot look into: tls None)."""
+        diagnose = client_module._diagnose.diagnose
+        prefix = "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:50051: "
+        for details, want in (
+                (prefix + "Peer name h is not in peer certificate",
+                 "TLS: the certificate of h:50051 does not name h: connect by a name the "
+                 "certificate holds, or, through a tunnel or proxy, give that name with "
+                 "tls_server_name (the CLI's --tls-server-name NAME)"),
+                (prefix + "Ssl handshake failed: SSL_ERROR_SSL: error:0A00010B:SSL "
+                 "routines::wrong version number",
+                 "TLS: h:50051 does not speak TLS (a plaintext server?): connect without the TLS "
+                 "options (tls, tls_ca, ...; the CLI's --tls, --tls-ca), or start the server "
+                 "with --tls-cert and --tls-key"),
+                (prefix + "Ssl handshake failed: SSL_ERROR_SSL: error:1000007d:SSL "
+                 "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+                 "TLS: the certificate of h:50051 is not signed by a CA this client trusts "
+                 "(certificate verify failed): give the CA that signed it (tls_ca; the CLI's "
+                 "--tls-ca FILE)"),
+                (prefix + "Failed to connect to remote host: Connection refused", None),
+                (prefix + "Socket closed", None),  # ambiguous, and nothing to probe with
+                ("the server is shutting down; nothing was applied", None)):
+            self.assertEqual(diagnose("h:50051", None, details), want, details)
+
+
+class SpecTest(unittest.TestCase):
+
+    def test_duplicate_keys_are_refused(self):
+        """A key twice in one object would be read as one of its values without a word."""
+        with self.assertRaisesRegex(ValueError, r"^spec: duplicate key 'in_features' in "
+                                                r"layers\[1\]\.ternary_linear"):
+            tscale.to_spec('{"layers": [{"name": "a", "activation": {"kind": "RELU"}}, '
+                           '{"name": "fc", "ternary_linear": {"in_features": 4, '
+                           '"out_features": 2, "in_features": 8}}]}')
+        with self.assertRaisesRegex(ValueError, "duplicate key 'layers' at the top level"):
+            tscale.to_spec('{"layers": [], "layers": []}')
+        spec = tscale.to_spec('{"layers": [{"name": "a", "activation": {"kind": "RELU"}}, '
+                              '{"name": "b", "activation": {"kind": "GELU"}}]}')
+        self.assertEqual([l.name for l in spec.layers], ["a", "b"])
 
 
 class VersionTest(unittest.TestCase):

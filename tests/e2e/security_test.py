@@ -1,22 +1,29 @@
 """The Python client against a tscale-server with TLS, mutual TLS and bearer tokens, through the
-client's own options (tls_ca, tls_cert, tls_key, token_file, as the CLI names them): health stays
-open without a token, every other call needs one, a client without the CA, the certificate or the
-token is refused, SIGHUP re-reads the tokens, and --reflection false turns reflection off."""
+client's own options (tls_ca, tls_cert, tls_key, token_file, tls_server_name, as the CLI names
+them): health stays open without a token, every other call needs one, a client without the CA,
+the certificate or the token is refused, each TLS mismatch in its own words and without retries,
+tls_server_name for a certificate of another name, a warning for a token sent in plaintext, the
+server's start line about what is on, SIGHUP re-reads the tokens, and --reflection false turns
+reflection off."""
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 import unittest
+import warnings
+from unittest import mock
 
 import grpc
 import numpy as np
 
 import tscale
 from server_process import ErrorAssertions, ServerProcess
+from tscale import client as client_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAKE_CERTS = os.path.join(os.path.dirname(HERE), "integration", "make_test_certs.sh")
@@ -112,22 +119,32 @@ class MutualTlsWithTokensTest(ErrorAssertions, unittest.TestCase):
 
     def test_clients_without_the_ca_or_certificate_are_refused(self):
         good = write("good.token", "token-one\n")
+        address = self.address
         cases = {
-            "no client certificate": {"tls_ca": path("ca.pem")},
-            "a client certificate from another CA": {
-                "tls_ca": path("ca.pem"), "tls_cert": path("stranger.pem"),
-                "tls_key": path("stranger.key")},
-            "a CA that did not sign the server": {
-                "tls_ca": path("other-ca.pem"), "tls_cert": path("client.pem"),
-                "tls_key": path("client.key")},
-            "plaintext": {},
+            "no client certificate": (
+                {"tls_ca": path("ca.pem")},
+                f"TLS: {address} requires a client certificate (mutual TLS): give tls_cert and "
+                f"tls_key"),
+            "a client certificate from another CA": (
+                {"tls_ca": path("ca.pem"), "tls_cert": path("stranger.pem"),
+                 "tls_key": path("stranger.key")},
+                f"TLS: {address} refused this client's certificate (mutual TLS"),
+            "a CA that did not sign the server": (
+                {"tls_ca": path("other-ca.pem"), "tls_cert": path("client.pem"),
+                 "tls_key": path("client.key")},
+                f"TLS: the certificate of {address} is not signed by a CA this client trusts"),
+            "plaintext": (
+                {}, f"TLS: {address} speaks TLS and this client connected in plaintext: use TLS"),
         }
-        for what, tls in cases.items():
-            with self.subTest(what), self.client(token_file=good, **tls) as c:
-                with self.assertError(grpc.StatusCode.UNAVAILABLE):
+        for what, (tls, message) in cases.items():
+            # The default retries: a set-up that cannot work is not retried.
+            with self.subTest(what), self.client(token_file=good, retries=None, **tls) as c, \
+                    mock.patch.object(client_module.time, "sleep") as slept:
+                with self.assertError(grpc.StatusCode.UNAVAILABLE, message):
                     c.health()
-                with self.assertError(grpc.StatusCode.UNAVAILABLE):
+                with self.assertError(grpc.StatusCode.UNAVAILABLE, message):
                     c.list_models()
+                self.assertEqual(slept.call_count, 0, f"{what}: retried")
 
     def test_sighup_reads_the_tokens_again(self):
         try:
@@ -154,6 +171,106 @@ class MutualTlsWithTokensTest(ErrorAssertions, unittest.TestCase):
             with self.assertRaises(ValueError, msg=str(kwargs)) as cm:
                 tscale.Client(self.address, **kwargs)
             self.assertIn(message, str(cm.exception))
+
+
+class TlsMismatchTest(ErrorAssertions, unittest.TestCase):
+    """Servers whose set-up the client's does not match: a certificate for another name only
+    (DNS:tscale.internal, as behind a tunnel or proxy), and plaintext. Each server says at start
+    what protects it."""
+
+    @contextlib.contextmanager
+    def served(self, *args):
+        server = ServerProcess(*args, client_kwargs={"tls_ca": path("ca.pem"),
+                                                     "tls_server_name": "tscale.internal"}
+                               if args else {}).start()
+        try:
+            yield server
+            self.assertEqual(server.stop(), 0, server.log())
+        finally:
+            server.kill()
+            server.remove_logs()
+
+    def security_line(self, server):
+        m = re.search(r"^tscale-server: security: (.*)$", server.log(), re.M)
+        self.assertIsNotNone(m, server.log())
+        return m.group(1)
+
+    def test_a_certificate_of_another_name_and_the_override(self):
+        with self.served("--tls-cert", path("elsewhere.pem"), "--tls-key",
+                         path("elsewhere.key")) as server:
+            self.assertEqual(self.security_line(server),
+                             f"TLS on (--tls-cert {path('elsewhere.pem')}), mutual TLS off, "
+                             f"bearer tokens off")
+            with tscale.Client(server.address, tls_ca=path("ca.pem"), timeout=10) as c, \
+                    mock.patch.object(client_module.time, "sleep") as slept:
+                with self.assertError(grpc.StatusCode.UNAVAILABLE,
+                                      f"TLS: the certificate of {server.address} does not name "
+                                      f"127.0.0.1: connect by a name the certificate holds, or, "
+                                      f"through a tunnel or proxy, give that name with "
+                                      f"tls_server_name"):
+                    c.health()
+                self.assertEqual(slept.call_count, 0, "retried")
+            # Through a tunnel: the name the certificate holds, given.
+            with tscale.Client(server.address, tls_ca=path("ca.pem"),
+                               tls_server_name="tscale.internal", timeout=10) as c:
+                self.assertEqual(c.health(), "SERVING")
+                self.assertEqual(len(c.list_models()), 0)
+
+    def test_tls_at_a_plaintext_server(self):
+        with self.served() as server:
+            self.assertEqual(self.security_line(server),
+                             "TLS off (plaintext), mutual TLS off, bearer tokens off; anyone who "
+                             "can reach the port can use every call")
+            with tscale.Client(server.address, tls_ca=path("ca.pem"), timeout=10) as c, \
+                    mock.patch.object(client_module.time, "sleep") as slept:
+                with self.assertError(grpc.StatusCode.UNAVAILABLE,
+                                      f"TLS: {server.address} does not speak TLS (a plaintext "
+                                      f"server?)"):
+                    c.server_info()
+                self.assertEqual(slept.call_count, 0, "retried")
+
+    def test_mutual_tls_server_says_so_at_start(self):
+        write("start.tokens", "t\n")
+        server = ServerProcess("--tls-cert", path("server.pem"), "--tls-key", path("server.key"),
+                               "--tls-client-ca", path("ca.pem"), "--auth-token-file",
+                               path("start.tokens"),
+                               client_kwargs={"tls_ca": path("ca.pem"), "tls_cert":
+                                              path("client.pem"), "tls_key": path("client.key")})
+        server.start()
+        try:
+            self.assertEqual(self.security_line(server),
+                             f"TLS on (--tls-cert {path('server.pem')}), mutual TLS on (client "
+                             f"certificates signed by --tls-client-ca {path('ca.pem')}), bearer "
+                             f"tokens on (--auth-token-file {path('start.tokens')})")
+            self.assertEqual(server.stop(), 0, server.log())
+        finally:
+            server.kill()
+            server.remove_logs()
+
+
+class TokenWarningTest(unittest.TestCase):
+    """A bearer token over plaintext to another machine warns; over TLS, or to this machine
+    (loopback, a unix socket), it does not."""
+
+    def created(self, *args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tscale.Client(*args, **kwargs).close()
+        return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    def test_plaintext_token_warns(self):
+        self.assertEqual(self.created("192.0.2.1:50051", token="t"),
+                         ["tscale.Client: the token goes to 192.0.2.1:50051 in plaintext, "
+                          "readable by anyone on the way; use TLS (tls_ca=FILE or tls=True)"])
+        self.assertEqual(len(self.created("tscale.example", token_file=write("w.token", "t"))), 1)
+
+    def test_no_warning_over_tls_or_to_this_machine(self):
+        self.assertEqual(self.created("192.0.2.1:50051", token="t", tls_ca=path("ca.pem")), [])
+        self.assertEqual(self.created("127.0.0.1:50051", token="t"), [])
+        self.assertEqual(self.created("localhost", token="t"), [])
+        self.assertEqual(self.created("[::1]:50051", token="t"), [])
+        self.assertEqual(self.created("unix:/tmp/tscale.sock", token="t"), [])
+        self.assertEqual(self.created("192.0.2.1:50051"), [])
 
 
 class ReflectionTest(ErrorAssertions, unittest.TestCase):

@@ -1,5 +1,9 @@
-"""SIGTERM: the server stops accepting, finishes what is in flight, and exits 0."""
+"""SIGTERM: the server stops accepting, finishes what is in flight, and exits 0; a call still
+running when the shutdown grace ends is refused with UNAVAILABLE, nothing applied (not
+CANCELLED), so that the clients' retries carry it over to the restarted server."""
 
+import socket
+import tempfile
 import threading
 import time
 import unittest
@@ -17,6 +21,23 @@ BATCH = 1024
 SPEC = {"layers": [{"name": "big", "ternary_linear": {"in_features": FEATURES,
                                                       "out_features": FEATURES}}]}
 EXIT_BOUND_S = 120.0
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Small requests, a step of some length: 8 features in and out, 2048 hidden.
+SPEC_QUEUED = {"layers": [
+    {"name": "fc1", "ternary_linear": {"in_features": 8, "out_features": 2048}},
+    {"name": "act", "activation": {"kind": "RELU"}},
+    {"name": "fc2", "ternary_linear": {"in_features": 2048, "out_features": 2048}},
+    {"name": "act2", "activation": {"kind": "RELU"}},
+    {"name": "fc3", "ternary_linear": {"in_features": 2048, "out_features": 8}},
+]}
 
 
 class SigtermTest(unittest.TestCase):
@@ -97,6 +118,74 @@ class SigtermTest(unittest.TestCase):
         started = time.monotonic()
         self.assertEqual(self.server.stop(timeout=EXIT_BOUND_S), 0, self.server.log())
         self.assertLess(time.monotonic() - started, 30.0)
+
+
+class GraceOverTest(unittest.TestCase):
+    """--shutdown-grace-seconds 0: calls that have not applied when SIGTERM comes are refused
+    with UNAVAILABLE ("nothing was applied"), never CANCELLED; the server restarted on the same
+    port from its checkpoints holds each model at the step its answer said, and the refused
+    requests then apply once.
+
+    The server runs requests on one worker thread, so TrainSteps of many models sent at once run
+    one after another: when the first is answered the others are still queued, whatever the
+    machine's speed, and SIGTERM comes then. The requests are small, so that by then the server
+    has received them all (a call still arriving at shutdown is cancelled by gRPC itself)."""
+
+    def test_calls_refused_at_shutdown_are_unavailable_and_apply_nothing(self):
+        port = free_port()
+        checkpoints = tempfile.TemporaryDirectory()
+        self.addCleanup(checkpoints.cleanup)
+        server = ServerProcess("--listen", f"127.0.0.1:{port}", "--checkpoint-dir",
+                               checkpoints.name, "--shutdown-grace-seconds", "0",
+                               "--worker-threads", "1")
+        server.start()
+        self.addCleanup(server.remove_logs)
+        self.addCleanup(server.kill)
+        models = [f"m{i}" for i in range(16)]
+        rng = np.random.RandomState(3)
+        x = rng.randn(512, 8).astype(np.float32)
+        target = np.zeros((512, 8), np.float32)
+        results = {}
+        answered = threading.Event()
+        with server.client(timeout=300, retries=0) as client:
+            for m in models:
+                client.create_model(m, SPEC_QUEUED, seed=2)
+
+            def call(model_id):
+                try:
+                    results[model_id] = client.train_step(model_id, x, target, expected_step=0)
+                except tscale.Error as e:
+                    results[model_id] = e
+                answered.set()
+            threads = [threading.Thread(target=call, args=(m,)) for m in models]
+            for t in threads:
+                t.start()
+            self.assertTrue(answered.wait(300), "no TrainStep was answered in 300 s")
+            server.terminate()
+            for t in threads:
+                t.join(timeout=EXIT_BOUND_S)
+                self.assertFalse(t.is_alive(), "a TrainStep never returned")
+        self.assertEqual(server.wait(timeout=EXIT_BOUND_S), 0, server.log())
+        refused = [m for m in models if isinstance(results[m], tscale.Error)]
+        for m in refused:
+            e = results[m]
+            self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE,
+                             f"{m}: {e.code.name}: {e.message}\n{server.log()}")
+            self.assertIn("nothing was applied", e.message)
+            self.assertNotIn("may have been applied", e.message)
+        self.assertTrue(refused, "every TrainStep finished before the signal")
+        print(f"\nsigterm_test: {len(refused)} of {len(models)} queued TrainSteps refused at "
+              f"SIGTERM with UNAVAILABLE, the rest applied")
+
+        server.start()  # the same port, the same checkpoints
+        with server.client(timeout=300, retries=0) as client:
+            for m in models:
+                want = 0 if m in refused else 1
+                self.assertEqual(client.get_model(m).step, want, m)
+            for m in refused:
+                r = client.train_step(m, x, target, expected_step=0)
+                self.assertEqual((r.step, r.replayed), (1, False), m)
+        self.assertEqual(server.stop(timeout=EXIT_BOUND_S), 0, server.log())
 
 
 if __name__ == "__main__":

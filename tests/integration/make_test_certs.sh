@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Writes a test CA, a server certificate for localhost / 127.0.0.1 and a client certificate, all
-# signed by that CA, into DIR. For the TLS tests only: one day of validity, unencrypted keys.
+# signed by that CA, into DIR; a server certificate of that CA for another name only
+# (elsewhere.pem: DNS:tscale.internal); and a second CA with a client certificate of its own. For
+# the TLS tests only: one day of validity, unencrypted keys.
 set -euo pipefail
 dir="${1:?usage: make_test_certs.sh DIR}"
 cd "$dir"
@@ -20,3 +22,10 @@ openssl req -newkey rsa:2048 -nodes -keyout stranger.key -out stranger.csr -subj
   2>/dev/null
 openssl x509 -req -in stranger.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -days 1 \
   -extfile client.ext -out stranger.pem 2>/dev/null
+# A server certificate the CA signed for another name than the test servers' addresses: what a
+# client reaching the server through a tunnel or proxy meets.
+openssl req -newkey rsa:2048 -nodes -keyout elsewhere.key -out elsewhere.csr -subj "/CN=elsewhere" \
+  2>/dev/null
+printf 'subjectAltName=DNS:tscale.internal\n' > elsewhere.ext
+openssl x509 -req -in elsewhere.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+  -extfile elsewhere.ext -out elsewhere.pem 2>/dev/null

@@ -1,19 +1,17 @@
 // Checkpoint files on disk: atomic saves, listing, verified loads, damage of every kind, retention,
 // the checkpointer's save/restore, and a round trip of a model of 100 million weights.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include <csignal>
-
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "absl/time/clock.h"
 #include "server/checkpoint/checkpointer.h"
@@ -32,15 +30,16 @@ using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
-using ::testing::SizeIs;
 using testing::SameState;
+using ::testing::SizeIs;
 using testing::StatusIs;
 
 const c10::Device kCpu(c10::kCPU);
 
 core::ModelSpec Spec(int64_t in = 40, int64_t out = 24) {
-  auto spec = core::SpecFromJson(absl::StrCat(R"({"layers": [{"name": "fc", "ternary_linear": {"in_features": )", in,
-                                              R"(, "out_features": )", out, R"(, "group_size": 16}}]})"));
+  auto spec = core::SpecFromJson(
+      absl::StrCat(R"({"layers": [{"name": "fc", "ternary_linear": {"in_features": )", in,
+                   R"(, "out_features": )", out, R"(, "group_size": 16}}]})"));
   EXPECT_TRUE(spec.ok()) << spec.status();
   return *spec;
 }
@@ -122,8 +121,9 @@ TEST_F(StoreTest, SaveListLoad) {
   auto m = NewModel();
   auto saved = SaveSteps(*m, 3);
   // Only the final files: no temporary file is left behind.
-  EXPECT_THAT(testing::ListDir(dir_ + "/m"), ElementsAre("step-00000001.safetensors", "step-00000002.safetensors",
-                                 "step-00000003.safetensors"));
+  EXPECT_THAT(testing::ListDir(dir_ + "/m"),
+              ElementsAre("step-00000001.safetensors", "step-00000002.safetensors",
+                          "step-00000003.safetensors"));
   auto list = store_->List("m");
   ASSERT_TRUE(list.ok());
   ASSERT_THAT(*list, SizeIs(3));
@@ -148,7 +148,8 @@ TEST_F(StoreTest, SaveListLoad) {
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("no checkpoint 'step-00000007'")));
   EXPECT_THAT(store_->Load("m", "../m/step-00000001"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("name: expected")));
-  EXPECT_THAT(store_->Load("../etc", ""), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("model_id")));
+  EXPECT_THAT(store_->Load("../etc", ""),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("model_id")));
   EXPECT_THAT(store_->Load("none", ""), StatusIs(absl::StatusCode::kNotFound, HasSubstr("'none'")));
   EXPECT_THAT(store_->List("none"), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
   EXPECT_THAT(store_->ModelIds(), ElementsAre("m"));
@@ -172,6 +173,30 @@ TEST_F(StoreTest, OpenRefusesAFileForAFolder) {
   WriteAll(dir_ + "/plain", "x");
   EXPECT_THAT(CheckpointStore::Open(dir_ + "/plain"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("is not a folder")));
+  // Also as a folder above the store's.
+  EXPECT_THAT(CheckpointStore::Open(dir_ + "/plain/a/b"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("is not a folder")));
+}
+
+// --checkpoint-dir A/B/C creates A, A/B and C, as mkdir -p would.
+TEST_F(StoreTest, OpenCreatesMissingParentFolders) {
+  const std::string nested = dir_ + "/a/b/c";
+  auto store = CheckpointStore::Open(nested + "/");
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_TRUE(testing::Exists(nested));
+  auto m = NewModel();
+  Train(*m, 1);
+  ASSERT_TRUE((*store)->Save("m", m->step(), File(*m)).ok());
+  EXPECT_THAT(testing::ListDir(nested + "/m"), ElementsAre("step-00000001.safetensors"));
+  // A relative path too (from the working folder).
+  char cwd[4096];
+  ASSERT_NE(getcwd(cwd, sizeof cwd), nullptr);
+  ASSERT_EQ(chdir(dir_.c_str()), 0);
+  auto relative = CheckpointStore::Open("x/y");
+  const bool made = testing::Exists(dir_ + "/x/y");
+  ASSERT_EQ(chdir(cwd), 0);
+  EXPECT_TRUE(relative.ok()) << relative.status();
+  EXPECT_TRUE(made);
 }
 
 // Each kind of damage is detected: the named load is DataLoss; the newest-valid load falls back
@@ -310,7 +335,8 @@ TEST_F(StoreTest, CheckpointerSavesRestoresAndRewinds) {
 
   // A new registry restores it exactly.
   core::ModelRegistry fresh;
-  Checkpointer ck2(store_.get(), &fresh, policy, {}, [this](const std::string& l) { log_.push_back(l); });
+  Checkpointer ck2(store_.get(), &fresh, policy, {},
+                   [this](const std::string& l) { log_.push_back(l); });
   log_.clear();
   ck2.RestoreAll(kCpu, {});
   auto restored = fresh.Get("m");
@@ -416,8 +442,8 @@ TEST_F(StoreTest, DeletedModelStaysDeletedUntilTakenBack) {
   auto back = ck2.Restore("m", "", kCpu, {}, std::nullopt, nullptr);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_TRUE(SameState((*back)->ExportState().tensors, m->ExportState().tensors));
-  EXPECT_THAT(store_->TakeFromTrash("m"), StatusIs(absl::StatusCode::kNotFound,
-                                                   HasSubstr("from_deleted")));
+  EXPECT_THAT(store_->TakeFromTrash("m"),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("from_deleted")));
   // Not over checkpoints of a model of the same id.
   ASSERT_TRUE(store_->MoveToTrash("m").ok());
   ASSERT_TRUE(store_->Save("m", 1, File(*NewModel(7))).ok());
@@ -519,10 +545,11 @@ TEST_F(StoreTest, RoundTripOfAHundredMillionWeights) {
   EXPECT_TRUE(SameState((*restored)->ExportState().tensors, m->ExportState().tensors));
   auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
   const double mb = info->bytes / 1e6;
-  std::printf("100M-weight model (%lld weights): file %.1f MB; create %.2f s; save %.3f s "
-              "(%.0f MB/s, fsync included); restore %.3f s (%.0f MB/s, verify and build included)\n",
-              static_cast<long long>(m->summary().ternary_params), mb, secs(t0, t1), secs(t1, t2),
-              mb / secs(t1, t2), secs(t2, t3), mb / secs(t2, t3));
+  std::printf(
+      "100M-weight model (%lld weights): file %.1f MB; create %.2f s; save %.3f s "
+      "(%.0f MB/s, fsync included); restore %.3f s (%.0f MB/s, verify and build included)\n",
+      static_cast<long long>(m->summary().ternary_params), mb, secs(t0, t1), secs(t1, t2),
+      mb / secs(t1, t2), secs(t2, t3), mb / secs(t2, t3));
 }
 
 }  // namespace

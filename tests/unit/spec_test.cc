@@ -1,8 +1,9 @@
 // ModelSpec validation (each error names the layer and field) and its JSON form.
+#include "server/core/spec.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "server/core/spec.h"
 #include "tests/unit/test_util.h"
 
 namespace tscale {
@@ -89,9 +90,10 @@ TEST(SpecTest, RejectsBadGroupSizes) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("layers[0] (fc).ternary_linear.group_size: expected 1 to 32767 "
                                  "(0 for the default 32), got -1")));
-  EXPECT_THAT(core::ValidateSpec({{Norm("n", 8, 40000)}}),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("layers[0] (n).ternary_rms_norm.group_size: expected 1 to 32767")));
+  EXPECT_THAT(
+      core::ValidateSpec({{Norm("n", 8, 40000)}}),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("layers[0] (n).ternary_rms_norm.group_size: expected 1 to 32767")));
 }
 
 TEST(SpecTest, RejectsBadNames) {
@@ -131,8 +133,8 @@ TEST(SpecTest, RejectsSizesThatOverflowOrCannotExist) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("out_features: expected 1 to 2147483647")));
   // Each layer fits, the model does not: 2 x 2^31 x 2^9 > 2^40.
-  ModelSpec big = {{Linear("a", 1 << 9, (int64_t{1} << 31) - 1),
-                    Linear("b", (int64_t{1} << 31) - 1, 1 << 9)}};
+  ModelSpec big = {
+      {Linear("a", 1 << 9, (int64_t{1} << 31) - 1), Linear("b", (int64_t{1} << 31) - 1, 1 << 9)}};
   EXPECT_THAT(core::ValidateSpec(big),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("layers[1] (b): the model would hold more than 1099511627776 "
@@ -186,9 +188,9 @@ TEST(SpecTest, JsonRoundTripAndGoldenSpecs) {
 TEST(SpecTest, JsonErrorsNameTheField) {
   EXPECT_THAT(core::SpecFromJson("{"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("spec: expected JSON")));
-  EXPECT_THAT(core::SpecFromJson(R"({"layer": []})"),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("spec: unknown field 'layer'")));
+  EXPECT_THAT(
+      core::SpecFromJson(R"({"layer": []})"),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("spec: unknown field 'layer'")));
   EXPECT_THAT(core::SpecFromJson(R"({"layers": [{"name": "fc", "ternary_linear":
               {"in_features": "x"}}]})"),
               StatusIs(absl::StatusCode::kInvalidArgument,
@@ -198,12 +200,35 @@ TEST(SpecTest, JsonErrorsNameTheField) {
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("layers[0].activation.kind: expected RELU, GELU or SILU, got "
                                  "\"TANH\"")));
-  EXPECT_THAT(core::SpecFromJson(R"({"layers": [{"name": "a", "activation": {}, "residual": {}}]})"),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layers[0]: expected one of")));
-  EXPECT_THAT(core::SpecFromJson(R"({"layers": [{"name": "fc", "ternary_linear":
+  EXPECT_THAT(
+      core::SpecFromJson(R"({"layers": [{"name": "a", "activation": {}, "residual": {}}]})"),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layers[0]: expected one of")));
+  EXPECT_THAT(
+      core::SpecFromJson(R"({"layers": [{"name": "fc", "ternary_linear":
               {"group_size": 4294967296}}]})"),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               HasSubstr("group_size: expected an integer from -2147483648 to 2147483647")));
+}
+
+// A key given twice in one object is refused, naming the key and the object it is in: a parser
+// that kept the last one would read {"in_features": 64, "in_features": 32} as 32 without a word.
+TEST(SpecTest, DuplicateKeysAreRefusedNamingTheKeyAndWhere) {
+  EXPECT_THAT(core::SpecFromJson(R"({"layers": [{"name": "a", "activation": {"kind": "RELU"}},
+              {"name": "fc", "ternary_linear": {"in_features": 64, "out_features": 8,
+               "in_features": 32}}]})"),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("group_size: expected an integer from -2147483648 to 2147483647")));
+                       HasSubstr("spec: duplicate key 'in_features' in layers[1].ternary_linear")));
+  EXPECT_THAT(core::SpecFromJson(R"({"layers": [], "layers": []})"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("spec: duplicate key 'layers' at the top level")));
+  EXPECT_THAT(core::SpecFromJson(R"({"layers": [{"name": "a", "name": "b",
+              "activation": {"kind": "RELU"}}]})"),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("spec: duplicate key 'name' in layers[0]")));
+  // The same key in different objects is no duplicate.
+  auto ok = core::SpecFromJson(R"({"layers": [{"name": "a", "activation": {"kind": "RELU"}},
+              {"name": "b", "activation": {"kind": "GELU"}}]})");
+  EXPECT_TRUE(ok.ok()) << ok.status();
 }
 
 // Found by fuzzing: a spec whose JSON nests a few hundred thousand levels (in a state file's

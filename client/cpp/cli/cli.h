@@ -6,12 +6,15 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "client/cpp/client.h"
 #include "client/cpp/group.h"
 
@@ -47,6 +50,13 @@ class Context {
   // With --servers A,B,...: the replica group's client (rank r at the r-th address); else null.
   client::ReplicaGroup* group();
   void set_servers(std::vector<std::string> servers) { servers_ = std::move(servers); }
+  // With --retry-seconds: the replica group's retry time too.
+  void set_group_retry_time(absl::Duration t) { group_retry_time_ = t; }
+  // The API's field names that open the server's messages, each with what the user typed for it
+  // on this command line (e.g. {"new_model_id", "--as"}); Fail puts the latter in their place.
+  void set_field_names(std::vector<std::pair<std::string, std::string>> names) {
+    field_names_ = std::move(names);
+  }
 
   // Prints "tscale: <command>: <CODE>: <message>" to stderr; returns kExitFailure.
   int Fail(const absl::Status& status) const;
@@ -55,8 +65,8 @@ class Context {
 
   // Option values as numbers; a usage error (printed, and *exit set to kExitUsage) when the
   // value is not a number in [min, max].
-  bool GetInt(const Args& args, const std::string& name, int64_t fallback, int64_t min,
-              int64_t max, int64_t* out, int* exit) const;
+  bool GetInt(const Args& args, const std::string& name, int64_t fallback, int64_t min, int64_t max,
+              int64_t* out, int* exit) const;
 
  private:
   std::string command_;
@@ -64,7 +74,9 @@ class Context {
   client::ClientOptions options_;
   std::unique_ptr<client::Client> client_;
   std::vector<std::string> servers_;
+  std::optional<absl::Duration> group_retry_time_;
   std::unique_ptr<client::ReplicaGroup> group_;
+  std::vector<std::pair<std::string, std::string>> field_names_;
 };
 
 struct Command {
@@ -76,6 +88,9 @@ struct Command {
   int min_positional = 0;
   int max_positional = 0;
   int (*run)(Context& context, const Args& args) = nullptr;
+  // The API's fields this command's arguments fill, with the arguments' names: errors from the
+  // server name the field ("new_model_id: ..."), the user typed the option ("--as").
+  std::vector<std::pair<std::string, std::string>> fields;
 };
 
 // Every command, in the order the help lists them.

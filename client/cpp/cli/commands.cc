@@ -1,18 +1,19 @@
 // The commands of the tscale CLI, except train (train.cc), and what they share.
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/util/json_util.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <google/protobuf/descriptor.h>
-#include <google/protobuf/util/json_util.h>
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -24,6 +25,7 @@
 #include "absl/strings/strip.h"
 #include "client/cpp/cli/cli.h"
 #include "client/cpp/tensor.h"
+#include "server/core/json_keys.h"
 
 namespace tscale::cli {
 
@@ -44,12 +46,26 @@ client::Client& Context::client() {
 
 client::ReplicaGroup* Context::group() {
   if (servers_.empty()) return nullptr;
-  if (!group_) group_ = std::make_unique<client::ReplicaGroup>(servers_, options_);
+  if (!group_) {
+    group_ = group_retry_time_.has_value()
+                 ? std::make_unique<client::ReplicaGroup>(servers_, options_, *group_retry_time_)
+                 : std::make_unique<client::ReplicaGroup>(servers_, options_);
+  }
   return group_.get();
 }
 
 int Context::Fail(const absl::Status& status) const {
   std::string message(status.message());
+  // "new_model_id: ..." -> "--as: ...": the server names the API's field; here the user gave an
+  // option. A field name counts only as a whole word ("name" is not the start of "names").
+  for (const auto& [field, typed] : field_names_) {
+    if (absl::StartsWith(message, field) &&
+        (message.size() == field.size() ||
+         !(absl::ascii_isalnum(message[field.size()]) || message[field.size()] == '_'))) {
+      message = absl::StrCat(typed, message.substr(field.size()));
+      break;
+    }
+  }
   // gRPC's text for a port nobody listens on ("failed to connect to all addresses; last error:
   // UNKNOWN: ipv4:...: Failed to connect to remote host: Connection refused") says the same in
   // many more words.
@@ -75,8 +91,8 @@ bool Context::GetInt(const Args& args, const std::string& name, int64_t fallback
   if (!args.Has(name)) return true;
   const std::string value = args.Get(name);
   if (!absl::SimpleAtoi(value, out) || *out < min || *out > max) {
-    *exit = Usage(absl::StrCat(name, ": expected an integer in [", min, ", ", max, "], got '",
-                               value, "'"));
+    *exit = Usage(
+        absl::StrCat(name, ": expected an integer in [", min, ", ", max, "], got '", value, "'"));
     return false;
   }
   return true;
@@ -174,12 +190,18 @@ absl::StatusOr<v1::ModelSpec> ReadSpec(const std::string& path) {
   if (!in) return absl::NotFoundError(absl::StrCat("--spec: cannot open ", path));
   std::stringstream ss;
   ss << in.rdbuf();
+  // A key given twice would be read as one of its values without a word; refused, as the server
+  // refuses it in a state file's spec.
+  if (std::optional<std::string> duplicate = core::FindDuplicateKey(ss.str());
+      duplicate.has_value()) {
+    return absl::InvalidArgumentError(absl::StrCat("--spec: ", path, ": ", *duplicate));
+  }
   v1::ModelSpec spec;
   // protobuf 3.21 has a Status type of its own.
   const auto status = google::protobuf::util::JsonStringToMessage(ss.str(), &spec);
   if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--spec: ", path, " is not a ModelSpec in JSON: ",
-                                                   std::string(status.message())));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--spec: ", path, " is not a ModelSpec in JSON: ", std::string(status.message())));
   }
   return spec;
 }
@@ -244,8 +266,8 @@ int RunCreate(Context& context, const Args& args) {
   if (!spec.ok()) return context.Fail(spec.status());
   *request.mutable_spec() = *std::move(spec);
   absl::StatusOr<v1::ModelInfo> info = context.group() != nullptr
-                                          ? context.group()->CreateModel(request)
-                                          : context.client().CreateModel(request);
+                                           ? context.group()->CreateModel(request)
+                                           : context.client().CreateModel(request);
   if (!info.ok()) return context.Fail(info.status());
   PrintModelInfo(*info);
   return kExitOk;
@@ -253,8 +275,8 @@ int RunCreate(Context& context, const Args& args) {
 
 int RunInfo(Context& context, const Args& args) {
   absl::StatusOr<v1::ModelInfo> info = context.group() != nullptr
-                                          ? context.group()->GetModel(args.positional[0])
-                                          : context.client().GetModel(args.positional[0]);
+                                           ? context.group()->GetModel(args.positional[0])
+                                           : context.client().GetModel(args.positional[0]);
   if (!info.ok()) return context.Fail(info.status());
   PrintModelInfo(*info);
   return kExitOk;
@@ -264,9 +286,8 @@ int RunDelete(Context& context, const Args& args) {
   v1::DeleteModelRequest request;
   request.set_model_id(args.positional[0]);
   request.set_delete_checkpoints(args.Has("--delete-checkpoints"));
-  const absl::Status status = context.group() != nullptr
-                                  ? context.group()->DeleteModel(request)
-                                  : context.client().DeleteModel(request);
+  const absl::Status status = context.group() != nullptr ? context.group()->DeleteModel(request)
+                                                         : context.client().DeleteModel(request);
   if (!status.ok()) return context.Fail(status);
   std::cout << "deleted " << args.positional[0]
             << (request.delete_checkpoints() ? " and its checkpoints" : "") << "\n";
@@ -366,8 +387,8 @@ absl::StatusOr<FloatArray> ParseNpy(const std::string& what, const std::string& 
 
 std::string NpyBytes(const std::vector<int64_t>& shape, const std::vector<float>& values) {
   // "(3, 10)", but "(3,)": Python's tuples.
-  const std::string dims = shape.size() == 1 ? absl::StrCat(shape[0], ",")
-                                             : absl::StrJoin(shape, ", ");
+  const std::string dims =
+      shape.size() == 1 ? absl::StrCat(shape[0], ",") : absl::StrJoin(shape, ", ");
   std::string header =
       absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': (", dims, "), }");
   // The data starts at a multiple of 64 bytes; the header ends in a newline.
@@ -414,9 +435,9 @@ int RunForward(Context& context, const Args& args) {
   if (!output.ok()) return context.Fail(output.status());
   const std::vector<int64_t> shape(resp->output().shape().begin(), resp->output().shape().end());
   const std::string out_bytes = NpyBytes(shape, *output);
-  const std::string summary = absl::StrCat(
-      "forward ", id, " at step ", resp->step(), ": input [", absl::StrJoin(input->shape, ", "),
-      "] -> output [", absl::StrJoin(shape, ", "), "]");
+  const std::string summary = absl::StrCat("forward ", id, " at step ", resp->step(), ": input [",
+                                           absl::StrJoin(input->shape, ", "), "] -> output [",
+                                           absl::StrJoin(shape, ", "), "]");
   if (out_path == "-") {
     std::cout.write(out_bytes.data(), static_cast<std::streamsize>(out_bytes.size()));
     std::cout.flush();
@@ -431,9 +452,9 @@ int RunForward(Context& context, const Args& args) {
   if (out) out.write(out_bytes.data(), static_cast<std::streamsize>(out_bytes.size()));
   if (out) out.close();
   if (!out) {
-    return context.Fail(absl::InternalError(absl::StrCat(
-        "OUTPUT: writing ", out_path, " failed", errno != 0 ? ": " : "",
-        errno != 0 ? std::strerror(errno) : "")));
+    return context.Fail(absl::InternalError(absl::StrCat("OUTPUT: writing ", out_path, " failed",
+                                                         errno != 0 ? ": " : "",
+                                                         errno != 0 ? std::strerror(errno) : "")));
   }
   std::cout << summary << ", written to " << out_path << "\n";
   return kExitOk;
@@ -450,9 +471,8 @@ void PrintCheckpoints(const std::vector<v1::CheckpointInfo>& list) {
 int RunSave(Context& context, const Args& args) {
   absl::StatusOr<v1::CheckpointInfo> info = context.client().SaveCheckpoint(args.positional[0]);
   if (!info.ok()) return context.Fail(info.status());
-  std::cout << "saved " << info->model_id() << " at step " << info->step() << " as "
-            << info->name() << " (" << info->bytes() << " bytes, crc32c " << info->crc32c()
-            << ")\n";
+  std::cout << "saved " << info->model_id() << " at step " << info->step() << " as " << info->name()
+            << " (" << info->bytes() << " bytes, crc32c " << info->crc32c() << ")\n";
   return kExitOk;
 }
 
@@ -475,8 +495,9 @@ int RunRestore(Context& context, const Args& args) {
     return context.Usage("--as: expected the new model's id, got ''");
   }
   if (args.Has("--as") && args.Has("--discard-newer")) {
-    return context.Usage("--as and --discard-newer: a restore as a new model removes no "
-                         "checkpoints; give one of them");
+    return context.Usage(
+        "--as and --discard-newer: a restore as a new model removes no "
+        "checkpoints; give one of them");
   }
   request.set_device(args.Get("--device"));
   if (args.Has("--compute")) {
@@ -546,6 +567,10 @@ int RunImport(Context& context, const Args& args) {
   }
   absl::StatusOr<v1::ModelInfo> info =
       context.client().ImportStateFromFile(header, args.positional[0]);
+  if (absl::IsAlreadyExists(info.status()) && !args.Has("--replace")) {
+    return context.Fail(
+        absl::AlreadyExistsError(absl::StrCat(info.status().message(), "; --replace replaces it")));
+  }
   if (!info.ok()) return context.Fail(info.status());
   PrintModelInfo(*info);
   return kExitOk;
@@ -568,9 +593,9 @@ int RunStats(Context& context, const Args& args) {
     rows.push_back({l.layer(), absl::StrCat(l.groups()), Num(l.drift_mean()), Num(l.drift_min()),
                     Num(l.drift_max()), Num(l.drift_abs_mean()), Num(l.saturated_fraction())});
   }
-  PrintTable({"LAYER", "GROUPS", "DRIFT_MEAN", "DRIFT_MIN", "DRIFT_MAX", "DRIFT_ABS_MEAN",
-              "SATURATED"},
-             rows);
+  PrintTable(
+      {"LAYER", "GROUPS", "DRIFT_MEAN", "DRIFT_MIN", "DRIFT_MAX", "DRIFT_ABS_MEAN", "SATURATED"},
+      rows);
 
   // Bucket counts, one column per bucket, labelled by its upper bound. Layers normally share
   // the bounds; a layer whose bounds differ gets a table of its own.
@@ -589,9 +614,9 @@ int RunStats(Context& context, const Args& args) {
     if (static_cast<int>(upper.size()) + 1 == l.bucket_count_size()) {
       upper.push_back(INFINITY);
     }
-    if (previous == nullptr || !std::equal(previous->bucket_upper().begin(),
-                                           previous->bucket_upper().end(),
-                                           l.bucket_upper().begin(), l.bucket_upper().end())) {
+    if (previous == nullptr ||
+        !std::equal(previous->bucket_upper().begin(), previous->bucket_upper().end(),
+                    l.bucket_upper().begin(), l.bucket_upper().end())) {
       flush();
       bucket_header = {"LAYER"};
       for (double u : upper) bucket_header.push_back(BucketLabel(u));
@@ -673,15 +698,36 @@ const OptionSpec kComputeOption = {"--compute", "C",
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command> commands = {
-      {"health", "", "check that the server and the trainer service are SERVING",
+      {"health",
+       "",
+       "check that the server and the trainer service are SERVING",
        "Asks the standard health service about the server (\"\") and tscale.v1.TernaryTrainer.\n"
        "Exits 0 only when both are SERVING.\n",
-       {}, 0, 0, RunHealth},
-      {"server-info", "", "print the server's version, devices, limits and replica group", "",
-       {}, 0, 0, RunServerInfo},
-      {"models", "", "list the models: id, device, step, params, persistent bytes, pending passes",
-       "", {}, 0, 0, RunModels},
-      {"create", "ID --spec FILE.json [--seed N] [--device D] [--compute C]",
+       {},
+       0,
+       0,
+       RunHealth,
+       {}},
+      {"server-info",
+       "",
+       "print the server's version, devices, limits and replica group",
+       "",
+       {},
+       0,
+       0,
+       RunServerInfo,
+       {}},
+      {"models",
+       "",
+       "list the models: id, device, step, params, persistent bytes, pending passes",
+       "",
+       {},
+       0,
+       0,
+       RunModels,
+       {}},
+      {"create",
+       "ID --spec FILE.json [--seed N] [--device D] [--compute C]",
        "create a model from a ModelSpec in JSON",
        "The JSON is a tscale.v1.ModelSpec with the proto's field names (snake_case or\n"
        "lowerCamelCase), e.g.\n"
@@ -694,19 +740,47 @@ const std::vector<Command>& Commands() {
         {"--seed", "N", "initialisation seed (default 0; the same seed gives the same model)"},
         {"--device", "D", "cpu, cuda or cuda:N (default: the server's)"},
         kComputeOption},
-       1, 1, RunCreate},
-      {"info", "ID", "print a model's description", "", {}, 1, 1, RunInfo},
-      {"delete", "ID [--delete-checkpoints]", "delete a model",
+       1,
+       1,
+       RunCreate,
+       {{"model_id", "ID"},
+        {"spec", "--spec"},
+        {"layers", "--spec: layers"},
+        {"device", "--device"},
+        {"compute", "--compute"}}},
+      {"info", "ID", "print a model's description", "", {}, 1, 1, RunInfo, {{"model_id", "ID"}}},
+      {"delete",
+       "ID [--delete-checkpoints]",
+       "delete a model",
        "Without --delete-checkpoints the model's checkpoints (on a server with\n"
        "--checkpoint-dir) move to the server's trash of deleted models: a restart does not\n"
        "bring the model back and a new model may take its id, while 'tscale restore ID\n"
        "--deleted' takes them back for the server's --deleted-retention-hours (default 168).\n",
-       {{"--delete-checkpoints", "", "remove the model's checkpoints as well"}}, 1, 1, RunDelete},
-      {"save", "ID", "checkpoint a model now on the server's disk (--checkpoint-dir)", "", {}, 1,
-       1, RunSave},
-      {"checkpoints", "ID", "list a model's checkpoints: name, step, bytes, crc32c", "", {}, 1, 1,
-       RunCheckpoints},
-      {"restore", "ID [--name N] [--as NEW_ID] [--discard-newer] [--deleted]",
+       {{"--delete-checkpoints", "", "remove the model's checkpoints as well"}},
+       1,
+       1,
+       RunDelete,
+       {{"model_id", "ID"}, {"delete_checkpoints", "--delete-checkpoints"}}},
+      {"save",
+       "ID",
+       "checkpoint a model now on the server's disk (--checkpoint-dir)",
+       "",
+       {},
+       1,
+       1,
+       RunSave,
+       {{"model_id", "ID"}}},
+      {"checkpoints",
+       "ID",
+       "list a model's checkpoints: name, step, bytes, crc32c",
+       "",
+       {},
+       1,
+       1,
+       RunCheckpoints,
+       {{"model_id", "ID"}}},
+      {"restore",
+       "ID [--name N] [--as NEW_ID] [--discard-newer] [--deleted]",
        "load a model from one of its checkpoints (default: the newest valid one)",
        "Into the model ID (created when not loaded), or with --as into a new model NEW_ID, a\n"
        "branch: ID's model and checkpoints stay as they are, and NEW_ID gets its first\n"
@@ -720,15 +794,37 @@ const std::vector<Command>& Commands() {
         {"--deleted", "", "from the checkpoints of the model deleted under ID"},
         {"--device", "D", "cpu, cuda or cuda:N (default: the server's)"},
         kComputeOption},
-       1, 1, RunRestore},
-      {"release", "ID [PASS_ID...]",
+       1,
+       1,
+       RunRestore,
+       {{"model_id", "ID"},
+        {"name", "--name"},
+        {"new_model_id", "--as"},
+        {"discard_newer", "--discard-newer"},
+        {"from_deleted", "--deleted"},
+        {"device", "--device"},
+        {"compute", "--compute"}}},
+      {"release",
+       "ID [PASS_ID...]",
        "release a model's pending training passes (all, or those named)",
        "Passes of Forward(train) calls whose Backward will never come hold memory and count\n"
        "against --max-pending-passes until their TTL; this frees them now.\n",
-       {}, 1, 1 << 20, RunRelease},
-      {"export", "ID FILE", "save a model's whole state to FILE (safetensors; - for stdout)", "",
-       {}, 2, 2, RunExport},
-      {"import", "FILE --id ID [--replace] [--device D] [--spec FILE.json] [--compute C]",
+       {},
+       1,
+       1 << 20,
+       RunRelease,
+       {{"model_id", "ID"}, {"pass_ids", "PASS_ID"}}},
+      {"export",
+       "ID FILE",
+       "save a model's whole state to FILE (safetensors; - for stdout)",
+       "",
+       {},
+       2,
+       2,
+       RunExport,
+       {{"model_id", "ID"}}},
+      {"import",
+       "FILE --id ID [--replace] [--device D] [--spec FILE.json] [--compute C]",
        "load a model from a state FILE (safetensors, as export writes)",
        "The spec comes from --spec when given, else from the file's metadata.\n",
        {{"--id", "ID", "the model's id (required)"},
@@ -736,16 +832,41 @@ const std::vector<Command>& Commands() {
         {"--device", "D", "cpu, cuda or cuda:N (default: the server's)"},
         {"--spec", "FILE.json", "the model's layers, for a file without them in its metadata"},
         kComputeOption},
-       1, 1, RunImport},
-      {"forward", "ID INPUT.npy OUTPUT.npy",
+       1,
+       1,
+       RunImport,
+       {{"header.model_id", "--id"},
+        {"model_id", "--id"},
+        {"header.spec", "--spec"},
+        {"layers", "--spec: layers"},
+        {"header.device", "--device"},
+        {"device", "--device"},
+        {"header.compute", "--compute"},
+        {"compute", "--compute"},
+        {"header.replace", "--replace"},
+        {"replace", "--replace"}}},
+      {"forward",
+       "ID INPUT.npy OUTPUT.npy",
        "run a model forward (inference) on a .npy array, writing the output as .npy",
        "INPUT is a float32 (or float64) array of shape [batch, in_features], or one sample of\n"
        "shape [in_features]; OUTPUT gets float32 [batch, out_features]. '-' reads INPUT from\n"
        "standard input, or writes OUTPUT to standard output (the summary then goes to stderr).\n",
-       {}, 3, 3, RunForward},
-      {"stats", "ID [--per-group]", "print each layer's scale drift statistics and buckets", "",
-       {{"--per-group", "", "also print every group's log2 S"}}, 1, 1, RunStats},
-      {"train", "ID [--steps N] [--batch B] [--loss mse|ce] [--seed S]",
+       {},
+       3,
+       3,
+       RunForward,
+       {{"model_id", "ID"}, {"input", "INPUT"}}},
+      {"stats",
+       "ID [--per-group]",
+       "print each layer's scale drift statistics and buckets",
+       "",
+       {{"--per-group", "", "also print every group's log2 S"}},
+       1,
+       1,
+       RunStats,
+       {{"model_id", "ID"}}},
+      {"train",
+       "ID [--steps N] [--batch B] [--loss mse|ce] [--seed S]",
        "train a model on synthetic data with TrainStep",
        "Inputs are drawn from N(0, 1). MSE targets are the inputs through a fixed random linear\n"
        "teacher; CE targets are the argmax of such a teacher's logits (classes = the model's\n"
@@ -754,7 +875,10 @@ const std::vector<Command>& Commands() {
         {"--batch", "B", "examples per step (default 32)"},
         {"--loss", "mse|ce", "loss function (default mse)"},
         {"--seed", "S", "seed of the synthetic data (default 0)"}},
-       1, 1, RunTrain},
+       1,
+       1,
+       RunTrain,
+       {{"model_id", "ID"}}},
   };
   return commands;
 }

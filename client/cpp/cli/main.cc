@@ -45,6 +45,30 @@ std::string WithDefaultPort(const std::string& address) {
   return address;
 }
 
+// Whether a server address stays on this machine: loopback or a unix socket.
+bool IsLocal(const std::string& address) {
+  if (absl::StartsWith(address, "unix:") || absl::StartsWith(address, "unix-abstract:")) {
+    return true;
+  }
+  std::string host = address;
+  for (absl::string_view scheme : {"dns:///", "ipv4:", "ipv6:"}) {
+    if (absl::StartsWith(host, scheme)) host = host.substr(scheme.size());
+  }
+  if (absl::StartsWith(host, "[")) {
+    host = host.substr(1, host.find(']') - 1);
+  } else if (const size_t colon = host.rfind(':'); colon != std::string::npos) {
+    host = host.substr(0, colon);
+  }
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
+bool AllLocal(const std::string& servers) {
+  for (absl::string_view s : absl::StrSplit(servers, ',', absl::SkipEmpty())) {
+    if (!IsLocal(WithDefaultPort(std::string(s)))) return false;
+  }
+  return true;
+}
+
 const std::vector<OptionSpec>& GlobalOptions() {
   static const std::vector<OptionSpec> options = {
       {"--server", "HOST[:PORT]",
@@ -53,12 +77,18 @@ const std::vector<OptionSpec>& GlobalOptions() {
       {"--servers", "A,B,...",
        "a replica group, rank r at the r-th address: create, info, train and delete go to every "
        "rank (train splits each batch across them); server-info asks each"},
-      {"--timeout", "SECONDS", "deadline of each call, retries included (default 60)"},
+      {"--timeout", "SECONDS", "deadline of each attempt of a call (default 60)"},
+      {"--retry-seconds", "SECONDS",
+       "how long after a call's first failure it may still be retried, when a retry is safe "
+       "(default 60: a server restart that restores its checkpoints; 0: no retries)"},
       {"--auth-token-file", "FILE", "send the token in FILE as `authorization: Bearer <token>`"},
       {"--tls", "", "use TLS, trusting the system's root certificates"},
       {"--tls-ca", "FILE", "use TLS, trusting the root certificates in FILE (PEM)"},
       {"--tls-cert", "FILE", "client certificate chain for mutual TLS (PEM; with --tls-key)"},
       {"--tls-key", "FILE", "the client certificate's private key (PEM)"},
+      {"--tls-server-name", "NAME",
+       "the name the server's certificate must hold, when the address is not one of its names "
+       "(a tunnel, a proxy; implies --tls)"},
   };
   return options;
 }
@@ -101,16 +131,16 @@ void PrintMainUsage(std::ostream& out) {
 }
 
 void PrintCommandUsage(std::ostream& out, const Command& c) {
-  out << "usage: tscale [global options] " << c.name
-      << (c.synopsis.empty() ? "" : " ") << c.synopsis << "\n\n"
+  out << "usage: tscale [global options] " << c.name << (c.synopsis.empty() ? "" : " ")
+      << c.synopsis << "\n\n"
       << c.summary << "\n";
   if (!c.details.empty()) out << "\n" << c.details;
   if (!c.options.empty()) {
     out << "\noptions:\n";
     PrintOptions(out, c.options);
   }
-  out << "\nglobal options: --server, --timeout, --auth-token-file, --tls... (see 'tscale "
-         "--help')\n";
+  out << "\nglobal options: --server, --timeout, --retry-seconds, --auth-token-file, --tls... "
+         "(see 'tscale --help')\n";
 }
 
 int UsageError(absl::string_view where, absl::string_view message) {
@@ -184,8 +214,8 @@ int Main(int argc, char** argv) {
     }
     if (!spec->value.empty() && !value.has_value()) {
       if (i + 1 >= argList.size()) {
-        return UsageError(where, absl::StrCat("option ", name, " needs a value (", spec->value,
-                                              ")"));
+        return UsageError(where,
+                          absl::StrCat("option ", name, " needs a value (", spec->value, ")"));
       }
       value = argList[++i];
     }
@@ -207,22 +237,31 @@ int Main(int argc, char** argv) {
   const int n = static_cast<int>(args.positional.size());
   if (n < command->min_positional || n > command->max_positional) {
     std::string expected = command->synopsis.empty() ? "no arguments" : command->synopsis;
-    return UsageError(command->name,
-                      absl::StrCat(n < command->min_positional ? "missing arguments"
-                                                               : "too many arguments",
-                                   ": expected ", expected, " (see 'tscale ", command->name,
-                                   " --help')"));
+    return UsageError(
+        command->name,
+        absl::StrCat(n < command->min_positional ? "missing arguments" : "too many arguments",
+                     ": expected ", expected, " (see 'tscale ", command->name, " --help')"));
   }
 
   client::ClientOptions options;
   if (auto it = globals.find("--timeout"); it != globals.end()) {
     double seconds = 0;
     if (!absl::SimpleAtod(it->second, &seconds) || !(seconds > 0) || seconds > 1e9) {
-      return UsageError(command->name,
-                        absl::StrCat("--timeout: expected a number of seconds > 0, got '",
-                                     it->second, "'"));
+      return UsageError(
+          command->name,
+          absl::StrCat("--timeout: expected a number of seconds > 0, got '", it->second, "'"));
     }
     options.timeout = absl::Seconds(seconds);
+  }
+  if (auto it = globals.find("--retry-seconds"); it != globals.end()) {
+    double seconds = 0;
+    if (!absl::SimpleAtod(it->second, &seconds) || !(seconds >= 0) || seconds > 1e9) {
+      return UsageError(command->name,
+                        absl::StrCat("--retry-seconds: expected a number of seconds >= 0, got '",
+                                     it->second, "'"));
+    }
+    options.retry.retry_time = absl::Seconds(seconds);
+    if (seconds == 0) options.retry.max_attempts = 1;
   }
   std::string server = kDefaultServer;
   if (const char* env = std::getenv("TSCALE_SERVER"); env != nullptr && *env != '\0') {
@@ -239,16 +278,16 @@ int Main(int argc, char** argv) {
     options.auth_token = std::string(absl::StripAsciiWhitespace(*token));
   }
   const bool tls = globals.count("--tls") || globals.count("--tls-ca") ||
-                   globals.count("--tls-cert") || globals.count("--tls-key");
+                   globals.count("--tls-cert") || globals.count("--tls-key") ||
+                   globals.count("--tls-server-name");
   if (tls) {
     if (globals.count("--tls-cert") != globals.count("--tls-key")) {
       return UsageError(command->name, "--tls-cert and --tls-key go together");
     }
-    grpc::SslCredentialsOptions ssl;
-    const std::pair<const char*, std::string*> files[] = {
-        {"--tls-ca", &ssl.pem_root_certs},
-        {"--tls-cert", &ssl.pem_cert_chain},
-        {"--tls-key", &ssl.pem_private_key}};
+    options.tls.enabled = true;
+    const std::pair<const char*, std::string*> files[] = {{"--tls-ca", &options.tls.root_certs},
+                                                          {"--tls-cert", &options.tls.cert_chain},
+                                                          {"--tls-key", &options.tls.private_key}};
     for (const auto& [flag, field] : files) {
       if (auto it = globals.find(flag); it != globals.end()) {
         absl::StatusOr<std::string> pem = ReadWholeFile(flag, it->second);
@@ -256,7 +295,22 @@ int Main(int argc, char** argv) {
         *field = *std::move(pem);
       }
     }
-    options.credentials = grpc::SslCredentials(ssl);
+    if (auto it = globals.find("--tls-server-name"); it != globals.end()) {
+      if (it->second.empty()) {
+        return UsageError(command->name, "--tls-server-name: expected a host name, got ''");
+      }
+      options.tls.server_name = it->second;
+    }
+  }
+  // A token in plaintext can be read, and replayed, by anyone on the path. Loopback and unix
+  // sockets stay on this machine (an SSH tunnel's local end among them).
+  const bool local =
+      globals.count("--servers") ? AllLocal(globals.at("--servers")) : IsLocal(server);
+  if (!options.auth_token.empty() && !tls && !local) {
+    std::cerr << "tscale: warning: --auth-token-file: the token goes to "
+              << (globals.count("--servers") ? globals.at("--servers") : server)
+              << " in plaintext, readable by anyone on the way; use TLS (--tls-ca FILE or "
+                 "--tls)\n";
   }
   // Retries are worth a line: a slow command is then not a mystery.
   const std::string name = command->name;
@@ -266,6 +320,8 @@ int Main(int argc, char** argv) {
               << absl::FormatDuration(absl::Trunc(wait, absl::Milliseconds(1))) << "\n";
   };
   Context ready(command->name, server, options);
+  ready.set_field_names(command->fields);
+  if (globals.count("--retry-seconds")) ready.set_group_retry_time(options.retry.retry_time);
   if (auto it = globals.find("--servers"); it != globals.end()) {
     std::vector<std::string> servers = absl::StrSplit(it->second, ',', absl::SkipEmpty());
     for (std::string& s : servers) s = WithDefaultPort(s);

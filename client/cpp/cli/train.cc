@@ -41,9 +41,8 @@ class Progress {
       if (!last && now - last_draw_ < std::chrono::milliseconds(50)) return;
       last_draw_ = now;
       const int filled = static_cast<int>(kBarWidth * done / total_);
-      std::cerr << "\r[" << std::string(filled, '#') << std::string(kBarWidth - filled, '.')
-                << "] " << Line(done, step, loss, now) << "   " << (last ? "\n" : "")
-                << std::flush;
+      std::cerr << "\r[" << std::string(filled, '#') << std::string(kBarWidth - filled, '.') << "] "
+                << Line(done, step, loss, now) << "   " << (last ? "\n" : "") << std::flush;
       drawn_ = !last;
     } else if (done % every_ == 0 || last) {
       std::cerr << "train: " << Line(done, step, loss, now) << "\n";
@@ -163,15 +162,13 @@ int RunTrain(Context& context, const Args& args) {
   std::vector<int64_t> classes(static_cast<size_t>(batch));
   Plateau plateau;
 
-  v1::TrainStepRequest request;
-  request.set_model_id(id);
-  request.set_loss(loss);
   const int64_t first_step = info->step();
   int64_t step = first_step;
   double first_loss = std::numeric_limits<double>::quiet_NaN(), last_loss = first_loss;
   v1::TrainStepResponse response;
   Progress progress(steps);
-  for (int64_t i = 1; i <= steps; ++i) {
+  // The next batch of the teacher's data, as a request (model id and expected_step aside).
+  auto make_request = [&]() -> absl::StatusOr<v1::TrainStepRequest> {
     for (float& v : x) v = normal(gen);
     for (int64_t b = 0; b < batch; ++b) {
       const float* row = &x[static_cast<size_t>(b * in)];
@@ -189,31 +186,77 @@ int RunTrain(Context& context, const Args& args) {
         loss == v1::TrainStepRequest::MSE
             ? client::MakeTensor(absl::MakeConstSpan(logits), {batch, out})
             : client::MakeTensor(absl::MakeConstSpan(classes), {batch});
-    if (!x_proto.ok()) return context.Fail(x_proto.status());
-    if (!target_proto.ok()) return context.Fail(target_proto.status());
+    if (!x_proto.ok()) return x_proto.status();
+    if (!target_proto.ok()) return target_proto.status();
+    v1::TrainStepRequest request;
+    request.set_model_id(id);
+    request.set_loss(loss);
     *request.mutable_input() = *std::move(x_proto);
     *request.mutable_target() = *std::move(target_proto);
-    request.set_expected_step(step);
-    absl::StatusOr<v1::TrainStepResponse> result =
-        group != nullptr ? group->TrainStep(request) : context.client().TrainStep(request);
-    if (!result.ok()) {
-      progress.Interrupt();
-      return context.Fail(result.status());
-    }
-    response = *std::move(result);
-    step = response.step();
-    if (i == 1) first_loss = response.loss();
-    last_loss = response.loss();
-    progress.Update(i, step, last_loss);
+    return request;
+  };
+  int64_t answered = 0;
+  auto on_answer = [&](const v1::TrainStepResponse& r) {
+    response = r;
+    step = r.step();
+    ++answered;
+    if (answered == 1) first_loss = r.loss();
+    last_loss = r.loss();
+    progress.Update(answered, step, last_loss);
     if (plateau.Add(last_loss)) {
       progress.Interrupt();
       std::cerr << plateau.Advice() << "\n";
     }
+  };
+  absl::Status failed;
+  if (group != nullptr) {
+    // A replica group: one TrainStep at a time, each split across the ranks.
+    for (int64_t i = 1; i <= steps && failed.ok(); ++i) {
+      absl::StatusOr<v1::TrainStepRequest> request = make_request();
+      if (!request.ok()) return context.Fail(request.status());
+      request->set_expected_step(step);
+      absl::StatusOr<v1::TrainStepResponse> result = group->TrainStep(*request);
+      if (result.ok()) {
+        on_answer(*result);
+      } else {
+        failed = result.status();
+      }
+    }
+  } else {
+    // One server: the steps go over a TrainStream, sent without waiting for each answer.
+    absl::Status made;
+    int64_t produced = 0;
+    failed = context.client().TrainStream(
+        id, first_step,
+        [&]() -> std::optional<v1::TrainStepRequest> {
+          if (produced == steps || !made.ok()) return std::nullopt;
+          absl::StatusOr<v1::TrainStepRequest> request = make_request();
+          if (!request.ok()) {
+            made = request.status();
+            return std::nullopt;
+          }
+          ++produced;
+          return *std::move(request);
+        },
+        on_answer);
+    if (failed.ok() && !made.ok()) return context.Fail(made);
+  }
+  if (!failed.ok()) {
+    progress.Interrupt();
+    const int exit = context.Fail(failed);
+    // Where to go on from: the step of the last answer, unless the failed step may have been
+    // applied after all (the error then says so, and which step tells).
+    std::cerr << absl::StrFormat(
+        "train: stopped after %d of %d steps: the last step applied brought %s to step %d; the "
+        "failed one (expected_step %d) was not applied unless the error says it may have "
+        "been ('tscale info %s' shows the model's step)\n",
+        answered, steps, id, step, step, id);
+    return exit;
   }
 
   const double seconds = progress.Seconds();
-  std::cout << absl::StrFormat("trained %s: %d steps (step %d -> %d) in %.2f s, %.2f steps/s\n",
-                               id, steps, first_step, step, seconds,
+  std::cout << absl::StrFormat("trained %s: %d steps (step %d -> %d) in %.2f s, %.2f steps/s\n", id,
+                               steps, first_step, step, seconds,
                                seconds > 0 ? steps / seconds : 0.0)
             << absl::StrFormat("loss (%s): first %.6g, last %.6g\n", loss_name, first_loss,
                                last_loss);

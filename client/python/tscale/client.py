@@ -27,7 +27,10 @@ Failures raise ``tscale.Error`` (``.code`` is the ``grpc.StatusCode``, ``.messag
 message); bad arguments detected locally (an unsupported dtype, an unknown loss name) raise
 ValueError before anything is sent. When no server can be reached the message says so in its own
 words, e.g. "no tscale-server answering at 127.0.0.1:50051 (connection refused)" (gRPC's text is
-in ``.details``).
+in ``.details``). A TLS set-up that does not match the server's is told apart and named (a
+plaintext client at a TLS server or the reverse, a server certificate no trusted CA signed or
+that does not name the host, a client certificate missing or refused), by gRPC's text or, where
+that is ambiguous, by a TLS handshake of the client's own; such a failure is not retried.
 
 Retries: on UNAVAILABLE, and on DEADLINE_EXCEEDED of one attempt (each attempt has its own
 ``timeout``), a call is retried with exponential backoff, but only when a repeat cannot change the
@@ -46,20 +49,29 @@ server not started fails within a second; ``wait_ready`` waits for a server that
 Note that a server restarted from a checkpoint older than an update it had applied has forgotten
 that update: the retry then applies it again, or fails with FAILED_PRECONDITION when another
 client moved the model's step first.
+
+Unknown outcomes: when ``update_correlation`` or ``train_step`` fails in a way that leaves open
+whether the server applied it (a deadline that passed while the request or its answer was on its
+way, a connection that broke), and no retry settled it, the error's message says so and which
+step to read: expected_step + 1 means it was applied. Sending it again with the same expected_step
+is safe: the server answers it as a replay when it was applied.
 """
 
 import collections
+import ipaddress
 import json
 import os
 import re
 import time
+import warnings
 
 import grpc
 from google.protobuf import json_format
 
-from tscale import _wire
+from tscale import _diagnose, _wire
 from tscale.errors import Error
-from tscale.tensors import is_torch, numpy_to_torch, to_numpy, to_tensor, torch_to_numpy
+from tscale.tensors import (WIRE_DTYPES, is_torch, numpy_to_torch, to_float32, to_numpy,
+                            to_tensor, to_wire_tensor, torch_to_numpy)
 from tscale.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE_NAME = "tscale.v1.TernaryTrainer"
@@ -177,6 +189,75 @@ def _read_file(field, path):
                          f"({e.strerror})") from None
 
 
+def _loads_without_duplicates(text):
+    """json.loads, refusing a key given twice in one object (json keeps the last one silently)
+    with a ValueError naming the key and the object's path, e.g. "spec: duplicate key
+    'in_features' in layers[1].ternary_linear", as the server and the CLI do."""
+    duplicates = []  # (key, the object's dict), innermost first
+
+    def pairs(items):
+        obj = {}
+        for key, value in items:
+            if key in obj and not duplicates:
+                duplicates.append(key)
+                duplicates.append(obj)
+            obj[key] = value
+        return obj
+
+    data = json.loads(text, object_pairs_hook=pairs)
+    if duplicates:
+        key, target = duplicates
+
+        def find(node, path):
+            if node is target:
+                return path
+            children = (node.items() if isinstance(node, dict) else
+                        enumerate(node) if isinstance(node, list) else ())
+            for k, child in children:
+                found = find(child, f"{path}[{k}]" if isinstance(node, list) else
+                             f"{path}.{k}" if path else k)
+                if found is not None:
+                    return found
+            return None
+        where = find(data, "")
+        raise ValueError(f"spec: duplicate key '{key}' "
+                         f"{f'in {where}' if where else 'at the top level'} (JSON keeps only one "
+                         f"of them; give each key once)")
+    return data
+
+
+def _is_local(target):
+    """Whether a gRPC target stays on this machine: loopback, or a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    where = _diagnose.host_port(target)
+    if where is None:
+        return False
+    if where[0] == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(where[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _unknown_outcome(method, expected_step, error):
+    """The message of an exactly-once call's failure (a tscale.Error) that leaves open whether it
+    was applied, saying so; None for failures that say nothing was applied (the server's
+    refusals, a connection never made)."""
+    if error.code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+                          grpc.StatusCode.CANCELLED):
+        return None
+    if any(t in error.details for t in ("nothing was", "failed to connect",
+                                        "DNS resolution failed")):
+        return None
+    message = error.message
+    return (f"{message} ({method} with expected_step {expected_step} may have been applied: read "
+            f"the model's step (get_model): {expected_step + 1} means it was, {expected_step} "
+            f"that it was not; sending it again with expected_step {expected_step} is safe: the "
+            f"server answers it as a replay when it was applied)")
+
+
 def to_spec(spec):
     """A ``trainer_pb2.ModelSpec`` from a ModelSpec, a dict in the proto's JSON form
     (``{"layers": [{"name": "fc1", "ternary_linear": {"in_features": 64, ...}}]}``) or that JSON
@@ -184,7 +265,7 @@ def to_spec(spec):
     if isinstance(spec, trainer_pb2.ModelSpec):
         return spec
     if isinstance(spec, (str, bytes)):
-        spec = json.loads(spec)
+        spec = _loads_without_duplicates(spec)
     if isinstance(spec, dict):
         try:
             return json_format.ParseDict(spec, trainer_pb2.ModelSpec())
@@ -252,10 +333,25 @@ class Client:
         tls_ca: TLS, trusting the root certificates in this file (``--tls-ca``).
         tls_cert, tls_key: the client certificate chain and its key, for mutual TLS (``--tls-cert``,
             ``--tls-key``; both or neither).
+        tls_server_name: the name the server's certificate must hold, when the address is not
+            one of its names, e.g. through a tunnel or proxy (``--tls-server-name``; gRPC's
+            ``grpc.ssl_target_name_override``); implies TLS.
         token_file: a file holding the token, surrounding whitespace stripped
             (``--auth-token-file``; not with ``token``).
         backoff: seconds before the first retry; doubles per retry, at most 2 s.
         options: extra gRPC channel options; they replace the defaults of the same name.
+        wire_dtype: "fp32" (default), "bf16" or "fp16": how float32 inputs, grad outputs and MSE
+            targets travel, and what the server is asked to send outputs and input gradients in
+            (they come back as float32 arrays). Half the bytes each way, at the cost of rounding:
+            relative error at most 2^-9 (bf16) or 2^-11 (fp16, which also overflows beyond
+            65504); docs/wire.md.
+        compression: None or "gzip": compresses every message this client sends, and asks the
+            server to compress its answers (gRPC's message compression). Worth it on slow links
+            for compressible data (integer-valued inputs, zeros); random floats barely shrink.
+
+    A token sent in plaintext to an address that is not this machine's (loopback, a unix
+    socket) makes the client warn (``warnings.warn``, a UserWarning): anyone on the way can read
+    it.
 
     Message size limits are lifted on the client side (-1) so that the server's
     --max-message-bytes is the one that applies, and the channel tries to reconnect at least every
@@ -265,15 +361,28 @@ class Client:
 
     def __init__(self, address, timeout=60.0, retries=None, credentials=None, token=None,
                  backoff=0.05, options=(), tls=False, tls_ca=None, tls_cert=None, tls_key=None,
-                 token_file=None, retry_seconds=RETRY_SECONDS):
+                 token_file=None, retry_seconds=RETRY_SECONDS, tls_server_name=None,
+                 wire_dtype="fp32", compression=None):
         self.address = _target(address)
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype: expected one of {', '.join(WIRE_DTYPES)}, got "
+                             f"{wire_dtype!r}")
+        self._wire = WIRE_DTYPES[wire_dtype]
+        if compression not in (None, "gzip"):
+            raise ValueError(f"compression: expected None or 'gzip', got {compression!r}")
+        self._compression = grpc.Compression.Gzip if compression == "gzip" else None
         self.timeout = timeout
         self.retries = None if retries is None else int(retries)
         self.retry_seconds = float(retry_seconds)
         self.backoff = backoff
         self._answered = False  # whether the server has answered this client yet
         tls_files = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
-        if tls or any(v is not None for v in tls_files.values()):
+        # What the TLS diagnosis may look into: None for credentials given ready-made.
+        self._tls = _diagnose.Tls(False) if credentials is None else None
+        if tls_server_name is not None and (not isinstance(tls_server_name, str)
+                                            or not tls_server_name):
+            raise ValueError(f"tls_server_name: expected a host name, got {tls_server_name!r}")
+        if tls or tls_server_name or any(v is not None for v in tls_files.values()):
             if credentials is not None:
                 raise ValueError("credentials: expected either credentials or the tls options, "
                                  "got both")
@@ -284,23 +393,36 @@ class Client:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=pem.get("tls_ca"), private_key=pem.get("tls_key"),
                 certificate_chain=pem.get("tls_cert"))
+            self._tls = _diagnose.Tls(True, pem.get("tls_ca"), pem.get("tls_cert"),
+                                      pem.get("tls_key"), tls_server_name)
         if token_file is not None:
             if token is not None:
                 raise ValueError("token_file: expected either token or token_file, got both")
             token = _read_file("token_file", token_file).decode("utf-8", "replace").strip()
             if not token:
                 raise ValueError(f"token_file: expected a token in {token_file}, got an empty file")
+        if token and credentials is None and not _is_local(self.address):
+            warnings.warn(f"tscale.Client: the token goes to {self.address} in plaintext, "
+                          f"readable by anyone on the way; use TLS (tls_ca=FILE or tls=True)",
+                          UserWarning, stacklevel=2)
         opts = dict([("grpc.max_send_message_length", -1),
                      ("grpc.max_receive_message_length", -1),
                      ("grpc.initial_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 2000)])
+        if tls_server_name:
+            opts["grpc.ssl_target_name_override"] = tls_server_name
         opts.update(options)
         opts = list(opts.items())
         if credentials is not None:
-            self._channel = grpc.secure_channel(self.address, credentials, options=opts)
+            self._channel = grpc.secure_channel(self.address, credentials, options=opts,
+                                                compression=self._compression)
         else:
-            self._channel = grpc.insecure_channel(self.address, options=opts)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+            self._channel = grpc.insecure_channel(self.address, options=opts,
+                                                  compression=self._compression)
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if compression == "gzip":
+            metadata += (("tscale-compression", "gzip"),)  # the answers too
+        self._metadata = metadata or None
         self._stub = trainer_pb2_grpc.TernaryTrainerStub(self._channel)
         # Raw-bytes methods: there are no Python modules for these services (see _wire).
         self._health_check = self._channel.unary_unary(_wire.HEALTH_CHECK)
@@ -319,8 +441,9 @@ class Client:
         self.close()
         return False
 
-    def _call(self, name, fn, idempotent, timeout):
-        """Runs fn(timeout) with the retry policy; grpc errors become tscale.Error."""
+    def _call(self, name, fn, idempotent, timeout, expected_step=None):
+        """Runs fn(timeout) with the retry policy; grpc errors become tscale.Error.
+        expected_step: of an exactly-once call, for the message of an unknown outcome."""
         t = self.timeout if timeout is None else timeout
         retried = 0
         first_failure = None
@@ -335,6 +458,13 @@ class Client:
                     code = grpc.StatusCode.UNAVAILABLE  # the server gave it up (see above)
                 if code not in _RETRYABLE:
                     self._answered = True
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # A TLS set-up that does not match the server's fails every attempt alike:
+                    # said plainly, and not retried.
+                    diagnosis = _diagnose.diagnose(self.address, self._tls, e.details() or "")
+                    if diagnosis is not None:
+                        raise Error(grpc.StatusCode.UNAVAILABLE, diagnosis, name,
+                                    details=e.details()) from None
                 now = time.monotonic()
                 if first_failure is None:
                     first_failure = now
@@ -343,7 +473,12 @@ class Client:
                     time.sleep(min(self.backoff * (2 ** min(retried, 32)), _MAX_BACKOFF, left))
                     retried += 1
                     continue
-                raise self._error(e, name) from None
+                error = self._error(e, name)
+                if expected_step is not None:
+                    message = _unknown_outcome(name, expected_step, error)
+                    if message is not None:
+                        error = Error(error.code, message, name, details=error.details)
+                raise error from None
 
     def _may_retry(self, retried):
         """Whether a call retried `retried` times so far may be retried again (time aside)."""
@@ -363,8 +498,9 @@ class Client:
 
     def _unary(self, name, request, idempotent, timeout=None):
         method = getattr(self._stub, name)
+        expected_step = request.expected_step if name in _EXACTLY_ONCE else None
         return self._call(name, lambda t: method(request, timeout=t, metadata=self._metadata),
-                          idempotent, timeout)
+                          idempotent, timeout, expected_step)
 
     # ------------------------------------------------------------ server
 
@@ -481,10 +617,12 @@ class Client:
         when x is one. With train=True the server keeps what Backward needs under pass_id, until
         the next update of the model's step. Retried only when train is False.
         """
-        req = trainer_pb2.ForwardRequest(model_id=model_id, input=to_tensor(x, "input"),
-                                         train=train)
+        req = trainer_pb2.ForwardRequest(model_id=model_id,
+                                         input=to_wire_tensor(x, "input", self._wire),
+                                         train=train, output_dtype=self._wire)
         resp = self._unary("Forward", req, not train, timeout)
-        return ForwardResult(_like(x, to_numpy(resp.output, "output")), resp.pass_id, resp.step)
+        return ForwardResult(_like(x, to_float32(resp.output, "output")), resp.pass_id,
+                             resp.step)
 
     def backward(self, model_id, pass_id, grad_output, want_grad_input=False, timeout=None):
         """Backward of one training pass with grad_output (numpy, the pass's output shape).
@@ -493,12 +631,13 @@ class Client:
         grad_output's device when grad_output is one), else None. Never retried: a pass takes
         exactly one backward.
         """
-        req = trainer_pb2.BackwardRequest(model_id=model_id, pass_id=pass_id,
-                                          grad_output=to_tensor(grad_output, "grad_output"),
-                                          want_grad_input=want_grad_input)
+        req = trainer_pb2.BackwardRequest(
+            model_id=model_id, pass_id=pass_id,
+            grad_output=to_wire_tensor(grad_output, "grad_output", self._wire),
+            want_grad_input=want_grad_input, grad_input_dtype=self._wire)
         resp = self._unary("Backward", req, False, timeout)
         if want_grad_input or resp.HasField("grad_input"):
-            return _like(grad_output, to_numpy(resp.grad_input, "grad_input"))
+            return _like(grad_output, to_float32(resp.grad_input, "grad_input"))
         return None
 
     def release_passes(self, model_id, pass_ids=None, timeout=None):
@@ -540,11 +679,31 @@ class Client:
         if expected_step is None:
             expected_step = self.get_model(model_id, timeout=timeout).step
         req = trainer_pb2.TrainStepRequest(
-            model_id=model_id, input=to_tensor(x, "input"), target=to_tensor(target, "target"),
-            loss=loss_value, expected_step=expected_step, want_output=want_output)
+            model_id=model_id, input=to_wire_tensor(x, "input", self._wire),
+            target=to_wire_tensor(target, "target", self._wire), loss=loss_value,
+            expected_step=expected_step, want_output=want_output, output_dtype=self._wire)
         resp = self._unary("TrainStep", req, True, timeout)
-        output = _like(x, to_numpy(resp.output, "output")) if resp.HasField("output") else None
+        output = _like(x, to_float32(resp.output, "output")) if resp.HasField("output") else None
         return TrainStepResult(resp.loss, resp.step, output, list(resp.layers), resp.replayed)
+
+    def train_stream(self, model_id, batches, loss="mse", expected_step=None, want_output=False):
+        """TrainSteps of ``batches`` (an iterable of (x, target) pairs, numpy arrays or torch
+        tensors) over one TrainStream: each is sent without waiting for the answers before it,
+        with expected_step counting up from ``expected_step`` (None: the model's step, read
+        first). Yields each step's TrainStepResult in order, as train_step returns it.
+
+        The server applies the steps in the order sent, each exactly once, and holds back a
+        producer that runs ahead of it by more than its window (ServerInfo.stream_window). A step
+        that fails raises tscale.Error naming its expected_step; nothing after it is applied.
+        A stream that breaks (UNAVAILABLE: a restart, a dropped link) is resumed within
+        ``retry_seconds`` from the model's step: the steps the server applied are not sent
+        again; one applied whose answer was lost, older than the last, yields a result with
+        loss NaN and replayed=True.
+        """
+        from tscale import stream  # noqa: PLC0415 (the module imports this one's helpers)
+        loss_value = _enum(trainer_pb2.TrainStepRequest.Loss, loss, "", "loss", _LOSS_ALIASES)
+        return stream.train_stream(self, model_id, batches, loss_value, expected_step,
+                                   want_output, TrainStepResult, _like)
 
     # ------------------------------------------------------------ state
 

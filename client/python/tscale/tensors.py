@@ -88,6 +88,35 @@ def to_tensor(array, field="tensor"):
     return trainer_pb2.Tensor(dtype=_TO_PROTO[native], shape=list(array.shape), data=data)
 
 
+# Float dtypes a float32 tensor may travel as (Client's wire_dtype).
+WIRE_DTYPES = {"fp32": trainer_pb2.FP32, "bf16": trainer_pb2.BF16, "fp16": trainer_pb2.FP16}
+
+
+def to_wire_tensor(array, field, wire):
+    """Like to_tensor, but a float32 array travels as ``wire`` (trainer_pb2.FP32, BF16 or FP16):
+    BF16 by round-to-nearest-even of the float32 bits, FP16 by numpy's conversion (values beyond
+    its range, about 65504, become inf, which the server refuses). Other dtypes go as they are."""
+    if is_torch(array):
+        array = torch_to_numpy(array, field)
+    if wire == trainer_pb2.FP32 or not isinstance(array, np.ndarray) or \
+            array.dtype.newbyteorder("=") != np.dtype(np.float32):
+        return to_tensor(array, field)
+    if wire == trainer_pb2.FP16:
+        return to_tensor(array.astype(np.float16), field)
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(array).reshape(bits.shape)
+    half = np.where(nan, (bits >> 16) | 0x40, rounded).astype("<u2")
+    return trainer_pb2.Tensor(dtype=trainer_pb2.BF16, shape=list(array.shape),
+                              data=half.tobytes())
+
+
+def to_float32(tensor, field="tensor"):
+    """to_numpy of a float tensor that may come as FP32, BF16 or FP16, as float32."""
+    out = to_numpy(tensor, field)
+    return out if out.dtype == np.float32 else out.astype(np.float32)
+
+
 def to_numpy(tensor, field="tensor"):
     """Returns a writable numpy array (native byte order) with a copy of ``tensor``'s data.
 
