@@ -113,6 +113,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
     }
   }
   if (credentials == nullptr) credentials = grpc::InsecureChannelCredentials();
+  if (options.gzip) args.SetCompressionAlgorithm(GRPC_COMPRESS_GZIP);
   return grpc::CreateCustomChannel(address, credentials, args);
 }
 
@@ -152,6 +153,10 @@ absl::Status Client::Call(bool retryable, const CallOptions& call, const Attempt
     }
     if (!options_.auth_token.empty()) {
       context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
+    }
+    if (options_.gzip) {
+      context.set_compression_algorithm(GRPC_COMPRESS_GZIP);
+      context.AddMetadata("tscale-compression", "gzip");
     }
     const grpc::Status status = attempt(context);
     if (status.ok()) {

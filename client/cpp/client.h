@@ -105,6 +105,10 @@ struct ClientOptions {
   std::string auth_token;
   // Size of the data messages ImportState sends.
   int64_t import_chunk_bytes = int64_t{1} << 20;
+  // Compresses every message this client sends with gzip, and asks the server to compress its
+  // answers (call metadata tscale-compression: gzip). Pays on slow links for data that
+  // compresses (integer-valued or sparse tensors); random floats barely shrink (docs/wire.md).
+  bool gzip = false;
   // When set, called before each retry's wait with the number of the attempt that failed (from
   // 1), its status and the wait; for logging.
   std::function<void(int attempt, const absl::Status& status, absl::Duration wait)> on_retry;

@@ -48,6 +48,10 @@ absl::Status Client::TrainStream(absl::string_view model_id, int64_t first_step,
     if (!options_.auth_token.empty()) {
       context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.auth_token));
     }
+    if (options_.gzip) {
+      context.set_compression_algorithm(GRPC_COMPRESS_GZIP);
+      context.AddMetadata("tscale-compression", "gzip");
+    }
     auto stream = stub_->TrainStream(&context);
     std::thread writer([&] {
       for (;;) {

@@ -1051,5 +1051,22 @@ TEST_F(ClientTest, TrainStreamEqualsTrainStepsAndStopsAtTheFirstFailure) {
   EXPECT_EQ(client_->GetModel("streamed")->step(), 15);
 }
 
+TEST_F(ClientTest, AGzipClientGetsTheSameAnswers) {
+  Create("gz", 3);
+  Train("gz", 2);
+  ClientOptions options;
+  options.gzip = true;
+  Client gzip(server_->address(), options);
+  auto plain = client_->ExportState("gz");
+  auto zipped = gzip.ExportState("gz");
+  ASSERT_TRUE(plain.ok() && zipped.ok()) << plain.status() << zipped.status();
+  EXPECT_EQ(*plain, *zipped);
+  const v1::Tensor probe = Proto(Input(4, 64, 7));
+  auto a = client_->Forward("gz", probe, false);
+  auto b = gzip.Forward("gz", probe, false);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->output().data(), b->output().data());
+}
+
 }  // namespace
 }  // namespace tscale::client

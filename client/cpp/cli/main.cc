@@ -82,6 +82,7 @@ const std::vector<OptionSpec>& GlobalOptions() {
        "how long after a call's first failure it may still be retried, when a retry is safe "
        "(default 60: a server restart that restores its checkpoints; 0: no retries)"},
       {"--auth-token-file", "FILE", "send the token in FILE as `authorization: Bearer <token>`"},
+      {"--gzip", "", "compress requests and answers with gzip (pays on slow links)"},
       {"--tls", "", "use TLS, trusting the system's root certificates"},
       {"--tls-ca", "FILE", "use TLS, trusting the root certificates in FILE (PEM)"},
       {"--tls-cert", "FILE", "client certificate chain for mutual TLS (PEM; with --tls-key)"},
@@ -263,6 +264,7 @@ int Main(int argc, char** argv) {
     options.retry.retry_time = absl::Seconds(seconds);
     if (seconds == 0) options.retry.max_attempts = 1;
   }
+  options.gzip = globals.count("--gzip") > 0;
   std::string server = kDefaultServer;
   if (const char* env = std::getenv("TSCALE_SERVER"); env != nullptr && *env != '\0') {
     server = env;
