@@ -3,7 +3,9 @@ addresses, loss names, connection failures and the retry policy (against a fake 
 served in-process by grpcio, which fails on command)."""
 
 import concurrent.futures
+import importlib
 import importlib.util
+import inspect
 import os
 import re
 import socket
@@ -639,6 +641,95 @@ class TorchTensorsTest(unittest.TestCase):
         out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              check=True, env=dict(os.environ)).stdout
         self.assertEqual(out.strip(), "False")
+
+
+class TypeHintsTest(unittest.TestCase):
+    """Every public function and method of the package (and every public class's __init__) has
+    type hints on all its parameters and its return value; every public one has a docstring."""
+
+    MODULES = ("tscale", "tscale.client", "tscale.group", "tscale.tensors", "tscale.safetensors",
+               "tscale.errors", "tscale.stream")
+
+    @staticmethod
+    def ours(obj):
+        module = getattr(obj, "__module__", None) or ""
+        return (module == "tscale" or module.startswith("tscale.")) and \
+            not module.startswith("tscale.v1")  # the generated messages are not ours
+
+    @classmethod
+    def public_functions(cls, module):
+        """(qualified name, function) of the public functions, and the public methods and
+        __init__ of the public classes, that ``module`` holds and the package defines."""
+        found = []
+        for name, value in vars(module).items():
+            if name.startswith("_") or not cls.ours(value):
+                continue
+            if inspect.isfunction(value):
+                found.append((f"{value.__module__}.{value.__qualname__}", value))
+            elif inspect.isclass(value):
+                for attr, member in vars(value).items():
+                    if attr.startswith("_") and attr != "__init__":
+                        continue
+                    if isinstance(member, (staticmethod, classmethod)):
+                        member = member.__func__
+                    elif isinstance(member, property):
+                        member = member.fget
+                    if inspect.isfunction(member) and cls.ours(member):
+                        found.append((f"{value.__module__}.{value.__qualname__}.{attr}", member))
+        return found
+
+    @staticmethod
+    def problems(name, fn):
+        """What ``fn`` lacks: its docstring (not asked of __init__: the class's documents it),
+        a parameter's hint, the return hint; each naming the function."""
+        out = []
+        if fn.__name__ != "__init__" and not (fn.__doc__ or "").strip():
+            out.append(f"{name}: no docstring")
+        sig = inspect.signature(fn)
+        for i, p in enumerate(sig.parameters.values()):
+            if i == 0 and p.name in ("self", "cls"):
+                continue
+            if p.annotation is inspect.Parameter.empty:
+                out.append(f"{name}: parameter {p.name} has no type hint")
+            elif isinstance(p.annotation, str):
+                compile(p.annotation, name, "eval")  # a hint that is not an expression fails
+        if sig.return_annotation is inspect.Signature.empty:
+            out.append(f"{name}: no return type hint")
+        return out
+
+    def check(self, module_names):
+        functions = {}
+        for module_name in module_names:
+            for name, fn in self.public_functions(importlib.import_module(module_name)):
+                functions[name] = fn
+        problems = [p for name, fn in sorted(functions.items()) for p in self.problems(name, fn)]
+        self.assertEqual(problems, [], "\n".join(problems))
+        return functions
+
+    def test_every_public_function_has_hints_and_a_docstring(self):
+        functions = self.check(self.MODULES)
+        for name in ("tscale.client.Client.train_step", "tscale.client.Client.__init__",
+                     "tscale.client.to_spec", "tscale.group.ReplicaGroup.size",
+                     "tscale.safetensors.dumps", "tscale.tensors.to_numpy",
+                     "tscale.errors.Error.from_rpc_error", "tscale.stream.train_stream"):
+            self.assertIn(name, functions)  # the walk reaches them
+
+    @unittest.skipUnless(HAVE_TORCH, NO_TORCH)
+    def test_tscale_torch_too(self):
+        functions = self.check(["tscale.torch"])
+        self.assertIn("tscale.torch.RemoteModel.update", functions)
+
+    def test_the_check_names_what_is_missing(self):
+        def bare(a, b: int = 0):
+            return a
+
+        def hinted(a: int) -> int:
+            """Documented."""
+            return a
+        self.assertEqual(self.problems("m.bare", bare),
+                         ["m.bare: no docstring", "m.bare: parameter a has no type hint",
+                          "m.bare: no return type hint"])
+        self.assertEqual(self.problems("m.hinted", hinted), [])
 
 
 if __name__ == "__main__":

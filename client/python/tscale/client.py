@@ -57,6 +57,8 @@ step to read: expected_step + 1 means it was applied. Sending it again with the 
 is safe: the server answers it as a replay when it was applied.
 """
 
+from __future__ import annotations
+
 import collections
 import ipaddress
 import json
@@ -64,15 +66,28 @@ import os
 import re
 import time
 import warnings
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
+                    Optional, Sequence, Tuple, TypeVar, Union)
 
 import grpc
 from google.protobuf import json_format
 
 from tscale import _diagnose, _wire
 from tscale.errors import Error
-from tscale.tensors import (WIRE_DTYPES, is_torch, numpy_to_torch, to_float32, to_numpy,
-                            to_tensor, to_wire_tensor, torch_to_numpy)
+from tscale.tensors import (WIRE_DTYPES, TensorLike, is_torch, numpy_to_torch, to_float32,
+                            to_numpy, to_tensor, to_wire_tensor, torch_to_numpy)
 from tscale.v1 import trainer_pb2, trainer_pb2_grpc
+
+if TYPE_CHECKING:  # named in hints only
+    import numpy as np
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+    from google.protobuf.message import Message
+
+_T = TypeVar("_T")
+# A model spec as the calls take it: a ModelSpec, a dict in the proto's JSON form, or that JSON.
+SpecLike = Union[trainer_pb2.ModelSpec, Mapping[str, Any], str, bytes]
+# An enum field as the calls take it: the value, or its (full or short) name, e.g. "fp32".
+EnumLike = Union[int, str]
 
 SERVICE_NAME = "tscale.v1.TernaryTrainer"
 CHUNK_BYTES = 1 << 20  # ImportState data chunks
@@ -104,7 +119,8 @@ replayed; else None), layers (list of trainer_pb2.LayerUpdate: layer, score_sum,
 replayed (True when the server answered a retry of the step it had already applied)."""
 
 
-def _enum(enum_type, value, prefix, field, aliases=None):
+def _enum(enum_type: EnumTypeWrapper, value: EnumLike, prefix: str, field: str,
+          aliases: Optional[Mapping[str, str]] = None) -> int:
     """An enum value from an int, its full name or its short lower-case name ('fp32', 'mse'), in
     any case; ``aliases`` maps further upper-case names to full ones ('CE')."""
     if isinstance(value, int):
@@ -119,7 +135,7 @@ def _enum(enum_type, value, prefix, field, aliases=None):
     raise ValueError(f"{field}: expected one of {', '.join(names)}, got {value!r}")
 
 
-def _target(address):
+def _target(address: str) -> str:
     """The gRPC target of a server address: "HOST:PORT" as given, "HOST" with the default port,
     a bare IPv6 address bracketed, a target URI ("dns:///...", "unix:...") as given."""
     if not isinstance(address, str) or not address.strip():
@@ -153,11 +169,11 @@ _CONNECT_FAILED = re.compile(
 _DNS_FAILED = re.compile(r"DNS resolution failed for \S+?: (?:.*: )?(?P<reason>[^:]*)$", re.S)
 
 
-def _lower_first(text):
+def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _connection_failure(address, details):
+def _connection_failure(address: str, details: str) -> Optional[str]:
     """A message in the client's words for gRPC's text of a connection that failed, or None when
     the text is about something else (the server's own UNAVAILABLE, a dropped connection)."""
     m = _CONNECT_FAILED.search(details)
@@ -179,7 +195,7 @@ def _connection_failure(address, details):
     return None
 
 
-def _read_file(field, path):
+def _read_file(field: str, path: Union[str, os.PathLike]) -> bytes:
     """The bytes of a file named by a client option; ValueError naming the option otherwise."""
     try:
         with open(path, "rb") as f:
@@ -189,13 +205,13 @@ def _read_file(field, path):
                          f"({e.strerror})") from None
 
 
-def _loads_without_duplicates(text):
+def _loads_without_duplicates(text: Union[str, bytes]) -> Any:
     """json.loads, refusing a key given twice in one object (json keeps the last one silently)
     with a ValueError naming the key and the object's path, e.g. "spec: duplicate key
     'in_features' in layers[1].ternary_linear", as the server and the CLI do."""
     duplicates = []  # (key, the object's dict), innermost first
 
-    def pairs(items):
+    def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
         obj = {}
         for key, value in items:
             if key in obj and not duplicates:
@@ -208,7 +224,7 @@ def _loads_without_duplicates(text):
     if duplicates:
         key, target = duplicates
 
-        def find(node, path):
+        def find(node: Any, path: str) -> Optional[str]:
             if node is target:
                 return path
             children = (node.items() if isinstance(node, dict) else
@@ -226,7 +242,7 @@ def _loads_without_duplicates(text):
     return data
 
 
-def _is_local(target):
+def _is_local(target: str) -> bool:
     """Whether a gRPC target stays on this machine: loopback, or a unix socket."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
@@ -241,7 +257,7 @@ def _is_local(target):
         return False
 
 
-def _unknown_outcome(method, expected_step, error):
+def _unknown_outcome(method: str, expected_step: int, error: Error) -> Optional[str]:
     """The message of an exactly-once call's failure (a tscale.Error) that leaves open whether it
     was applied, saying so; None for failures that say nothing was applied (the server's
     refusals, a connection never made)."""
@@ -258,10 +274,11 @@ def _unknown_outcome(method, expected_step, error):
             f"server answers it as a replay when it was applied)")
 
 
-def to_spec(spec):
+def to_spec(spec: SpecLike) -> trainer_pb2.ModelSpec:
     """A ``trainer_pb2.ModelSpec`` from a ModelSpec, a dict in the proto's JSON form
     (``{"layers": [{"name": "fc1", "ternary_linear": {"in_features": 64, ...}}]}``) or that JSON
-    as a string (as in a state file's ``spec`` metadata)."""
+    as a string (as in a state file's ``spec`` metadata). Raises ValueError for anything else,
+    or JSON that does not parse as a ModelSpec."""
     if isinstance(spec, trainer_pb2.ModelSpec):
         return spec
     if isinstance(spec, (str, bytes)):
@@ -275,18 +292,18 @@ def to_spec(spec):
                      f"{type(spec).__name__}")
 
 
-def _like(given, array):
+def _like(given: TensorLike, array: np.ndarray) -> TensorLike:
     """array as the caller gave its input: a torch tensor on the same device when ``given`` is
     one, else the numpy array itself."""
     return numpy_to_torch(array, given) if is_torch(given) else array
 
 
-def _normalized_spec(spec):
+def _normalized_spec(spec: trainer_pb2.ModelSpec) -> trainer_pb2.ModelSpec:
     """A copy of a ModelSpec with the defaults spelt out (group size 32, threshold 0.05), as the
     server fills them in."""
     spec = trainer_pb2.ModelSpec.FromString(spec.SerializeToString())
 
-    def fill(layers):
+    def fill(layers: Iterable[trainer_pb2.Layer]) -> None:
         for layer in layers:
             kind = layer.WhichOneof("kind")
             if kind == "ternary_linear":
@@ -300,7 +317,8 @@ def _normalized_spec(spec):
     return spec
 
 
-def _differences(request, info):
+def _differences(request: trainer_pb2.CreateModelRequest,
+                 info: trainer_pb2.ModelInfo) -> List[str]:
     """What differs between a CreateModelRequest and an existing model's ModelInfo."""
     out = []
     if _normalized_spec(request.spec) != _normalized_spec(info.spec):
@@ -359,10 +377,17 @@ class Client:
     a context manager or call ``close()``. ``address`` is then the address in use, port included.
     """
 
-    def __init__(self, address, timeout=60.0, retries=None, credentials=None, token=None,
-                 backoff=0.05, options=(), tls=False, tls_ca=None, tls_cert=None, tls_key=None,
-                 token_file=None, retry_seconds=RETRY_SECONDS, tls_server_name=None,
-                 wire_dtype="fp32", compression=None):
+    def __init__(self, address: str, timeout: Optional[float] = 60.0,
+                 retries: Optional[int] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None,
+                 token: Optional[str] = None, backoff: float = 0.05,
+                 options: Union[Mapping[str, Any], Iterable[Tuple[str, Any]]] = (),
+                 tls: bool = False, tls_ca: Optional[Union[str, os.PathLike]] = None,
+                 tls_cert: Optional[Union[str, os.PathLike]] = None,
+                 tls_key: Optional[Union[str, os.PathLike]] = None,
+                 token_file: Optional[Union[str, os.PathLike]] = None,
+                 retry_seconds: float = RETRY_SECONDS, tls_server_name: Optional[str] = None,
+                 wire_dtype: str = "fp32", compression: Optional[str] = None) -> None:
         self.address = _target(address)
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype: expected one of {', '.join(WIRE_DTYPES)}, got "
@@ -430,18 +455,19 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def close(self):
+    def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
         self._channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> bool:
         self.close()
         return False
 
-    def _call(self, name, fn, idempotent, timeout, expected_step=None):
+    def _call(self, name: str, fn: Callable[[Optional[float]], _T], idempotent: bool,
+              timeout: Optional[float], expected_step: Optional[int] = None) -> _T:
         """Runs fn(timeout) with the retry policy; grpc errors become tscale.Error.
         expected_step: of an exactly-once call, for the message of an unknown outcome."""
         t = self.timeout if timeout is None else timeout
@@ -480,14 +506,14 @@ class Client:
                         error = Error(error.code, message, name, details=error.details)
                 raise error from None
 
-    def _may_retry(self, retried):
+    def _may_retry(self, retried: int) -> bool:
         """Whether a call retried `retried` times so far may be retried again (time aside)."""
         limit = self.retries
         if limit is None and not self._answered:
             limit = _FIRST_CONTACT_RETRIES
         return limit is None or retried < limit
 
-    def _error(self, rpc_error, method):
+    def _error(self, rpc_error: grpc.RpcError, method: str) -> Error:
         """tscale.Error of a grpc.RpcError; a failed connection described in the client's words."""
         error = Error.from_rpc_error(rpc_error, method)
         if error.code == grpc.StatusCode.UNAVAILABLE:
@@ -496,7 +522,9 @@ class Client:
                 error = Error(error.code, message, method, details=error.message)
         return error
 
-    def _unary(self, name, request, idempotent, timeout=None):
+    def _unary(self, name: str, request: Message, idempotent: bool,
+               timeout: Optional[float] = None) -> Any:
+        """Calls the TernaryTrainer method ``name`` with ``request`` through _call; its answer."""
         method = getattr(self._stub, name)
         expected_step = request.expected_step if name in _EXACTLY_ONCE else None
         return self._call(name, lambda t: method(request, timeout=t, metadata=self._metadata),
@@ -504,20 +532,20 @@ class Client:
 
     # ------------------------------------------------------------ server
 
-    def health(self, service="", timeout=None):
+    def health(self, service: str = "", timeout: Optional[float] = None) -> str:
         """The standard gRPC health check: "SERVING", "NOT_SERVING", ... for ``service`` ("" is
         the whole server; "tscale.v1.TernaryTrainer" the API). An unknown service name raises
         Error with code NOT_FOUND."""
         return self._health(service, timeout, retry=True)
 
-    def _health(self, service, timeout, retry):
+    def _health(self, service: str, timeout: Optional[float], retry: bool) -> str:
         req = _wire.health_request(service)
         resp = self._call("Health.Check",
                           lambda t: self._health_check(req, timeout=t, metadata=self._metadata),
                           retry, timeout)
         return _wire.health_status(resp)
 
-    def wait_ready(self, timeout=30.0, service=""):
+    def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
         """Waits until health(service) is SERVING; raises Error(UNAVAILABLE) after ``timeout``."""
         deadline = time.monotonic() + timeout
         last = None
@@ -536,25 +564,26 @@ class Client:
                             f"server {self.address} not serving after {timeout} s ({last})")
             time.sleep(0.1)
 
-    def list_services(self, timeout=None):
+    def list_services(self, timeout: Optional[float] = None) -> List[str]:
         """The services the server offers, from gRPC server reflection (list of names)."""
         req = _wire.list_services_request()
 
-        def fn(t):
+        def fn(t: Optional[float]) -> List[str]:
             names = []
             for resp in self._reflection(iter([req]), timeout=t, metadata=self._metadata):
                 names.extend(_wire.list_services(resp))
             return names
         return self._call("ServerReflectionInfo", fn, True, timeout)
 
-    def server_info(self, timeout=None):
+    def server_info(self, timeout: Optional[float] = None) -> trainer_pb2.ServerInfo:
         """trainer_pb2.ServerInfo: version, default_device, devices, limits, models."""
         return self._unary("GetServerInfo", trainer_pb2.GetServerInfoRequest(), True, timeout)
 
     # ------------------------------------------------------------ models
 
-    def create_model(self, model_id, spec, seed=0, device="", compute="COMPUTE_TYPE_UNSPECIFIED",
-                     exist_ok=False, timeout=None):
+    def create_model(self, model_id: str, spec: SpecLike, seed: int = 0, device: str = "",
+                     compute: EnumLike = "COMPUTE_TYPE_UNSPECIFIED", exist_ok: bool = False,
+                     timeout: Optional[float] = None) -> trainer_pb2.ModelInfo:
         """Creates a model; returns its trainer_pb2.ModelInfo.
 
         spec: a ModelSpec, a dict in the proto's JSON form or a JSON string (see ``to_spec``).
@@ -585,17 +614,18 @@ class Client:
                                     f"{'; '.join(differs)})", error.method) from None
         return info
 
-    def get_model(self, model_id, timeout=None):
+    def get_model(self, model_id: str, timeout: Optional[float] = None) -> trainer_pb2.ModelInfo:
         """trainer_pb2.ModelInfo of the model (step, device, sizes, pending passes)."""
         return self._unary("GetModel", trainer_pb2.GetModelRequest(model_id=model_id), True,
                            timeout)
 
-    def list_models(self, timeout=None):
+    def list_models(self, timeout: Optional[float] = None) -> List[trainer_pb2.ModelInfo]:
         """A list of trainer_pb2.ModelInfo, one per model."""
         return list(self._unary("ListModels", trainer_pb2.ListModelsRequest(), True,
                                 timeout).models)
 
-    def delete_model(self, model_id, delete_checkpoints=False, timeout=None):
+    def delete_model(self, model_id: str, delete_checkpoints: bool = False,
+                     timeout: Optional[float] = None) -> None:
         """Deletes the model (and releases its passes). Returns None.
 
         Its checkpoints (server --checkpoint-dir) move to the server's trash of deleted models,
@@ -610,7 +640,8 @@ class Client:
 
     # ------------------------------------------------------------ training
 
-    def forward(self, model_id, x, train=False, timeout=None):
+    def forward(self, model_id: str, x: TensorLike, train: bool = False,
+                timeout: Optional[float] = None) -> ForwardResult:
         """Runs the model on x (numpy [batch, in_features], usually float32).
 
         Returns ForwardResult(output, pass_id, step); output is a torch tensor on x's device
@@ -624,7 +655,9 @@ class Client:
         return ForwardResult(_like(x, to_float32(resp.output, "output")), resp.pass_id,
                              resp.step)
 
-    def backward(self, model_id, pass_id, grad_output, want_grad_input=False, timeout=None):
+    def backward(self, model_id: str, pass_id: str, grad_output: TensorLike,
+                 want_grad_input: bool = False,
+                 timeout: Optional[float] = None) -> Optional[TensorLike]:
         """Backward of one training pass with grad_output (numpy, the pass's output shape).
 
         Returns the gradient w.r.t. the input when want_grad_input (numpy, or a torch tensor on
@@ -640,7 +673,8 @@ class Client:
             return _like(grad_output, to_float32(resp.grad_input, "grad_input"))
         return None
 
-    def release_passes(self, model_id, pass_ids=None, timeout=None):
+    def release_passes(self, model_id: str, pass_ids: Optional[Sequence[str]] = None,
+                       timeout: Optional[float] = None) -> trainer_pb2.ReleasePassesResponse:
         """Releases training passes that will get no Backward: every pending pass of the model
         (pass_ids None), or those of pass_ids, each of which must be pending (else the error
         names it and nothing is released). Returns trainer_pb2.ReleasePassesResponse (released,
@@ -649,7 +683,9 @@ class Client:
         req = trainer_pb2.ReleasePassesRequest(model_id=model_id, pass_ids=list(pass_ids or []))
         return self._unary("ReleasePasses", req, not pass_ids, timeout)
 
-    def update_correlation(self, model_id, expected_step, timeout=None):
+    def update_correlation(self, model_id: str, expected_step: int,
+                           timeout: Optional[float] = None
+                           ) -> trainer_pb2.UpdateCorrelationResponse:
         """Applies the correlation update if the model's step is expected_step.
 
         Returns trainer_pb2.UpdateCorrelationResponse (step, replayed, layers: LayerUpdate with
@@ -658,8 +694,9 @@ class Client:
         req = trainer_pb2.UpdateCorrelationRequest(model_id=model_id, expected_step=expected_step)
         return self._unary("UpdateCorrelation", req, True, timeout)
 
-    def train_step(self, model_id, x, target, loss="mse", expected_step=None, want_output=False,
-                   timeout=None):
+    def train_step(self, model_id: str, x: TensorLike, target: TensorLike, loss: EnumLike = "mse",
+                   expected_step: Optional[int] = None, want_output: bool = False,
+                   timeout: Optional[float] = None) -> TrainStepResult:
         """Forward, loss, backward and update in one call.
 
         loss: "mse" or "cross_entropy" ("ce"), in any case, as the CLI's --loss; or the enum.
@@ -686,7 +723,9 @@ class Client:
         output = _like(x, to_float32(resp.output, "output")) if resp.HasField("output") else None
         return TrainStepResult(resp.loss, resp.step, output, list(resp.layers), resp.replayed)
 
-    def train_stream(self, model_id, batches, loss="mse", expected_step=None, want_output=False):
+    def train_stream(self, model_id: str, batches: Iterable[Tuple[TensorLike, TensorLike]],
+                     loss: EnumLike = "mse", expected_step: Optional[int] = None,
+                     want_output: bool = False) -> Iterator[TrainStepResult]:
         """TrainSteps of ``batches`` (an iterable of (x, target) pairs, numpy arrays or torch
         tensors) over one TrainStream: each is sent without waiting for the answers before it,
         with expected_step counting up from ``expected_step`` (None: the model's step, read
@@ -707,19 +746,22 @@ class Client:
 
     # ------------------------------------------------------------ state
 
-    def export_state(self, model_id, timeout=None):
+    def export_state(self, model_id: str, timeout: Optional[float] = None) -> bytes:
         """The model's whole persistent state as the bytes of one safetensors file (read it with
         tscale.safetensors.loads)."""
         req = trainer_pb2.ExportStateRequest(model_id=model_id)
 
-        def fn(t):
+        def fn(t: Optional[float]) -> bytes:
             stream = self._stub.ExportState(req, timeout=t, metadata=self._metadata)
             return b"".join(chunk.data for chunk in stream)
         return self._call("ExportState", fn, True, timeout)
 
-    def import_state(self, model_id, data, spec=None, device="",
-                     compute="COMPUTE_TYPE_UNSPECIFIED", replace=False, timeout=None,
-                     chunk_bytes=CHUNK_BYTES):
+    def import_state(self, model_id: str,
+                     data: Union[bytes, bytearray, memoryview, str, os.PathLike],
+                     spec: Optional[SpecLike] = None, device: str = "",
+                     compute: EnumLike = "COMPUTE_TYPE_UNSPECIFIED", replace: bool = False,
+                     timeout: Optional[float] = None,
+                     chunk_bytes: int = CHUNK_BYTES) -> trainer_pb2.ModelInfo:
         """Creates (or with replace=True replaces) a model from a state file.
 
         data: the file's bytes, or a path to it. spec: optional (dict/JSON/ModelSpec); without it
@@ -739,7 +781,7 @@ class Client:
         if spec is not None:
             header.spec.CopyFrom(to_spec(spec))
 
-        def requests():
+        def requests() -> Iterator[trainer_pb2.ImportStateRequest]:
             yield trainer_pb2.ImportStateRequest(header=header)
             for off in range(0, len(data), chunk_bytes):
                 yield trainer_pb2.ImportStateRequest(data=bytes(data[off:off + chunk_bytes]))
@@ -749,20 +791,24 @@ class Client:
             lambda t: self._stub.ImportState(requests(), timeout=t, metadata=self._metadata),
             False, timeout)
 
-    def save_checkpoint(self, model_id, timeout=None):
+    def save_checkpoint(self, model_id: str,
+                        timeout: Optional[float] = None) -> trainer_pb2.CheckpointInfo:
         """Writes a checkpoint (server --checkpoint-dir); returns trainer_pb2.CheckpointInfo."""
         return self._unary("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(model_id=model_id),
                            False, timeout)
 
-    def list_checkpoints(self, model_id, timeout=None):
+    def list_checkpoints(self, model_id: str,
+                         timeout: Optional[float] = None) -> List[trainer_pb2.CheckpointInfo]:
         """A list of trainer_pb2.CheckpointInfo of the model's checkpoints."""
         return list(self._unary("ListCheckpoints",
                                 trainer_pb2.ListCheckpointsRequest(model_id=model_id), True,
                                 timeout).checkpoints)
 
-    def restore_checkpoint(self, model_id, name="", device="", compute="COMPUTE_TYPE_UNSPECIFIED",
-                           timeout=None, new_model_id="", discard_newer=False,
-                           from_deleted=False):
+    def restore_checkpoint(self, model_id: str, name: str = "", device: str = "",
+                           compute: EnumLike = "COMPUTE_TYPE_UNSPECIFIED",
+                           timeout: Optional[float] = None, new_model_id: str = "",
+                           discard_newer: bool = False,
+                           from_deleted: bool = False) -> trainer_pb2.ModelInfo:
         """Loads a checkpoint (name "" = the newest valid one); returns trainer_pb2.ModelInfo.
 
         new_model_id restores it as a new model of that id (a branch; model_id's model and
@@ -779,7 +825,8 @@ class Client:
 
     # ------------------------------------------------------------ statistics
 
-    def scale_stats(self, model_id, per_group=False, timeout=None):
+    def scale_stats(self, model_id: str, per_group: bool = False,
+                    timeout: Optional[float] = None) -> trainer_pb2.ScaleStats:
         """trainer_pb2.ScaleStats: per ternary layer the drift (log2 S - E) mean, min, max, mean
         of |drift|, saturated fraction and a histogram; with per_group each layer's log2 S per
         group as an FP32 Tensor (tscale.to_numpy(layer.log2_scale))."""

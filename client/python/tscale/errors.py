@@ -1,5 +1,9 @@
 """The exception every failed tscale call raises."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 import grpc
 
 
@@ -16,7 +20,8 @@ class Error(Exception):
             HOST:PORT (connection refused)").
     """
 
-    def __init__(self, code, message, method="", details=None):
+    def __init__(self, code: grpc.StatusCode, message: str, method: str = "",
+                 details: Optional[str] = None) -> None:
         self.code = code
         self.message = message
         self.method = method
@@ -26,8 +31,9 @@ class Error(Exception):
         super().__init__(f"{where}{name}: {message}")
 
     @classmethod
-    def from_rpc_error(cls, err, method=""):
-        """Wraps a ``grpc.RpcError`` (as raised by the generated stubs)."""
+    def from_rpc_error(cls, err: grpc.RpcError, method: str = "") -> Error:
+        """Wraps a ``grpc.RpcError`` (as raised by the generated stubs) in an Error of its code
+        and details; ``method`` names the API method that failed."""
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code if code is not None else grpc.StatusCode.UNKNOWN, details or "", method)

@@ -17,14 +17,22 @@ re-forming (UNAVAILABLE) is retried with the same expected_step until ``retry_se
 A call that fails raises GroupError, which names the rank whose answer it carries.
 """
 
+from __future__ import annotations
+
 import concurrent.futures
+import os
 import time
+from typing import Any, Callable, List, Optional, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
 
-from tscale.client import Client, TrainStepResult
+from tscale.client import Client, EnumLike, ForwardResult, SpecLike, TrainStepResult
 from tscale.errors import Error
+from tscale.tensors import TensorLike
+from tscale.v1 import trainer_pb2
+
+_T = TypeVar("_T")
 
 # Group failures worth a retry: the group was not formed, or re-forming, or another call met
 # this one (ABORTED). Nothing was applied on any rank.
@@ -34,7 +42,7 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 class GroupError(Error):
     """A group call failed: ``rank`` is the rank whose error this is (the lowest that failed)."""
 
-    def __init__(self, rank, error):
+    def __init__(self, rank: int, error: Error) -> None:
         super().__init__(error.code, f"rank {rank}: {error.message}", error.method)
         self.rank = rank
         self.error = error
@@ -48,7 +56,8 @@ class ReplicaGroup:
         (whose own retries are off unless given: the group retries).
     """
 
-    def __init__(self, addresses, retry_seconds=120.0, **client_options):
+    def __init__(self, addresses: Union[str, Sequence[str]], retry_seconds: float = 120.0,
+                 **client_options: Any) -> None:
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
         if not addresses:
@@ -62,23 +71,25 @@ class ReplicaGroup:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.clients))
 
     @property
-    def size(self):
+    def size(self) -> int:
+        """The number of ranks of the group."""
         return len(self.clients)
 
-    def close(self):
+    def close(self) -> None:
+        """Closes every rank's client (after the calls in flight end)."""
         self._pool.shutdown(wait=True)
         for c in self.clients:
             c.close()
 
-    def __enter__(self):
+    def __enter__(self) -> ReplicaGroup:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # ------------------------------------------------------------ fan-out
 
-    def _each(self, fn):
+    def _each(self, fn: Callable[[int, Client], _T]) -> List[_T]:
         """fn(rank, client) on every rank at once; the results in rank order, or GroupError."""
         futures = [self._pool.submit(fn, r, c) for r, c in enumerate(self.clients)]
         results, failed = [], None
@@ -93,7 +104,7 @@ class ReplicaGroup:
             raise GroupError(*failed)
         return results
 
-    def _group_call(self, fn):
+    def _group_call(self, fn: Callable[[int, Client], _T]) -> List[_T]:
         """A group call, sent again while it fails on the group, within retry_seconds."""
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.2
@@ -108,68 +119,84 @@ class ReplicaGroup:
 
     # ------------------------------------------------------------ reads
 
-    def server_info(self, timeout=None):
+    def server_info(self, timeout: Optional[float] = None) -> List[trainer_pb2.ServerInfo]:
         """trainer_pb2.ServerInfo of every rank (group_size, group_rank, group_formed...)."""
         return self._each(lambda r, c: c.server_info(timeout=timeout))
 
-    def wait_ready(self, timeout=60.0):
-        """Waits until every rank is SERVING (its group formed)."""
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Waits until every rank is SERVING (its group formed); GroupError after ``timeout``."""
         self._each(lambda r, c: c.wait_ready(timeout=timeout))
 
-    def get_model(self, model_id, timeout=None):
+    def get_model(self, model_id: str,
+                  timeout: Optional[float] = None) -> List[trainer_pb2.ModelInfo]:
         """The model's ModelInfo on every rank, in rank order."""
         return self._each(lambda r, c: c.get_model(model_id, timeout=timeout))
 
-    def step(self, model_id, timeout=None):
-        """The model's step; GroupError-like ValueError when the ranks disagree."""
+    def step(self, model_id: str, timeout: Optional[float] = None) -> int:
+        """The model's step (the same on every rank); ValueError when the ranks disagree."""
         steps = [i.step for i in self.get_model(model_id, timeout=timeout)]
         if len(set(steps)) != 1:
             raise ValueError(f"the ranks' replicas of '{model_id}' are at steps {steps}")
         return steps[0]
 
-    def export_states(self, model_id, timeout=None):
+    def export_states(self, model_id: str, timeout: Optional[float] = None) -> List[bytes]:
         """Every rank's state file (bytes), in rank order: equal bytes on a healthy group."""
         return self._each(lambda r, c: c.export_state(model_id, timeout=timeout))
 
     # ------------------------------------------------------------ group calls
 
-    def create_model(self, model_id, spec, seed=0, device="", compute="COMPUTE_TYPE_UNSPECIFIED",
-                     timeout=None):
+    def create_model(self, model_id: str, spec: SpecLike, seed: int = 0, device: str = "",
+                     compute: EnumLike = "COMPUTE_TYPE_UNSPECIFIED",
+                     timeout: Optional[float] = None) -> trainer_pb2.ModelInfo:
         """Creates the model on every rank (the same spec and seed); rank 0's ModelInfo."""
         return self._group_call(lambda r, c: c.create_model(
             model_id, spec, seed=seed, device=device, compute=compute, timeout=timeout))[0]
 
-    def delete_model(self, model_id, delete_checkpoints=False, timeout=None):
+    def delete_model(self, model_id: str, delete_checkpoints: bool = False,
+                     timeout: Optional[float] = None) -> None:
+        """Deletes the model on every rank (see Client.delete_model). Returns None."""
         self._group_call(lambda r, c: c.delete_model(
             model_id, delete_checkpoints=delete_checkpoints, timeout=timeout))
 
-    def import_state(self, model_id, data, **options):
-        """Imports the same state on every rank; rank 0's ModelInfo."""
+    def import_state(self, model_id: str,
+                     data: Union[bytes, bytearray, memoryview, str, os.PathLike],
+                     **options: Any) -> trainer_pb2.ModelInfo:
+        """Imports the same state on every rank; rank 0's ModelInfo. ``options`` go to each
+        rank's Client.import_state."""
         return self._group_call(lambda r, c: c.import_state(model_id, data, **options))[0]
 
-    def save_checkpoint(self, model_id, timeout=None):
-        """Saves a checkpoint on every rank (each in its own --checkpoint-dir)."""
+    def save_checkpoint(self, model_id: str,
+                        timeout: Optional[float] = None) -> List[trainer_pb2.CheckpointInfo]:
+        """Saves a checkpoint on every rank (each in its own --checkpoint-dir); every rank's
+        CheckpointInfo, in rank order."""
         return self._each(lambda r, c: c.save_checkpoint(model_id, timeout=timeout))
 
-    def restore_checkpoint(self, model_id, name="", timeout=None):
+    def restore_checkpoint(self, model_id: str, name: str = "",
+                           timeout: Optional[float] = None) -> trainer_pb2.ModelInfo:
+        """Restores the checkpoint ``name`` ("" = the newest valid one) on every rank; rank 0's
+        ModelInfo."""
         return self._group_call(lambda r, c: c.restore_checkpoint(
             model_id, name=name, timeout=timeout))[0]
 
-    def update_correlation(self, model_id, expected_step, timeout=None):
+    def update_correlation(self, model_id: str, expected_step: int,
+                           timeout: Optional[float] = None
+                           ) -> trainer_pb2.UpdateCorrelationResponse:
         """The group's update of the gradients of every rank's Backward calls; rank 0's answer."""
         return self._group_call(lambda r, c: c.update_correlation(
             model_id, expected_step, timeout=timeout))[0]
 
-    def split(self, x):
-        """The rows of x each rank takes, in rank order (sizes differ by at most one)."""
+    def split(self, x: TensorLike) -> List[TensorLike]:
+        """The rows of x each rank takes, in rank order (sizes differ by at most one); ValueError
+        when x has fewer rows than the group has ranks."""
         n = len(x)
         if n < self.size:
             raise ValueError(f"x: expected at least one row per rank ({self.size}), got {n}")
         bounds = [n * r // self.size for r in range(self.size + 1)]
         return [x[bounds[r]:bounds[r + 1]] for r in range(self.size)]
 
-    def train_step(self, model_id, x, target, loss="mse", expected_step=None, want_output=False,
-                   timeout=None):
+    def train_step(self, model_id: str, x: TensorLike, target: TensorLike, loss: EnumLike = "mse",
+                   expected_step: Optional[int] = None, want_output: bool = False,
+                   timeout: Optional[float] = None) -> TrainStepResult:
         """One TrainStep of the group on the batch (x, target), split across the ranks by rows.
 
         Equals a single server's step on the whole batch, up to the order of float32 summation.
@@ -196,11 +223,15 @@ class ReplicaGroup:
 
     # ------------------------------------------------------------ one rank's passes
 
-    def forward(self, model_id, x, train=False, rank=0, timeout=None):
+    def forward(self, model_id: str, x: TensorLike, train: bool = False, rank: int = 0,
+                timeout: Optional[float] = None) -> ForwardResult:
         """Forward on one rank (passes are held by the rank that made them)."""
         return self.clients[rank].forward(model_id, x, train=train, timeout=timeout)
 
-    def backward(self, model_id, pass_id, grad_output, rank=0, want_grad_input=False,
-                 timeout=None):
+    def backward(self, model_id: str, pass_id: str, grad_output: TensorLike, rank: int = 0,
+                 want_grad_input: bool = False,
+                 timeout: Optional[float] = None) -> Optional[TensorLike]:
+        """Backward of a pass on the rank that made it (see Client.backward): the input gradient
+        when want_grad_input, else None."""
         return self.clients[rank].backward(model_id, pass_id, grad_output,
                                            want_grad_input=want_grad_input, timeout=timeout)

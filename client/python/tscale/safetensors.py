@@ -13,11 +13,17 @@ Arrays come back in native byte order and writable; BF16 tensors decode to float
 bfloat16) and cannot be written.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import struct
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
+
+# The bytes of a file: bytes, bytearray, memoryview (anything of the buffer protocol).
+_Bytes = Union[bytes, bytearray, memoryview]
 
 # safetensors dtype name <-> numpy dtype (little-endian)
 _DTYPES = {
@@ -40,7 +46,8 @@ METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def _parse_header(data):
+def _parse_header(data: memoryview) -> Tuple[Dict[str, Any], int]:
+    """The JSON header of a file's bytes and the offset of its data section."""
     if len(data) < 8:
         raise ValueError(f"safetensors: expected at least 8 bytes, got {len(data)}")
     (n,) = struct.unpack_from("<Q", data, 0)
@@ -55,13 +62,13 @@ def _parse_header(data):
     return header, 8 + n
 
 
-def read_metadata(data):
+def read_metadata(data: _Bytes) -> Dict[str, str]:
     """Returns the ``__metadata__`` map of the file's bytes ({} when there is none)."""
     header, _ = _parse_header(memoryview(data))
     return dict(header.get(METADATA_KEY) or {})
 
 
-def loads(data):
+def loads(data: _Bytes) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """Parses a safetensors file's bytes.
 
     Returns ``(tensors, metadata)``: tensors is a dict name -> numpy array in the order of their
@@ -114,18 +121,20 @@ def loads(data):
     return tensors, dict(metadata)
 
 
-def load(path):
+def load(path: Union[str, os.PathLike]) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """Reads a safetensors file; see ``loads``."""
     with open(path, "rb") as f:
         return loads(f.read())
 
 
-def dumps(tensors, metadata=None, crc=False):
+def dumps(tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None,
+          crc: bool = False) -> bytes:
     """Returns the bytes of a safetensors file holding ``tensors`` (name -> numpy array).
 
     Tensors are laid out in the dict's order. ``metadata`` (str -> str) goes to ``__metadata__``;
     with ``crc=True`` a ``crc32c`` entry of the data section is added (replacing any given).
-    The JSON header is padded with spaces to a multiple of 8 bytes.
+    The JSON header is padded with spaces to a multiple of 8 bytes. Raises ValueError for a bad
+    name, an unsupported dtype or metadata that is not strings.
     """
     header = {}
     chunks = []
@@ -157,7 +166,8 @@ def dumps(tensors, metadata=None, crc=False):
     return struct.pack("<Q", len(text)) + text + body
 
 
-def save(path, tensors, metadata=None, crc=False):
+def save(path: Union[str, os.PathLike], tensors: Mapping[str, np.ndarray],
+         metadata: Optional[Mapping[str, str]] = None, crc: bool = False) -> None:
     """Writes ``dumps(tensors, metadata, crc)`` to ``path`` (via a temporary file and rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -165,7 +175,7 @@ def save(path, tensors, metadata=None, crc=False):
     os.replace(tmp, path)
 
 
-def data_section(data):
+def data_section(data: _Bytes) -> bytes:
     """The bytes after the header (what ``crc32c`` in the metadata covers)."""
     _, start = _parse_header(memoryview(data))
     return bytes(memoryview(data)[start:])
@@ -173,7 +183,7 @@ def data_section(data):
 
 # ---------------------------------------------------------------- CRC-32C (Castagnoli)
 
-def _make_table():
+def _make_table() -> List[int]:
     poly = 0x82F63B78  # reflected 0x1EDC6F41
     table = []
     for i in range(256):
@@ -187,8 +197,9 @@ def _make_table():
 _CRC_TABLE = _make_table()
 
 
-def crc32c(data, crc=0):
-    """CRC-32C of ``data`` (pure Python: fine for files of a few MB)."""
+def crc32c(data: _Bytes, crc: int = 0) -> int:
+    """CRC-32C of ``data`` (pure Python: fine for files of a few MB); ``crc`` continues a CRC of
+    the bytes before ``data``. Returns it as an int."""
     table = _CRC_TABLE
     c = crc ^ 0xFFFFFFFF
     for b in bytes(data):
@@ -196,6 +207,6 @@ def crc32c(data, crc=0):
     return c ^ 0xFFFFFFFF
 
 
-def crc32c_hex(data):
+def crc32c_hex(data: _Bytes) -> str:
     """``crc32c(data)`` as tscale writes it: 8 lowercase hex digits."""
     return f"{crc32c(data):08x}"

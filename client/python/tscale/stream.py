@@ -8,27 +8,42 @@ model's step and resumes from it: the steps the server had applied are not sent 
 them is sent again and answered as a replay, with its loss), so no update is lost or doubled.
 """
 
+from __future__ import annotations
+
 import collections
 import math
 import threading
 import time
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Tuple
 
 import grpc
 
 from tscale.errors import Error
-from tscale.tensors import is_torch, to_float32, to_wire_tensor, torch_to_numpy
+from tscale.tensors import TensorLike, is_torch, to_float32, to_wire_tensor, torch_to_numpy
 from tscale.v1 import trainer_pb2
+
+if TYPE_CHECKING:  # tscale.client imports this module (lazily); numpy is only named in hints
+    import numpy as np
+
+    from tscale.client import Client, TrainStepResult
 
 # Stream failures after which the client resumes from the model's step.
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
               grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def train_stream(client, model_id: str, batches: Iterable[Tuple[Any, Any]], loss_value: int,
-                 expected_step: Optional[int], want_output: bool, result_type,
-                 like) -> Iterator[Any]:
-    """See Client.train_stream."""
+def train_stream(client: Client, model_id: str, batches: Iterable[Tuple[TensorLike, TensorLike]],
+                 loss_value: int, expected_step: Optional[int], want_output: bool,
+                 result_type: Callable[..., TrainStepResult],
+                 like: Callable[[TensorLike, np.ndarray], TensorLike]
+                 ) -> Iterator[TrainStepResult]:
+    """The steps of Client.train_stream (see it), over ``client``'s channel.
+
+    loss_value: the TrainStepRequest.Loss value. result_type: builds each step's result from
+    (loss, step, output, layers, replayed). like: (the step's x, a float32 output) -> the output
+    as the caller gave x (a torch tensor for a torch x). Yields the results in order; raises
+    tscale.Error for a step that failed or a stream that could not be resumed.
+    """
     source = iter(batches)
     if expected_step is None:
         expected_step = client.get_model(model_id).step
@@ -40,7 +55,7 @@ def train_stream(client, model_id: str, batches: Iterable[Tuple[Any, Any]], loss
     resend = []  # steps to send first on the next stream, oldest first
     first_failure = None
 
-    def requests(generation):
+    def requests(generation: int) -> Iterator[trainer_pb2.TrainStepRequest]:
         while True:
             with lock:
                 if generation != state["generation"]:

@@ -10,9 +10,19 @@ Torch tensors of those dtypes are accepted wherever a numpy array is (detached, 
 host when on a GPU). torch is never imported by this package unless a torch tensor is passed.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from tscale.v1 import trainer_pb2
+
+if TYPE_CHECKING:  # torch is imported at run time only when a torch tensor is passed
+    import torch
+
+# A numpy array or a torch tensor (torch is optional, so no narrower hint is possible at run time).
+TensorLike = Any
 
 # numpy dtype (native) -> proto DataType
 _TO_PROTO = {
@@ -36,7 +46,7 @@ _FROM_PROTO = {
 SUPPORTED_DTYPES = tuple(str(d) for d in _TO_PROTO)
 
 
-def is_torch(value):
+def is_torch(value: Any) -> bool:
     """Whether value is a torch tensor (imports torch only when value's type comes from it)."""
     if not type(value).__module__.startswith("torch"):
         return False
@@ -44,9 +54,10 @@ def is_torch(value):
     return isinstance(value, torch.Tensor)
 
 
-def torch_to_numpy(tensor, field="tensor"):
+def torch_to_numpy(tensor: torch.Tensor, field: str = "tensor") -> np.ndarray:
     """A numpy array with the data of a torch tensor (detached; copied to the host from a GPU).
-    ValueError for a dtype numpy or the API lacks (bfloat16, float64, bool, ...)."""
+    ``field`` names the tensor in errors. ValueError for a dtype numpy or the API lacks
+    (bfloat16, float64, bool, ...)."""
     import torch
     supported = {torch.float32, torch.float16, torch.int8, torch.uint8, torch.int32, torch.int64}
     if tensor.dtype not in supported:
@@ -56,18 +67,19 @@ def torch_to_numpy(tensor, field="tensor"):
     return tensor.detach().cpu().numpy()
 
 
-def numpy_to_torch(array, like):
+def numpy_to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A torch tensor with array's data, on the device of the torch tensor ``like``."""
     import torch
     return torch.from_numpy(array).to(like.device)
 
 
-def to_tensor(array, field="tensor"):
-    """Returns a ``trainer_pb2.Tensor`` holding a copy of ``array``.
+def to_tensor(array: TensorLike, field: str = "tensor") -> trainer_pb2.Tensor:
+    """Returns a ``trainer_pb2.Tensor`` holding a copy of ``array`` (``field`` names it in errors).
 
     ``array`` must be a numpy array (or something ``np.asarray`` keeps at a supported dtype, such
     as a numpy scalar) or a torch tensor, of one of SUPPORTED_DTYPES. Non-contiguous and
-    big-endian arrays are converted; the shape is kept as is (0-d included).
+    big-endian arrays are converted; the shape is kept as is (0-d included). Raises ValueError
+    for anything else.
     """
     if is_torch(array):
         array = torch_to_numpy(array, field)
@@ -92,7 +104,7 @@ def to_tensor(array, field="tensor"):
 WIRE_DTYPES = {"fp32": trainer_pb2.FP32, "bf16": trainer_pb2.BF16, "fp16": trainer_pb2.FP16}
 
 
-def to_wire_tensor(array, field, wire):
+def to_wire_tensor(array: TensorLike, field: str, wire: int) -> trainer_pb2.Tensor:
     """Like to_tensor, but a float32 array travels as ``wire`` (trainer_pb2.FP32, BF16 or FP16):
     BF16 by round-to-nearest-even of the float32 bits, FP16 by numpy's conversion (values beyond
     its range, about 65504, become inf, which the server refuses). Other dtypes go as they are."""
@@ -111,16 +123,17 @@ def to_wire_tensor(array, field, wire):
                               data=half.tobytes())
 
 
-def to_float32(tensor, field="tensor"):
+def to_float32(tensor: trainer_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     """to_numpy of a float tensor that may come as FP32, BF16 or FP16, as float32."""
     out = to_numpy(tensor, field)
     return out if out.dtype == np.float32 else out.astype(np.float32)
 
 
-def to_numpy(tensor, field="tensor"):
+def to_numpy(tensor: trainer_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     """Returns a writable numpy array (native byte order) with a copy of ``tensor``'s data.
 
-    Raises ValueError for an unknown dtype or a data size that does not match the shape.
+    ``field`` names the tensor in errors. Raises ValueError for an unknown dtype or a data size
+    that does not match the shape.
     """
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):

@@ -41,7 +41,7 @@ ValueError: convert with ``.float()``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -55,7 +55,8 @@ class _RemoteForward(torch.autograd.Function):
     """Forward(train=True) of a RemoteModel; its backward is the server's Backward of that pass."""
 
     @staticmethod
-    def forward(ctx, x, anchor, remote):
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor,
+                remote: RemoteModel) -> torch.Tensor:
         # anchor: an empty tensor that requires grad, so that autograd records this function and
         # runs its backward even when x needs no gradient (the remote weights always learn).
         del anchor
@@ -68,7 +69,7 @@ class _RemoteForward(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         remote = ctx.remote
         want_grad_input = bool(ctx.needs_input_grad[0])
         grad_input = remote.client.backward(
@@ -144,4 +145,5 @@ class RemoteModel(torch.nn.Module):
         return self.client.release_passes(self.model_id, timeout=self.timeout)
 
     def extra_repr(self) -> str:
+        """The module's line in ``repr``: its model id."""
         return f"model_id={self.model_id!r}"
