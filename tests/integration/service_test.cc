@@ -363,7 +363,7 @@ TEST_F(ServiceTest, TrainingErrors) {
   v1::Tensor as_int = Floats({3, 12});
   as_int.set_dtype(v1::INT32);
   EXPECT_THAT(Forward("m", as_int, true, &f),
-              GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("input.dtype: expected FP32, got INT32")));
+              GrpcIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("input.dtype: expected FP32, BF16 or FP16, got INT32")));
   v1::Tensor negative = Floats({3, 12});
   negative.set_shape(0, -3);
   EXPECT_THAT(Forward("m", negative, true, &f),
@@ -503,7 +503,7 @@ TEST_F(ServiceTest, TrainStepErrors) {
                                          HasSubstr("loss: expected MSE or CROSS_ENTROPY, got LOSS_UNSPECIFIED")));
   req.set_loss(v1::TrainStepRequest::MSE);
   EXPECT_THAT(TrainStep(req, &r), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,
-                                         HasSubstr("target.dtype: expected FP32, got INT64")));
+                                         HasSubstr("target.dtype: expected FP32, BF16 or FP16, got INT64")));
   req.set_loss(v1::TrainStepRequest::CROSS_ENTROPY);
   *req.mutable_target() = Longs({0, 1, 7, 3});
   EXPECT_THAT(TrainStep(req, &r), GrpcIs(grpc::StatusCode::INVALID_ARGUMENT,

@@ -614,7 +614,11 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
     t.set_dtype(good_tensor.dtype() == v1::FP32 ? v1::INT32 : v1::FP32);
     out.push_back({"wrong dtype same size", t, ".dtype"});
     t.set_dtype(v1::FP16);
-    out.push_back({"wrong dtype FP16", t, ".dtype"});
+    // A float tensor may come as FP16 (docs/wire.md), but not with FP32's bytes.
+    out.push_back({"FP16 with another dtype's bytes", t,
+                   good_tensor.dtype() == v1::FP32 ? ".data: expected" : ".dtype"});
+    t.set_dtype(v1::INT8);
+    out.push_back({"wrong dtype INT8", t, ".dtype"});
     out.push_back({"empty tensor", v1::Tensor(), ".dtype"});
     t = good_tensor;
     t.mutable_data()->pop_back();
