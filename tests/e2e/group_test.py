@@ -678,7 +678,9 @@ class NamespaceGroupTest(unittest.TestCase):
 
     def setUp(self):
         self.ns = f"tsg{uuid.uuid4().hex[:6]}"
-        self.host, self.peer = "10.231.0.1", "10.231.0.2"
+        # A /30 of its own, so that runs side by side do not share addresses.
+        subnet = f"10.231.{int(self.ns[3:5], 16)}"
+        self.host, self.peer = f"{subnet}.1", f"{subnet}.2"
         self.veth = f"v{self.ns}"
         if shutil.which("ip") is None:
             self.skipTest("group netns: skipped: no ip command (iproute2)")

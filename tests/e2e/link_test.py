@@ -37,7 +37,7 @@ class SlowLinkTest(ErrorAssertions, unittest.TestCase):
         tag = uuid.uuid4().hex[:6]
         self.ns = f"tsl{tag}"
         self.veth = f"vl{tag}"
-        # A private /24 of its own (the group test uses 10.231.0.0/30).
+        # A private /24 of its own (the group test uses 10.231.x.0/30, link_bench 10.233.x.0/24).
         subnet = f"10.232.{int(tag[:2], 16)}"
         self.host, self.peer = f"{subnet}.1", f"{subnet}.2"
         for tool in ("ip", "tc"):
