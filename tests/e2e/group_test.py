@@ -758,7 +758,7 @@ class NamespaceGroupTest(unittest.TestCase):
                     outcome["result"] = once.train_step("big", xb, yb, expected_step=1)
                 except (tscale.Error, ValueError) as e:
                     outcome["error"] = e
-            t = threading.Thread(target=step)
+            t = threading.Thread(target=step, daemon=True)  # a failure must not hang the run
             t.start()
             time.sleep(0.05)
             subprocess.run(["ip", "link", "set", self.veth + "a", "down"], check=True)

@@ -6,13 +6,18 @@ TrainStep's large answer (want_output) takes seconds to come back.
   the step may have been applied and which step to read; the model is at that step, and sending
   the request again through the client is answered as a replay: applied exactly once;
 - with the client's own retries, the retry after such a deadline finds out by itself (the
-  server's replay of the step it applied).
+  server's replay of the step it applied);
+- a link that dies while a large request is being written (the client's way in slowed to
+  20 Mbit/s, then the link set down): the call ends within its deadline and the client's keepalive
+  timeout, not when the kernel gives up on the connection.
 
 Needs root (ip netns, tc); elsewhere the test prints "link_test: skipped:" and why.
 """
 
 import shutil
 import subprocess
+import threading
+import time
 import unittest
 import uuid
 
@@ -107,6 +112,48 @@ class SlowLinkTest(ErrorAssertions, unittest.TestCase):
                              timeout=DEADLINE_S)
             self.assertEqual((r.step, r.replayed, r.output), (2, True, None))
             self.assertEqual(c.get_model("m").step, 2)
+
+    def test_a_link_that_dies_while_a_request_is_written(self):
+        # A Forward of 64 MB is on its way when the link goes down: the client's socket buffer
+        # stays full and no acknowledgement comes. The call must still end, within its deadline
+        # and the client's keepalive timeout (20 s), not when the kernel gives up on the
+        # connection a quarter of an hour later.
+        with tscale.Client(self.server.address, timeout=60, retries=0) as c:
+            c.create_model("big", {"layers": [{"name": "fc", "ternary_linear": {
+                "in_features": 1024, "out_features": 16}}]}, seed=1)
+            # 16 MB, and the client's way in slowed to 20 Mbit/s: the request takes over 6 s to
+            # write, so that the link surely goes down while it is being written.
+            x = np.random.RandomState(1).randn(4096, 1024).astype(np.float32)
+            shape = ("tc", "qdisc", "add", "dev", self.veth + "a", "root", "tbf", "rate",
+                     "20mbit", "burst", "64kbit", "latency", "400ms")
+            r = run(*shape)
+            if r.returncode != 0:
+                self.skip(f"'{' '.join(shape)}' failed: {r.stderr.strip()}")
+            outcome = {}
+
+            def forward():
+                start = time.monotonic()
+                try:
+                    c.forward("big", x, timeout=DEADLINE_S * 5)
+                    outcome["error"] = None
+                except tscale.Error as e:
+                    outcome["error"] = e
+                outcome["seconds"] = time.monotonic() - start
+            t = threading.Thread(target=forward, daemon=True)
+            t.start()
+            time.sleep(1.0)
+            r = run("ip", "link", "set", self.veth + "a", "down")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            t.join(DEADLINE_S * 5 + 20 + 15)
+            self.assertFalse(t.is_alive(), "the call outlived its deadline and the keepalive "
+                             "timeout")
+            self.assertIsNotNone(outcome["error"], "the Forward crossed a link that was down")
+            self.assertIn(outcome["error"].code,
+                          (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE))
+            print(f"\nlink_test: link down mid-request: the call ended after "
+                  f"{outcome['seconds']:.1f} s with {outcome['error'].code.name} (deadline "
+                  f"{DEADLINE_S * 5:.0f} s)", flush=True)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -433,7 +433,17 @@ class Client:
         opts = dict([("grpc.max_send_message_length", -1),
                      ("grpc.max_receive_message_length", -1),
                      ("grpc.initial_reconnect_backoff_ms", 100),
-                     ("grpc.max_reconnect_backoff_ms", 2000)])
+                     ("grpc.max_reconnect_backoff_ms", 2000),
+                     # Keepalive, as the C++ client: a ping every 60 s and the connection given
+                     # up when no answer comes within 20 s. gRPC also sets TCP_USER_TIMEOUT to
+                     # those 20 s, which is what ends a call whose request was being written
+                     # when the link died: without it the call outlives its deadline until the
+                     # kernel gives up on the connection (about 15 minutes). tscale-server
+                     # accepts pings down to one per 10 s.
+                     ("grpc.keepalive_time_ms", 60000),
+                     ("grpc.keepalive_timeout_ms", 20000),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.max_pings_without_data", 0)])
         if tls_server_name:
             opts["grpc.ssl_target_name_override"] = tls_server_name
         opts.update(options)
