@@ -1,7 +1,38 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that tscale's build, tests and demo need; skips what is there.
 # Idempotent: a second run installs nothing. Needs root (or sudo) only when something is missing.
+#   --build-only  only what building the server, the CLI and the Python client needs (the image's
+#                 build stage: TARGETS="tscale-server tscale tscale_python" scripts/build.sh
+#                 -DTSCALE_BUILD_TESTS=OFF)
+#   --images      also what scripts/test.sh --images needs: buildah, podman, runc, debootstrap
 set -euo pipefail
+
+build_packages=(
+  g++ make cmake pkg-config
+  libtorch-dev libopenblas0-pthread libgloo-dev
+  libabsl-dev
+  libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc
+  prometheus-cpp-dev
+  nlohmann-json3-dev
+  libssl-dev
+)
+image_packages=(
+  buildah podman runc debootstrap
+  containernetworking-plugins iptables  # podman's bridge network (ports published to the host)
+  uidmap  # podman's user namespaces
+  docker-compose  # validates deploy/compose*.yaml (Debian's 1.29)
+)
+
+mode=all
+images=0
+for arg in "$@"; do
+  case "$arg" in
+    --build-only) mode=build ;;
+    --images) images=1 ;;
+    *) echo "install-deps: unknown option $arg (expected --build-only or --images)" >&2; exit 2 ;;
+  esac
+done
 
 packages=(
   # toolchain
@@ -26,6 +57,9 @@ packages=(
   python3-yaml  # tests/deploy/deploy_files_test.py parses the deployment files
   openssl       # TLS tests make their certificates at run time
 )
+
+if [ "$mode" = build ]; then packages=("${build_packages[@]}"); fi
+if [ "$images" = 1 ]; then packages+=("${image_packages[@]}"); fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -7,6 +7,9 @@
 #               tests against the instrumented tscale-server)
 #   --fuzz      also build build-fuzz (clang, -DTSCALE_FUZZ=ON) and run each libFuzzer target for
 #               TSCALE_FUZZ_SECONDS (default 30) from its seed corpus
+#   --images    also build the cpu and demo images with buildah and run them with podman
+#               (scripts/images.sh: the image checks, each Kubernetes variant, compose as a pod);
+#               needs root. Not part of .ci/run: it adds about NN minutes
 #   --long      long runs: exports TSCALE_LONG=1 (load and soak tests run longer) and fuzz targets
 #               run TSCALE_FUZZ_SECONDS (default 300 here) each
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
@@ -15,10 +18,12 @@ cd "$(dirname "$0")/.."
 
 sanitize=0
 fuzz=0
+images=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --sanitize) sanitize=1 ;;
     --fuzz) fuzz=1 ;;
+    --images) images=1 ;;
     --long)
       export TSCALE_LONG=1
       export TSCALE_FUZZ_SECONDS=${TSCALE_FUZZ_SECONDS:-300}
@@ -62,10 +67,11 @@ fuzz_tests() {
     (cd build-fuzz && ctest --output-on-failure -j "$jobs" -L fuzz)
 }
 
-bash scripts/install-deps.sh
+if [ "$images" = 1 ]; then bash scripts/install-deps.sh --images; else bash scripts/install-deps.sh; fi
 stage "tests" main_tests "$@"
 if [ "$sanitize" = 1 ]; then stage "sanitizer tests (build-asan)" sanitizer_tests; fi
 if [ "$fuzz" = 1 ]; then stage "fuzzing (build-fuzz)" fuzz_tests; fi
+if [ "$images" = 1 ]; then stage "images (build-images)" bash scripts/images.sh; fi
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "test.sh: FAILED: ${failed[*]}"
