@@ -87,11 +87,13 @@ mirror() {
            for (i = 1; i <= NF; i++) if ($i ~ /^URIs:/) { split($i, u, " "); print u[2]; exit }
          }' "$f"
   done
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) {
-             if ($(i + 1) == "bookworm") print $i; break } }'
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -e "$f" ] || continue
+    awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) {
+           if ($(i + 1) == "bookworm") print $i; break } }' "$f"
+  done
 }
-url=$(mirror | head -n 1)
+url=$(mirror | awk 'NR == 1')
 if [ -z "$url" ]; then
   echo "images: no Debian bookworm mirror in apt's sources (/etc/apt/sources.list*)" >&2
   exit 1
