@@ -21,6 +21,7 @@ image_packages=(
   buildah podman runc debootstrap
   containernetworking-plugins iptables  # podman's bridge network (ports published to the host)
   uidmap  # podman's user namespaces
+  catatonit  # the init of a pod's infra container (compose as a pod)
   docker-compose  # validates deploy/compose*.yaml (Debian's 1.29)
 )
 
