@@ -138,6 +138,20 @@ done
 
 bridge_before=0
 if ip link show cni-podman0 > /dev/null 2>&1; then bridge_before=1; fi
+cni_chains_before=$(iptables-save 2>/dev/null | grep -c '^:CNI-' || true)
+remove_cni_chains() {  # the chains and jumps podman's CNI plugins add, where none were here before
+  local table rule chain
+  for table in nat filter; do
+    iptables -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j CNI-' | sed 's/^-A /-D /' \
+      | while read -r rule; do eval "iptables -t $table $rule" 2>/dev/null || true; done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^CNI-/ { print $2 }'); do
+      iptables -t "$table" -F "$chain" 2>/dev/null || true
+    done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^CNI-/ { print $2 }'); do
+      iptables -t "$table" -X "$chain" 2>/dev/null || true
+    done
+  done
+}
 cleanup() {
   if [ "${TSCALE_IMAGES_KEEP:-0}" = 1 ]; then
     echo "=== images: kept (TSCALE_IMAGES_KEEP=1): storage in $dir/storage"
@@ -151,6 +165,7 @@ cleanup() {
   podman system reset -f > /dev/null 2>&1 || true
   rm -rf "$dir/storage" "$dir/run" "$dir/tmp" "$dir/cni"
   if [ "$bridge_before" = 0 ]; then ip link del cni-podman0 > /dev/null 2>&1 || true; fi
+  if [ "$cni_chains_before" = 0 ]; then remove_cni_chains; fi
 }
 trap cleanup EXIT
 
