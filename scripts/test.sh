@@ -9,7 +9,7 @@
 #               TSCALE_FUZZ_SECONDS (default 30) from its seed corpus
 #   --images    also build the cpu and demo images with buildah and run them with podman
 #               (scripts/images.sh: the image checks, each Kubernetes variant, compose as a pod);
-#               needs root. Not part of .ci/run: it adds about 14 minutes on 2 cores
+#               needs root. Not part of .ci/run: it adds 13-16 minutes on 2 cores
 #   --long      long runs: exports TSCALE_LONG=1 (load and soak tests run longer) and fuzz targets
 #               run TSCALE_FUZZ_SECONDS (default 300 here) each
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
