@@ -7,9 +7,11 @@
 #   --images      also what scripts/test.sh --images needs: buildah, podman, runc, debootstrap
 set -euo pipefail
 
+# What building the server, the CLI and the Python client needs (find_package in CMakeLists.txt).
 build_packages=(
   g++ make cmake pkg-config
-  libtorch-dev libopenblas0-pthread libgloo-dev
+  libtorch-dev libopenblas0-pthread
+  libgloo-dev  # the headers of LibTorch's ProcessGroupGloo (replica groups, server/group)
   libabsl-dev
   libprotobuf-dev protobuf-compiler
   libgrpc++-dev protobuf-compiler-grpc
@@ -35,20 +37,13 @@ for arg in "$@"; do
   esac
 done
 
+# Everything else: the tests, the benchmarks, the demo.
 packages=(
-  # toolchain
-  g++ make cmake pkg-config git
+  "${build_packages[@]}"
+  git
   # fuzzing (scripts/test.sh --fuzz): clang and its libFuzzer and sanitizer runtimes
   clang libclang-rt-14-dev
-  # C++ libraries (find_package in CMakeLists.txt)
-  libtorch-dev libopenblas0-pthread
-  libgloo-dev  # the headers of LibTorch's ProcessGroupGloo (replica groups, server/group)
   libblas3  # the reference BLAS, on which the golden vectors are bit-equal
-  libabsl-dev
-  libprotobuf-dev protobuf-compiler
-  libgrpc++-dev protobuf-compiler-grpc
-  prometheus-cpp-dev
-  nlohmann-json3-dev
   libgtest-dev libgmock-dev
   # Python clients, interop tests with the reference, the demo
   python3 python3-numpy python3-grpcio python3-protobuf python3-torch
