@@ -5,12 +5,14 @@
 // in the same run, their ratio, the achieved TFLOP/s of the three GEMMs' work, the peak device
 // memory of one step and what of it was already allocated when the step began (the layer's state,
 // cuBLAS's workspaces, the batch), and for TF32 and BF16 how far they are from FP32: the fraction of
-// weight-gradient signs equal to FP32's and the largest output error relative to FP32's largest
-// output; then the times of two of the step's kernels alone: w_eff from the state (weff_ms) and
-// the per-group scores of a weight gradient (score_ms); with --model true, the time of a whole
-// Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1 without). At batch
-// 1 the weight gradient stays in its two factors, as in TrainStep (no weight-gradient GEMM); the
-// floor still counts three GEMMs, and a line after the row times the scores both ways.
+// weight-gradient signs of the mode's GEMM equal to FP32's (sign_agree), the fraction of group
+// scores the step applied equal to FP32's (score_agree) and the largest output error relative to
+// FP32's largest output; then the times of two of the step's kernels alone: w_eff from the state
+// (weff_ms) and the per-group scores of a weight gradient (score_ms); with --model true, the time
+// of a whole Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1
+// without). Where TrainStep keeps the weight gradient in its two factors (batch 1; BF16 and TF32
+// batches up to 16 on CUDA, the packed route, which makes no w_eff either) so does the step; the
+// floor still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
 //
 // Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]
 //                   [--computes FP32,TF32,BF16] [--group-size 32] [--seconds 0.5]
@@ -118,35 +120,41 @@ tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
   return *std::move(layer);
 }
 
-// The step: forward, both gradients, scores and update; returns the output and weight gradient
-// of the step when asked (for the comparison with FP32). With one sample, as TrainStep does, the
-// weight gradient stays in its two factors (the output gradient and the input): the scores come
-// from TernaryLinear::ScoresOfSample and no [out, in] gradient is made. Its exactness flag is
-// checked on the first step of each shape (`check`); random normal inputs never clear it.
+// The step: forward, both gradients, scores and update; returns the output, the weight gradient
+// and the applied scores of the step when asked (for the comparison with FP32). Where a
+// TrainStep keeps the weight gradient in its two factors (one sample, or BF16 and TF32 batches on
+// the packed route: TernaryLinear::Factored), so does the step: the scores come from
+// TernaryLinear::FactorScores and no [out, in] gradient is made (the packed route makes no w_eff
+// either). A sample's exactness flag is checked on the first step of each shape (`check`);
+// random normal inputs never clear it.
 void Step(tscale::core::TernaryLinear& layer, const at::Tensor& x, const at::Tensor& g,
-          at::Tensor* y_out = nullptr, at::Tensor* grad_w_out = nullptr, bool check = false) {
+          at::Tensor* y_out = nullptr, at::Tensor* grad_w_out = nullptr,
+          at::Tensor* scores_out = nullptr, bool check = false) {
   c10::AutoGradMode grad_mode(true);
   const at::Tensor xl = x.detach().requires_grad_(true);
-  const at::Tensor& w = layer.WeightLeaf();
-  at::Tensor pre_bias;
-  const at::Tensor y = layer.Forward(xl, &pre_bias);
-  at::Tensor grad_w;
-  if (x.size(0) == 1) {
+  at::Tensor y, grad_w, scores;
+  if (layer.Factored(x.size(0))) {
+    at::Tensor pre_bias;
+    y = layer.Forward(xl, &pre_bias);
     auto grads = torch::autograd::grad({y}, {xl, pre_bias}, {g});
-    auto sample = layer.ScoresOfSample(grads[1], x);
-    if (check && !sample.exact.item<bool>()) {
+    auto factored = layer.FactorScores(grads[1], x);
+    if (check && factored.exact.defined() && !factored.exact.item<bool>()) {
       std::fprintf(stderr, "layer_step: a product of the sample's factors could underflow\n");
       std::exit(1);
     }
     if (grad_w_out != nullptr) grad_w = layer.WeightGradient(grads[1], x);
-    layer.Apply(sample.scores);
+    scores = factored.scores;
   } else {
+    const at::Tensor& w = layer.WeightLeaf();
+    y = layer.Forward(xl);
     auto grads = torch::autograd::grad({y}, {xl, w}, {g});
     grad_w = grads[1];
-    layer.Apply(layer.Scores(grad_w));
+    scores = layer.Scores(grad_w);
   }
+  layer.Apply(scores);
   if (y_out != nullptr) *y_out = y.detach();
   if (grad_w_out != nullptr) *grad_w_out = grad_w;
+  if (scores_out != nullptr) *scores_out = scores;
 }
 
 std::vector<int64_t> Ints(const std::string& list) {
@@ -207,9 +215,10 @@ int main(int argc, char** argv) {
   std::printf("device %s, group size %lld; ms per step; floor = the three GEMMs in cuBLAS "
               "(or ATen on CPU)\n",
               tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs));
-  std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %9s %10s %9s %8s %8s %9s\n", "size", "batch",
-              "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB", "resid_MiB",
-              "sign_agree", "out_err", "weff_ms", "score_ms", "model_ms");
+  std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %9s %10s %11s %9s %8s %8s %9s\n", "size",
+              "batch", "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB",
+              "resid_MiB", "sign_agree", "score_agree", "out_err", "weff_ms", "score_ms",
+              "model_ms");
   const at::TensorOptions f32 = at::TensorOptions(at::kFloat).device(*device);
   for (int64_t n : Ints(sizes)) {
     for (int64_t b : Ints(batches)) {
@@ -218,27 +227,32 @@ int main(int argc, char** argv) {
       const at::Tensor g = at::randn({b, n}, gen).to(*device);
       // How far each mode is from FP32 on the layer's first step: measured first, and their
       // tensors freed, so that the peak memory below is the step's alone.
-      std::vector<std::pair<double, double>> distance(modes.size(), {1.0, 0.0});
+      struct Distance {
+        double sign_agree = 1, score_agree = 1, out_err = 0;
+      };
+      std::vector<Distance> distance(modes.size());
       {
-        at::Tensor y32, gw32;
+        at::Tensor y32, gw32, s32;
         {
           auto layer = NewLayer(n, gs, ComputeType::kFp32, *device);
-          Step(layer, x, g, &y32, &gw32, /*check=*/true);
+          Step(layer, x, g, &y32, &gw32, &s32, /*check=*/true);
         }
         const double y32_max = y32.abs().max().item<double>();
         for (size_t i = 0; i < modes.size(); ++i) {
           if (modes[i] == ComputeType::kFp32) continue;
           auto layer = NewLayer(n, gs, modes[i], *device);
-          at::Tensor y, gw;
-          Step(layer, x, g, &y, &gw, /*check=*/true);
+          at::Tensor y, gw, sc;
+          Step(layer, x, g, &y, &gw, &sc, /*check=*/true);
           distance[i] = {
               gw.to(at::kFloat).sign().eq(gw32.sign()).to(at::kDouble).mean().item<double>(),
+              sc.eq(s32).to(at::kDouble).mean().item<double>(),
               (y - y32).abs().max().item<double>() / y32_max};
         }
       }
       for (size_t i = 0; i < modes.size(); ++i) {
         const ComputeType mode = modes[i];
-        const auto [agree, err] = distance[i];
+        const double agree = distance[i].sign_agree, err = distance[i].out_err;
+        const double score_agree = distance[i].score_agree;
         auto layer = NewLayer(n, gs, mode, *device);
         Step(layer, x, g);  // step > 0 from here: S from corr_accum, as in training
         Sync(*device);
@@ -296,18 +310,20 @@ int main(int argc, char** argv) {
         double factored_ms = -1, whole_ms = -1;
         if (b == 1) {
           const at::Tensor gy = g.to(at::kFloat);
-          factored_ms = TimeMs(*device, seconds / 4, [&] { layer.ScoresOfSample(gy, x); });
+          factored_ms = TimeMs(*device, seconds / 4, [&] { layer.FactorScores(gy, x); });
           whole_ms = TimeMs(*device, seconds / 4,
                             [&] { layer.Scores(layer.WeightGradient(gy, x)); });
         }
         const double tflops = 3 * 2.0 * b * n * n / (step_ms * 1e-3) / 1e12;
         std::printf(
-            "%6lld %6lld %5s %10.3f %10.3f %6.2f %8.1f %9.1f %9.1f %10.5f %9.2e %8.3f %8.3f %9.3f\n",
+            "%6lld %6lld %5s %10.3f %10.3f %6.2f %8.1f %9.1f %9.1f %10.5f %11.5f %9.2e %8.3f %8.3f "
+            "%9.3f\n",
             static_cast<long long>(n), static_cast<long long>(b),
             mode == ComputeType::kFp32   ? "FP32"
             : mode == ComputeType::kTf32 ? "TF32"
                                          : "BF16",
-            step_ms, floor_ms, step_ms / floor_ms, tflops, peak, resident, agree, err, weff_ms,
+            step_ms, floor_ms, step_ms / floor_ms, tflops, peak, resident, agree, score_agree, err,
+            weff_ms,
             scores_ms, model_ms);
         if (b == 1) {
           std::printf("%6s %6s %5s   batch-1 weight-gradient scores: %.3f ms from the factors, "

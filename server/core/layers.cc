@@ -229,6 +229,14 @@ void TernaryState::Apply(const at::Tensor& scores) {
   ++step_counter_;
 }
 
+bool TernaryState::PackedRouteServes(int64_t batch) const {
+#if TSCALE_WITH_CUDA
+  if (fused()) return cuda::PackedRouteServes(View(), batch);
+#endif
+  (void)batch;
+  return false;
+}
+
 // ---------------------------------------------------------------- TernaryLinear
 
 absl::StatusOr<TernaryLinear> TernaryLinear::Init(const TernaryLinearSpec& spec,
@@ -286,7 +294,7 @@ int64_t TernaryState::device_bytes() const {
 
 int64_t TernaryLinear::device_bytes() const {
   return state_.device_bytes() + (bias_.defined() ? bias_.nbytes() : 0) +
-         (w_eff_.defined() ? w_eff_.nbytes() : 0);
+         (w_eff_.defined() ? w_eff_.nbytes() : 0) + (scale_.defined() ? scale_.nbytes() : 0);
 }
 
 int64_t TernaryLinear::persistent_bytes() const {
@@ -296,6 +304,11 @@ int64_t TernaryLinear::persistent_bytes() const {
 void TernaryLinear::SetCompute(ComputeType compute) {
   compute_ = compute;
   w_eff_.reset();
+  scale_.reset();
+}
+
+bool TernaryLinear::Packed(int64_t batch) const {
+  return compute_ != ComputeType::kFp32 && state_.PackedRouteServes(batch);
 }
 
 const at::Tensor& TernaryLinear::WeightLeaf() {
@@ -363,9 +376,68 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
+#if TSCALE_WITH_CUDA
+// y = x @ (S T)^T on the packed route, with the input gradient as its backward. The weight is
+// not an input of the node: the step takes the weight gradient's scores from its factors.
+struct PackedLinearFunction : public torch::autograd::Function<PackedLinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& packed, const at::Tensor& e,
+                            const at::Tensor& corr_accum, const at::Tensor& scale,
+                            int64_t rows, int64_t cols, int64_t group_size, bool bf16) {
+    ctx->saved_data["packed"] = packed;
+    ctx->saved_data["e"] = e;
+    ctx->saved_data["corr_accum"] = corr_accum;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["cols"] = cols;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["bf16"] = bf16;
+    const cuda::TernaryView view{&packed, &e, &corr_accum, 0, rows, cols, group_size};
+    return cuda::PackedLinear(view, scale, x, bf16);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor grad_x;
+    if (ctx->needs_input_grad(0)) {
+      const at::Tensor packed = ctx->saved_data["packed"].toTensor();
+      const at::Tensor e = ctx->saved_data["e"].toTensor();
+      const at::Tensor corr_accum = ctx->saved_data["corr_accum"].toTensor();
+      const cuda::TernaryView view{&packed,
+                                   &e,
+                                   &corr_accum,
+                                   0,
+                                   ctx->saved_data["rows"].toInt(),
+                                   ctx->saved_data["cols"].toInt(),
+                                   ctx->saved_data["group_size"].toInt()};
+      grad_x = cuda::PackedInputGradient(view, ctx->saved_data["scale"].toTensor(), grads[0],
+                                         ctx->saved_data["bf16"].toBool());
+    }
+    return {grad_x,       at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
 }  // namespace
 
 at::Tensor TernaryLinear::Forward(const at::Tensor& x, at::Tensor* pre_bias) {
+#if TSCALE_WITH_CUDA
+  const bool grad = c10::GradMode::is_enabled();
+  if ((pre_bias != nullptr || !grad) && x.dim() == 2 && Packed(x.size(0))) {
+    const bool bf16 = compute_ == ComputeType::kBf16;
+    if (!scale_.defined()) scale_ = cuda::PackedScale(state_.View(), bf16);
+    const cuda::TernaryView view = state_.View();
+    at::Tensor y =
+        PackedLinearFunction::apply(x, *view.packed, *view.e, *view.corr_accum, scale_, view.rows,
+                                    view.cols, view.group_size, bf16);
+    // The gradient at the pre-bias output is taken even where nothing before it needs one.
+    if (grad && !y.requires_grad()) y.requires_grad_(true);
+    if (pre_bias != nullptr) *pre_bias = y;
+    if (bias_.defined()) y = y + bias_.to(at::kFloat);
+    return y;
+  }
+#endif
   at::Tensor y = LinearFunction::apply(x, WeightLeaf(), static_cast<int64_t>(compute_));
   if (pre_bias != nullptr) *pre_bias = y;
   if (bias_.defined()) y = y + bias_.to(at::kFloat);
@@ -406,6 +478,18 @@ TernaryLinear::SampleScores TernaryLinear::ScoresOfSample(const at::Tensor& g,
   return {scores, exact};
 }
 
+TernaryLinear::SampleScores TernaryLinear::FactorScores(const at::Tensor& g,
+                                                        const at::Tensor& x) const {
+#if TSCALE_WITH_CUDA
+  if (g.dim() == 2 && Packed(g.size(0))) {
+    return {cuda::FactorScores(state_.View(), g.detach(), x.detach(),
+                               compute_ == ComputeType::kBf16),
+            at::Tensor()};
+  }
+#endif
+  return ScoresOfSample(g, x);
+}
+
 at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {
   if (!grad_sum.defined()) {
     return at::zeros({state_.groups()}, at::TensorOptions(at::kLong).device(state_.e().device()));
@@ -416,6 +500,7 @@ at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {
 void TernaryLinear::Apply(const at::Tensor& scores) {
   state_.Apply(scores);
   w_eff_.reset();
+  scale_.reset();
 }
 
 // ---------------------------------------------------------------- TernaryRMSNorm

@@ -86,6 +86,13 @@ class TernaryState {
   at::Tensor ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const;
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
+  // Whether the CUDA kernels' packed route (products and scores straight from the packed trits)
+  // serves a batch: CUDA, batches up to 16, group sizes that are multiples of 32.
+  bool PackedRouteServes(int64_t batch) const;
+#if TSCALE_WITH_CUDA
+  // The state as the CUDA kernels read it; only when the kernels serve it (packed on the device).
+  cuda::TernaryView View() const;
+#endif
 
  private:
   int64_t rows_ = 0, cols_ = 0, group_size_ = 0;
@@ -93,9 +100,6 @@ class TernaryState {
   at::Tensor GroupSums(at::Tensor signed_t) const;
   // Puts T on `device`: packed for the CUDA kernels, else decoded.
   void Place(const at::Tensor& trits, at::Device device);
-#if TSCALE_WITH_CUDA
-  cuda::TernaryView View() const;
-#endif
 
   // Whether the CUDA kernels serve this state: then T lives on the device only packed (0.2 bytes
   // per weight) and is decoded inside the kernels; otherwise it is decoded once to int8.
@@ -131,8 +135,18 @@ class TernaryLinear {
   // x: float32 [batch, in]. The GEMMs of the forward and of both gradients are those of
   // F.linear in FP32 (the same calls, so the same bits); TF32 and BF16 are opt-in. With
   // `pre_bias`, also the output before the bias: the tensor at which autograd's gradient of the
-  // layer's product is taken (the g of g^T x).
+  // layer's product is taken (the g of g^T x). With `pre_bias` or without autograd, a batch the
+  // packed route serves (Packed) runs on it: no w_eff, and autograd then gives no weight
+  // gradient, only the gradients at the pre-bias output and the input (take the scores with
+  // FactorScores).
   at::Tensor Forward(const at::Tensor& x, at::Tensor* pre_bias = nullptr);
+
+  // Whether a batch runs on the packed route: BF16 or TF32 on CUDA, batches up to 16, group sizes
+  // that are multiples of 32. FP32 never does: it keeps cuBLAS's bits, the reference's.
+  bool Packed(int64_t batch) const;
+  // Whether a training step of this batch keeps the weight gradient in its two factors (one
+  // sample, or the packed route): then FactorScores gives the update's scores.
+  bool Factored(int64_t batch) const { return batch == 1 || Packed(batch); }
 
   // Per-group scores of the summed weight gradient (undefined: no gradient, scores 0).
   at::Tensor Scores(const at::Tensor& grad_sum) const;
@@ -154,6 +168,10 @@ class TernaryLinear {
     at::Tensor exact;
   };
   SampleScores ScoresOfSample(const at::Tensor& g, const at::Tensor& x) const;
+  // The scores of the weight gradient g^T x from its factors g [batch, out] (at the pre-bias
+  // output) and x [batch, in], for a batch that Factored() says: on the packed route one fused
+  // kernel (`exact` undefined: the compute type is not exact anyway), else ScoresOfSample.
+  SampleScores FactorScores(const at::Tensor& g, const at::Tensor& x) const;
   // corr_accum -= scores, step_counter += 1; the next forward computes the new w_eff.
   void Apply(const at::Tensor& scores);
 
@@ -166,6 +184,7 @@ class TernaryLinear {
   TernaryState state_;
   at::Tensor bias_;   // int32 [out] on the device, or undefined
   at::Tensor w_eff_;  // cache of the current step, undefined when stale
+  at::Tensor scale_;  // the packed route's S per group of the current step, undefined when stale
   ComputeType compute_ = ComputeType::kFp32;
 };
 

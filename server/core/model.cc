@@ -634,7 +634,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
     for (size_t i = 0; i < linears_.size() && combiner == nullptr; ++i) {
       const bool given = i < extra.size() && extra[i].defined();
       if (sample_inputs != nullptr && given) {
-        auto sample = linears_[i].layer->ScoresOfSample(extra[i], (*sample_inputs)[i]);
+        auto sample = linears_[i].layer->FactorScores(extra[i], (*sample_inputs)[i]);
         scores.push_back(sample.scores);
         exact[i] = sample.exact;
         continue;
@@ -780,12 +780,15 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     step_loss.fingerprint = Fingerprint(input, target, loss);
     std::vector<at::Tensor> weights;
     std::vector<at::Tensor> grads;
-    // One sample and no pending gradient sums: each linear layer's weight gradient is an outer
-    // product, taken in its two factors (the gradient at the layer's pre-bias output and its
-    // input) instead of an [out, in] matrix; autograd then runs no weight-gradient GEMM.
-    const bool factored = group == nullptr && batch == 1 && !linears_.empty() &&
-                          std::all_of(linears_.begin(), linears_.end(),
-                                      [](const Linear& l) { return !l.grad_sum.defined(); });
+    // One sample (or, in BF16 and TF32 on CUDA, a batch of up to 16 on the packed route) and no
+    // pending gradient sums: each linear layer's weight gradient is taken in its two factors (the
+    // gradient at the layer's pre-bias output and its input) instead of an [out, in] matrix;
+    // autograd then runs no weight-gradient GEMM, and the packed route makes no w_eff either.
+    const bool factored =
+        group == nullptr && !linears_.empty() &&
+        std::all_of(linears_.begin(), linears_.end(), [batch](const Linear& l) {
+          return !l.grad_sum.defined() && l.layer->Factored(batch);
+        });
     std::vector<at::Tensor> sample_inputs;
     {
       c10::AutoGradMode grad_mode(true);
@@ -794,7 +797,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
         for (const Linear& l : linears_) *l.tap = Tap();
       });
       for (const Linear& l : linears_) {
-        weights.push_back(l.layer->WeightLeaf());
+        if (!factored) weights.push_back(l.layer->WeightLeaf());
         l.tap->on = factored;
       }
       int64_t bytes = 0;
@@ -817,7 +820,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
                           (static_cast<double>(batch) / static_cast<double>(group->group_batch));
       }
       const at::Tensor& value = step_loss.value;
-      if (!weights.empty()) {
+      if (!linears_.empty()) {
         grads = torch::autograd::grad({value}, factored ? at_outputs : weights, {},
                                       /*retain_graph=*/false, /*create_graph=*/false,
                                       /*allow_unused=*/true);

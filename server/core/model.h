@@ -235,9 +235,10 @@ class Model {
   absl::Status CheckInput(const at::Tensor& input) const;
   // The update from this step's gradient sums plus `extra` (one per linear layer, or empty);
   // commits only when everything has been computed. With `sample_inputs` (one per linear layer),
-  // `extra` holds instead the gradients at the layers' pre-bias outputs of a one-sample pass
-  // whose inputs these are, and no gradient sums are pending: the scores then come from
-  // TernaryLinear::ScoresOfSample, or from the whole gradient where that cannot be exact.
+  // `extra` holds instead the gradients at the layers' pre-bias outputs of a pass whose inputs
+  // these are (one sample, or a batch on the packed route: TernaryLinear::Factored), and no
+  // gradient sums are pending: the scores then come from TernaryLinear::FactorScores, or from
+  // the whole gradient where a sample's factored scores cannot be exact.
   // A TrainStep's loss (a 0-dim device tensor) travels to the host with the update's figures, in
   // the step's one synchronisation; a loss that is not finite stops the update before it commits.
   struct StepLoss {

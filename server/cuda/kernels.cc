@@ -68,7 +68,97 @@ Operand AsOperand(const at::Tensor& m) {
   return {contiguous, false, std::max<int64_t>(c, 1)};
 }
 
+detail::PackedArgs Packed(const TernaryView& t, const float* scale, int64_t batch,
+                          bool bf16) {
+  TORCH_CHECK(PackedRouteServes(t, batch), "packed route: a [", t.rows, ", ", t.cols,
+              "] layer of group size ", t.group_size, " at batch ", batch,
+              ": expected a batch of 1 to ", detail::kMaxPackedBatch,
+              " and a group size that is a multiple of 32");
+  const detail::TernaryArgs a = Args(t);
+  detail::PackedArgs p;
+  p.packed = a.packed;
+  p.scale = scale;
+  p.rows = a.rows;
+  p.cols = a.cols;
+  p.group_size = a.group_size;
+  p.batch = static_cast<int>(batch);
+  p.rounding = bf16 ? detail::Rounding::kBFloat16 : detail::Rounding::kTf32;
+  return p;
+}
+
+const float* ScaleData(const TernaryView& t, const at::Tensor& scale) {
+  TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == t.e->numel(),
+              "packed route: expected the layer's scales, float32 [", t.e->numel(), "]");
+  return scale.data_ptr<float>();
+}
+
+// A [batch, n] operand of the packed route as contiguous float32 on the layer's device.
+at::Tensor Operand2d(const at::Tensor& m, int64_t n, const TernaryView& t, const char* what) {
+  TORCH_CHECK(m.dim() == 2 && m.size(1) == n, "packed route: ", what, " of shape ", m.sizes(),
+              " for a [", t.rows, ", ", t.cols, "] layer");
+  TORCH_CHECK(m.device() == t.packed->device(), "packed route: ", what, " on ", m.device(),
+              ", trits on ", t.packed->device());
+  return m.to(at::kFloat).contiguous();
+}
+
 }  // namespace
+
+bool PackedRouteServes(const TernaryView& t, int64_t batch) {
+  const int64_t gs = std::min(t.group_size, t.cols);
+  return batch >= 1 && batch <= detail::kMaxPackedBatch && t.rows > 0 && t.cols > 0 &&
+         t.cols <= std::numeric_limits<int32_t>::max() && gs % 32 == 0;
+}
+
+at::Tensor PackedScale(const TernaryView& t, bool bf16) {
+  const c10::cuda::CUDAGuard guard(t.packed->device());
+  at::Tensor scale = at::empty({t.e->numel()}, t.packed->options().dtype(at::kFloat));
+  C10_CUDA_CHECK(detail::LaunchScale(
+      Args(t), bf16 ? detail::Rounding::kBFloat16 : detail::Rounding::kTf32,
+      scale.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  return scale;
+}
+
+at::Tensor PackedLinear(const TernaryView& t, const at::Tensor& scale, const at::Tensor& x,
+                        bool bf16) {
+  const c10::cuda::CUDAGuard guard(t.packed->device());
+  const at::Tensor xf = Operand2d(x, t.cols, t, "input");
+  const detail::PackedArgs p = Packed(t, ScaleData(t, scale), xf.size(0), bf16);
+  at::Tensor y = at::empty({xf.size(0), t.rows}, xf.options());
+  C10_CUDA_CHECK(detail::LaunchPackedLinear(p, xf.data_ptr<float>(), y.data_ptr<float>(),
+                                            at::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, const at::Tensor& g,
+                               bool bf16) {
+  const c10::cuda::CUDAGuard guard(t.packed->device());
+  const at::Tensor gf = Operand2d(g, t.rows, t, "output gradient");
+  const detail::PackedArgs p = Packed(t, ScaleData(t, scale), gf.size(0), bf16);
+  at::Tensor grad_x = at::empty({gf.size(0), t.cols}, gf.options());
+  const int64_t scratch = detail::PackedInputGradientScratch(p);
+  at::Tensor partial = at::empty({scratch}, gf.options());
+  C10_CUDA_CHECK(detail::LaunchPackedInputGradient(
+      p, gf.data_ptr<float>(), grad_x.data_ptr<float>(),
+      scratch > 0 ? partial.data_ptr<float>() : nullptr, at::cuda::getCurrentCUDAStream()));
+  return grad_x;
+}
+
+at::Tensor FactorScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x,
+                        bool bf16) {
+  const c10::cuda::CUDAGuard guard(t.packed->device());
+  const at::Tensor gf = Operand2d(g, t.rows, t, "output gradient");
+  const at::Tensor xf = Operand2d(x, t.cols, t, "input");
+  TORCH_CHECK(gf.size(0) == xf.size(0), "factor scores: a batch of ", gf.size(0),
+              " output gradients and ", xf.size(0), " inputs");
+  // No scale: the signs of the gradient do not depend on it.
+  const detail::PackedArgs p = Packed(t, nullptr, gf.size(0), bf16);
+  at::Tensor scores = at::empty({t.e->numel()}, gf.options().dtype(at::kLong));
+  C10_CUDA_CHECK(detail::LaunchFactorScores(p, gf.data_ptr<float>(), xf.data_ptr<float>(),
+                                            scores.data_ptr<int64_t>(),
+                                            at::cuda::getCurrentCUDAStream()));
+  return scores;
+}
 
 at::Tensor EffectiveWeight(const TernaryView& t, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(t.packed->device());

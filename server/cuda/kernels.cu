@@ -8,6 +8,8 @@
 // --use_fast_math.
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "server/cuda/launch.h"
 
 namespace tscale::cuda::detail {
@@ -87,16 +89,48 @@ struct RowWalk {
   }
 };
 
-// S per group, in the reference's operations (see the file comment).
+// S of group g, in the reference's operations (see the file comment).
+__device__ __forceinline__ float ScaleOf(const TernaryArgs& t, int64_t g) {
+  float log2s = static_cast<float>(t.e[g]);
+  if (t.scaled) {
+    const float mean = __fmul_rn(static_cast<float>(t.corr_accum[g]), t.inv_denom);
+    log2s = __fadd_rn(log2s, __fmul_rn(mean, 4.0f));
+  }
+  return exp2f(log2s);
+}
+
 __global__ void ScaleKernel(TernaryArgs t, int64_t groups, float* scale) {
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float log2s = static_cast<float>(t.e[g]);
-    if (t.scaled) {
-      const float mean = __fmul_rn(static_cast<float>(t.corr_accum[g]), t.inv_denom);
-      log2s = __fadd_rn(log2s, __fmul_rn(mean, 4.0f));
-    }
-    scale[g] = exp2f(log2s);
+    scale[g] = ScaleOf(t, g);
+  }
+}
+
+// A float rounded to a TF32 operand: 10 mantissa bits, to nearest, ties away from zero.
+__device__ __forceinline__ float RoundTf32(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return __uint_as_float(r);
+#else
+  return __uint_as_float((__float_as_uint(v) + 0x1000u) & 0xffffe000u);
+#endif
+}
+
+__device__ __forceinline__ float RoundOperand(float v, Rounding r) {
+  return r == Rounding::kBFloat16 ? __bfloat162float(__float2bfloat16_rn(v)) : RoundTf32(v);
+}
+
+// What a GEMM of the compute type writes: bfloat16 results (read back as float32), or float32.
+__device__ __forceinline__ float RoundResult(float v, Rounding r) {
+  return r == Rounding::kBFloat16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
+}
+
+__global__ void RoundedScaleKernel(TernaryArgs t, int64_t groups, Rounding rounding,
+                                   float* scale) {
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    scale[g] = RoundOperand(ScaleOf(t, g), rounding);
   }
 }
 
@@ -316,6 +350,275 @@ dim3 SpanGrid(const TernaryArgs& t) {
 }
 
 
+
+// ---------------------------------------------------------------- Packed trits, small batches
+//
+// For batches up to kMaxPackedBatch the step's three products read the packed trits and the
+// rounded scales directly: the weight w = S T is made in registers, never stored. These products
+// are thin (a batch of at most 16 against a [rows, cols] weight), so their time is the pass over
+// the trits (0.2 bytes per weight); each thread keeps the whole batch in registers and uses every
+// decoded trit for all of it. Sums run in a fixed order: results are the same from run to run.
+// Group sizes are multiples of 32, so that the 32 columns a warp reads at once lie in one group.
+
+// A lane's place in the packed trits (byte and digit), advanced by a fixed stride with additions.
+struct TritCursor {
+  uint64_t byte;
+  unsigned digit;
+  __device__ __forceinline__ void Start(uint64_t n) {
+    byte = n / 5;
+    digit = static_cast<unsigned>(n - byte * 5);
+  }
+  __device__ __forceinline__ int Trit(const uint8_t* packed) const {
+    return TritOf(packed[byte], digit);
+  }
+  __device__ __forceinline__ void Advance(uint64_t stride_byte, unsigned stride_digit) {
+    byte += stride_byte;
+    digit += stride_digit;
+    if (digit >= 5) {
+      digit -= 5;
+      ++byte;
+    }
+  }
+};
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// y [batch, rows] = x [batch, cols] @ w^T. A warp owns kRows rows and walks all their columns,
+// 32 at a time (lane l takes column c0 + l); each lane keeps kRows x kB partial sums, which the
+// warp adds up at the end.
+template <int kB, int kRows>
+__global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, const float* x,
+                                                               float* y) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const unsigned lane = threadIdx.x % 32;
+  const int64_t r0 = warp * kRows;
+  if (r0 >= p.rows) return;
+  const int64_t cols = p.cols;
+  const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
+  const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
+  float acc[kRows][kB];
+  TritCursor at[kRows];
+  const float* scale[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t r = min(r0 + i, p.rows - 1);
+    at[i].Start(static_cast<uint64_t>(r) * cols + lane);
+    scale[i] = p.scale + r * gpr;
+#pragma unroll
+    for (int b = 0; b < kB; ++b) acc[i][b] = 0.0f;
+  }
+  unsigned g = 0, k = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const bool in = c < cols;
+    float xv[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      xv[b] = in && b < p.batch ? RoundOperand(x[b * cols + c], p.rounding) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int t = in ? at[i].Trit(p.packed) : 0;
+      const float w = __fmul_rn(scale[i][g], static_cast<float>(t));
+#pragma unroll
+      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(w, xv[b], acc[i][b]);
+      at[i].Advance(6, 2);  // 32 weights on: 6 bytes and 2 digits
+    }
+    if (++k == steps_per_group) {
+      k = 0;
+      ++g;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int b = 0; b < kB; ++b) acc[i][b] = WarpSum(acc[i][b]);
+  }
+  if (lane != 0) return;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    if (r0 + i >= p.rows) break;
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      if (b < p.batch) y[b * p.rows + r0 + i] = RoundResult(acc[i][b], p.rounding);
+    }
+  }
+}
+
+// grad_x [batch, cols] = g [batch, rows] @ w. A block owns 32 kC columns (kC per lane, 32
+// apart) and a chunk of kChunkRows rows, its warps taking every 8th row of it; the warps' sums
+// meet in shared memory and are added in warp order. With several chunks, each writes its
+// partial sums and PackedReduceKernel adds them in chunk order.
+constexpr int kChunkRows = 256;
+constexpr int kGradCols = 2;
+
+template <int kB, int kC>
+__global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs p,
+                                                                      const float* grad,
+                                                                      float* out, bool partial) {
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kTileCols = 32 * kC;
+  __shared__ float sums[kWarps][kB][kTileCols];
+  const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int64_t cols = p.cols, rows = p.rows;
+  const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
+  const int64_t chunk0 = static_cast<int64_t>(blockIdx.y) * kChunkRows;
+  const int64_t chunk1 = min(chunk0 + kChunkRows, rows);
+  // A warp's row steps are kWarps rows: its cursors move kWarps * cols weights.
+  const uint64_t stride = static_cast<uint64_t>(kWarps) * cols;
+  const uint64_t stride_byte = stride / 5;
+  const unsigned stride_digit = static_cast<unsigned>(stride - stride_byte * 5);
+  float acc[kC][kB];
+  TritCursor at[kC];
+  int64_t group[kC];
+  bool in[kC];
+#pragma unroll
+  for (int j = 0; j < kC; ++j) {
+    const int64_t c = tile0 + lane + 32 * j;
+    in[j] = c < cols;
+    group[j] = min(c, cols - 1) / p.group_size;
+    at[j].Start(static_cast<uint64_t>(chunk0 + w) * cols + min(c, cols - 1));
+#pragma unroll
+    for (int b = 0; b < kB; ++b) acc[j][b] = 0.0f;
+  }
+  for (int64_t r = chunk0 + w; r < chunk1; r += kWarps) {
+    float gv[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      gv[b] = b < p.batch ? RoundOperand(grad[b * rows + r], p.rounding) : 0.0f;
+    }
+    const float* scale = p.scale + r * gpr;
+#pragma unroll
+    for (int j = 0; j < kC; ++j) {
+      const int t = in[j] ? at[j].Trit(p.packed) : 0;
+      const float wt = __fmul_rn(scale[group[j]], static_cast<float>(t));
+#pragma unroll
+      for (int b = 0; b < kB; ++b) acc[j][b] = fmaf(wt, gv[b], acc[j][b]);
+      at[j].Advance(stride_byte, stride_digit);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kC; ++j) {
+#pragma unroll
+    for (int b = 0; b < kB; ++b) sums[w][b][lane + 32 * j] = acc[j][b];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kB * kTileCols; idx += kThreads) {
+    const int b = idx / kTileCols, cc = idx % kTileCols;
+    const int64_t c = tile0 + cc;
+    if (b >= p.batch || c >= cols) continue;
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) total += sums[k][b][cc];
+    if (partial) {
+      out[(static_cast<int64_t>(blockIdx.y) * p.batch + b) * cols + c] = total;
+    } else {
+      out[b * cols + c] = RoundResult(total, p.rounding);
+    }
+  }
+}
+
+// grad_x = the chunks' partial sums added in chunk order.
+__global__ void PackedReduceKernel(PackedArgs p, int64_t chunks, const float* partial,
+                                   float* grad_x) {
+  const int64_t n = static_cast<int64_t>(p.batch) * p.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < chunks; ++k) total += partial[k * n + i];
+    grad_x[i] = RoundResult(total, p.rounding);
+  }
+}
+
+// Scores of g^T x without forming it. A warp owns kRows rows and walks their columns 32 at a
+// time; each lane forms its weight's gradient from the batch in registers (float32 sums in batch
+// order), and the warp adds the signs times trits of each 32 columns (one group's part) in one
+// reduction.
+template <int kB, int kRows>
+__global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, const float* grad,
+                                                               const float* x,
+                                                               int64_t* scores) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const unsigned lane = threadIdx.x % 32;
+  const int64_t r0 = warp * kRows;
+  if (r0 >= p.rows) return;
+  const int64_t cols = p.cols, rows = p.rows;
+  const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
+  const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
+  float gv[kRows][kB];
+  TritCursor at[kRows];
+  int acc[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t r = min(r0 + i, rows - 1);
+    at[i].Start(static_cast<uint64_t>(r) * cols + lane);
+    acc[i] = 0;
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      gv[i][b] = b < p.batch ? RoundOperand(grad[b * rows + r], p.rounding) : 0.0f;
+    }
+  }
+  int64_t g = 0;
+  unsigned k = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const bool in = c < cols;
+    float xv[kB];
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      xv[b] = in && b < p.batch ? RoundOperand(x[b * cols + c], p.rounding) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      float d = 0.0f;
+#pragma unroll
+      for (int b = 0; b < kB; ++b) d = fmaf(gv[i][b], xv[b], d);
+      const int t = in ? at[i].Trit(p.packed) : 0;
+      acc[i] += __reduce_add_sync(0xffffffffu, ((d > 0.0f) - (d < 0.0f)) * t);
+      at[i].Advance(6, 2);
+    }
+    if (++k == steps_per_group || c0 + 32 >= cols) {
+      if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          if (r0 + i < rows) scores[(r0 + i) * gpr + g] = acc[i];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) acc[i] = 0;
+      k = 0;
+      ++g;
+    }
+  }
+}
+
+// Calls f with the smallest instantiated batch width that holds `batch`, as a compile-time
+// constant.
+template <typename F>
+cudaError_t ForBatch(int batch, F&& f) {
+  if (batch <= 1) return f(std::integral_constant<int, 1>{});
+  if (batch <= 2) return f(std::integral_constant<int, 2>{});
+  if (batch <= 4) return f(std::integral_constant<int, 4>{});
+  if (batch <= 8) return f(std::integral_constant<int, 8>{});
+  return f(std::integral_constant<int, 16>{});
+}
+
+// Rows per warp: more rows use each batch column more often; wide batches keep fewer, for
+// registers.
+constexpr int RowsPerWarp(int b) { return b >= 8 ? 4 : 2; }
+
+unsigned WarpBlocks(int64_t rows, int rows_per_warp) {
+  const int64_t warps = (rows + rows_per_warp - 1) / rows_per_warp;
+  return static_cast<unsigned>(Blocks(warps, kThreads / 32, int64_t{1} << 30));
+}
+
+int64_t Chunks(const PackedArgs& p) { return (p.rows + kChunkRows - 1) / kChunkRows; }
+
 }  // namespace
 
 cudaError_t LaunchEffectiveWeight(const TernaryArgs& t, Element out_type, void* out, float* scale,
@@ -404,5 +707,67 @@ cudaError_t LaunchScores(const TernaryArgs& t, Element grad_type, const void* gr
   }
   return cudaGetLastError();
 }
+
+cudaError_t LaunchScale(const TernaryArgs& t, Rounding rounding, float* scale,
+                        cudaStream_t stream) {
+  const int64_t groups = t.rows * ((t.cols + t.group_size - 1) / t.group_size);
+  if (groups == 0) return cudaSuccess;
+  RoundedScaleKernel<<<static_cast<unsigned>(Blocks(groups, kThreads, 1 << 16)), kThreads, 0,
+                       stream>>>(t, groups, rounding, scale);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y,
+                               cudaStream_t stream) {
+  if (p.rows == 0 || p.batch == 0) return cudaSuccess;
+  if (p.cols == 0) return cudaMemsetAsync(y, 0, sizeof(float) * p.batch * p.rows, stream);
+  return ForBatch(p.batch, [&](auto width) {
+    constexpr int kB = decltype(width)::value;
+    constexpr int kRows = RowsPerWarp(kB);
+    PackedLinearKernel<kB, kRows><<<WarpBlocks(p.rows, kRows), kThreads, 0, stream>>>(p, x, y);
+    return cudaGetLastError();
+  });
+}
+
+int64_t PackedInputGradientScratch(const PackedArgs& p) {
+  const int64_t chunks = Chunks(p);
+  return chunks > 1 ? chunks * p.batch * p.cols : 0;
+}
+
+cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float* grad_x,
+                                      float* partial, cudaStream_t stream) {
+  if (p.cols == 0 || p.batch == 0) return cudaSuccess;
+  if (p.rows == 0) return cudaMemsetAsync(grad_x, 0, sizeof(float) * p.batch * p.cols, stream);
+  const int64_t chunks = Chunks(p);
+  const dim3 grid(static_cast<unsigned>((p.cols + 32 * kGradCols - 1) / (32 * kGradCols)),
+                  static_cast<unsigned>(chunks));
+  const bool split = chunks > 1;
+  const cudaError_t err = ForBatch(p.batch, [&](auto width) {
+    constexpr int kB = decltype(width)::value;
+    PackedInputGradientKernel<kB, kGradCols>
+        <<<grid, kThreads, 0, stream>>>(p, g, split ? partial : grad_x, split);
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess || !split) return err;
+  const int64_t n = p.batch * p.cols;
+  PackedReduceKernel<<<static_cast<unsigned>(Blocks(n, kThreads, 1 << 16)), kThreads, 0,
+                       stream>>>(p, chunks, partial, grad_x);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float* x,
+                               int64_t* scores, cudaStream_t stream) {
+  const int64_t groups = p.rows * ((p.cols + p.group_size - 1) / p.group_size);
+  if (groups == 0) return cudaSuccess;
+  if (p.batch == 0) return cudaMemsetAsync(scores, 0, sizeof(int64_t) * groups, stream);
+  return ForBatch(p.batch, [&](auto width) {
+    constexpr int kB = decltype(width)::value;
+    constexpr int kRows = RowsPerWarp(kB);
+    FactorScoresKernel<kB, kRows>
+        <<<WarpBlocks(p.rows, kRows), kThreads, 0, stream>>>(p, g, x, scores);
+    return cudaGetLastError();
+  });
+}
+
 
 }  // namespace tscale::cuda::detail

@@ -37,6 +37,24 @@ at::Tensor Scores(const TernaryView& t, const at::Tensor& grad);
 // model never changes the arithmetic of an FP32 model running at the same time.
 at::Tensor MatmulTf32(const at::Tensor& a, const at::Tensor& b);
 
+// The packed route of small batches: a layer's products and scores straight from the packed
+// trits and S per group, without w_eff or an [rows, cols] weight gradient. It serves batches up to
+// 16 in the BF16 and TF32 compute types (operands rounded as theirs are: `bf16`, else TF32) for
+// group sizes that are multiples of 32.
+bool PackedRouteServes(const TernaryView& t, int64_t batch);
+// S per group rounded to the compute type's operands: float32 [groups].
+at::Tensor PackedScale(const TernaryView& t, bool bf16);
+// y = x @ (S T)^T, float32 [batch, rows] (values rounded to bfloat16 in BF16, as its GEMM writes).
+at::Tensor PackedLinear(const TernaryView& t, const at::Tensor& scale, const at::Tensor& x,
+                        bool bf16);
+// g @ (S T), float32 [batch, cols] (rounded to bfloat16 in BF16).
+at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, const at::Tensor& g,
+                               bool bf16);
+// Per-group scores of the weight gradient g^T x (g [batch, rows], x [batch, cols]) without forming
+// it: the sign of each weight's gradient summed over the batch (float32, in batch order, of the
+// rounded factors), times T, summed per group, as int64 [groups].
+at::Tensor FactorScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x, bool bf16);
+
 }  // namespace tscale::cuda
 
 #endif  // TSCALE_SERVER_CUDA_KERNELS_H_

@@ -31,6 +31,41 @@ cudaError_t LaunchScores(const TernaryArgs& t, Element grad_type, const void* gr
                          int64_t stride_row, int64_t stride_col, int64_t* scores,
                          cudaStream_t stream);
 
+// The packed route of small batches (kernels.cu, "Packed trits"): no w_eff, no [rows, cols]
+// gradient. Operands are rounded as the compute type rounds them: bfloat16 (also the outputs of
+// the forward and the input gradient, as a bfloat16 GEMM writes them) or TF32.
+enum class Rounding { kBFloat16, kTf32 };
+
+// The largest batch of the packed route, and the group sizes it takes: multiples of 32.
+inline constexpr int64_t kMaxPackedBatch = 16;
+
+struct PackedArgs {
+  const uint8_t* packed;
+  const float* scale;  // S per group, already rounded (LaunchScale)
+  int64_t rows, cols, group_size;
+  int batch;
+  Rounding rounding;
+};
+
+// S per group into `scale` (float [groups]), rounded to the compute type's operand format.
+cudaError_t LaunchScale(const TernaryArgs& t, Rounding rounding, float* scale,
+                        cudaStream_t stream);
+
+// y [batch, rows] = x [batch, cols] @ (S T)^T; x and y contiguous float32.
+cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y, cudaStream_t stream);
+
+// grad_x [batch, cols] = g [batch, rows] @ (S T); `partial` is scratch of
+// PackedInputGradientScratch(p) floats (none when it returns 0).
+int64_t PackedInputGradientScratch(const PackedArgs& p);
+cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float* grad_x,
+                                      float* partial, cudaStream_t stream);
+
+// Per-group scores of the weight gradient g^T x without forming it: for each weight, the sign of
+// sum over the batch of g[b, r] x[b, c] (rounded operands, float32 sums in batch order), times
+// T[r, c], summed over the group: int64 [rows * groups per row].
+cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float* x,
+                               int64_t* scores, cudaStream_t stream);
+
 }  // namespace tscale::cuda::detail
 
 #endif  // TSCALE_SERVER_CUDA_LAUNCH_H_

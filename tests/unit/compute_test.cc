@@ -268,6 +268,127 @@ TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
   }
 }
 
+// The packed route (BF16 and TF32, batches up to 16, group sizes that are multiples of 32): the
+// forward, the input gradient and the scores come from the packed trits without w_eff, close to
+// the w_eff route's products (the same rounded operands, sums in another order), the same from
+// run to run, and at batch 1 the scores equal the whole gradient's.
+TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
+  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
+  const c10::Device cuda(c10::kCUDA, 0);
+  struct Shape {
+    int64_t rows, cols, gs;
+    bool served;
+  };
+  // 300 rows: the input gradient's row chunks (256) are added by a second kernel; 257 columns:
+  // a ragged last group and a partial warp; gs 64 over 40 columns is one group of 40: refused.
+  for (const Shape& sh : {Shape{64, 96, 32, true}, Shape{300, 1000, 64, true},
+                          Shape{33, 257, 32, true}, Shape{5, 40, 64, false},
+                          Shape{8, 48, 16, false}}) {
+    for (ComputeType compute : {ComputeType::kBf16, ComputeType::kTf32}) {
+      for (int64_t batch : {1, 3, 16, 17}) {
+        SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs << " "
+                                          << core::ComputeName(compute) << " batch " << batch);
+        core::TernaryLinearSpec spec;
+        spec.in_features = sh.cols;
+        spec.out_features = sh.rows;
+        spec.group_size = sh.gs;
+        at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
+        auto layer = core::TernaryLinear::Init(spec, gen, cuda);
+        ASSERT_TRUE(layer.ok()) << layer.status();
+        layer->SetCompute(compute);
+        // A step on, so that S comes from corr_accum.
+        layer->Apply(layer->Scores(Randn({sh.rows, sh.cols}, 90).to(cuda)));
+        const bool served = sh.served && batch <= 16;
+        ASSERT_EQ(layer->Packed(batch), served);
+        ASSERT_EQ(layer->Factored(batch), served || batch == 1);
+        if (!served) continue;
+        const bool bf16 = compute == ComputeType::kBf16;
+        const at::Tensor x = Randn({batch, sh.cols}, 91).to(cuda);
+        const at::Tensor g = Randn({batch, sh.rows}, 92).to(cuda);
+        const at::Tensor w = layer->state().EffectiveWeight(at::kFloat);
+        auto round = [&](const at::Tensor& t) {
+          return bf16 ? t.to(at::kBFloat16).to(at::kFloat) : t;
+        };
+        auto relative = [](const at::Tensor& a, const at::Tensor& b) {
+          return ((a - b).abs().max() / b.abs().max()).item<double>();
+        };
+        const double tolerance = bf16 ? 1.6e-2 : 2e-3;
+        // Forward without autograd: no w_eff is made.
+        const int64_t before = layer->device_bytes();
+        at::Tensor y;
+        {
+          c10::NoGradGuard no_grad;
+          y = layer->Forward(x);
+        }
+        EXPECT_LT(layer->device_bytes() - before, sh.rows * sh.cols) << "w_eff was made";
+        EXPECT_LT(relative(y, round(x).mm(round(w).t())), tolerance);
+        // The same bits again.
+        {
+          c10::NoGradGuard no_grad;
+          EXPECT_TRUE(BitEqual(layer->Forward(x), y));
+        }
+        // With autograd: the input gradient through the packed node.
+        c10::AutoGradMode grad_mode(true);
+        const at::Tensor xl = x.detach().requires_grad_(true);
+        at::Tensor pre_bias;
+        const at::Tensor yl = layer->Forward(xl, &pre_bias);
+        EXPECT_TRUE(BitEqual(yl.detach(), y));
+        auto grads = torch::autograd::grad({yl}, {xl, pre_bias}, {g});
+        EXPECT_LT(relative(grads[0], round(g).mm(round(w))), tolerance);
+        EXPECT_TRUE(BitEqual(grads[1], g));
+        // The scores from the factors against those of the whole gradient in the compute type.
+        const auto factored = layer->FactorScores(g, x);
+        EXPECT_FALSE(factored.exact.defined());
+        const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x)).to(at::kCPU);
+        const at::Tensor mine = factored.scores.to(at::kCPU);
+        EXPECT_TRUE(at::equal(layer->FactorScores(g, x).scores.to(at::kCPU), mine));
+        EXPECT_GT(whole.abs().sum().item<int64_t>(), 0);
+        if (batch == 1) {
+          EXPECT_TRUE(at::equal(mine, whole));
+        } else {
+          EXPECT_GT(mine.eq(whole).to(at::kDouble).mean().item<double>(), 0.97);
+        }
+      }
+    }
+  }
+}
+
+// TrainStep of a BF16 model at batch 8 runs on the packed route and trains close to FP32.
+TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
+  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
+  const c10::Device cuda(c10::kCUDA, 0);
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc1", "ternary_linear": {"in_features": 128, "out_features": 96, "group_size": 32}},
+    {"name": "act", "activation": {"kind": "GELU"}},
+    {"name": "fc2", "ternary_linear": {"in_features": 96, "out_features": 64, "bias": true,
+                                       "group_size": 32}}]})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  for (ComputeType compute : {ComputeType::kBf16, ComputeType::kTf32}) {
+    SCOPED_TRACE(core::ComputeName(compute));
+    core::ModelOptions options;
+    options.compute = compute;
+    auto fast = Model::Create(*spec, 4, cuda, options);
+    auto exact = Model::Create(*spec, 4, cuda);
+    ASSERT_TRUE(fast.ok() && exact.ok());
+    for (int64_t step = 0; step < 5; ++step) {
+      const at::Tensor x = Randn({8, 128}, 100 + step), t = Randn({8, 64}, 200 + step);
+      auto a = (*fast)->TrainStep(x, t, Loss::kMse, step);
+      auto b = (*exact)->TrainStep(x, t, Loss::kMse, step);
+      ASSERT_TRUE(a.ok()) << a.status();
+      ASSERT_TRUE(b.ok()) << b.status();
+      EXPECT_NEAR(a->loss, b->loss, 0.02 * b->loss);
+    }
+    const auto sa = (*fast)->ExportState().tensors, sb = (*exact)->ExportState().tensors;
+    for (const char* key : {"fc1.corr_accum", "fc2.corr_accum"}) {
+      const double agree = sa.at(key).eq(sb.at(key)).to(at::kDouble).mean().item<double>();
+      EXPECT_GT(agree, 0.8) << key;
+      std::printf("%s packed TrainStep, 5 steps of batch 8: %s equal to FP32's in %.4f of groups\n",
+                  std::string(core::ComputeName(compute)).c_str(), key, agree);
+    }
+    EXPECT_EQ(sa.at("fc2.step_counter").item<int64_t>(), 5);
+  }
+}
+
 // One sample's weight gradient in its two factors: TernaryLinear::ScoresOfSample gives exactly the
 // scores of the whole gradient g^T x, in every compute type, on the test device (CPU, or cuda:0
 // through the scores kernel with a stride-0 gradient), for ragged groups, groups straddling the
