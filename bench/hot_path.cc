@@ -5,11 +5,13 @@
 //
 //   serialize request   the client's encoding of the TrainStepRequest (gRPC does it on send)
 //   parse request       the server's decoding of those bytes (gRPC, before the handler)
-//   tensors from proto  TensorFromProto of input and target (a copy of each into a CPU tensor)
+//   tensors from proto  TensorFromProto of input and target, as TrainStep's handler takes them:
+//                       views of the request's bytes (Hold::kBorrow), no copy
 //   finite checks       input and target are finite, checked on the CPU as TrainStep does
 //   fingerprint         the hash of input's and target's bytes that tells a retry from another
 //                       request (once per applied step)
-//   host to device      input and target to the model's device, completed (0 on the CPU)
+//   host to device      input and target to the model's device as TrainStep moves them
+//                       (core::ToDevice: one page-locked block, one asynchronous copy), completed
 //   core step           Model::TrainStep on the CPU tensors, as the service calls it: the three
 //                       stages above, the forward, loss, backward, update and the step's one copy
 //                       of its figures to the host
@@ -88,8 +90,18 @@ int main(int argc, char** argv) {
   std::string device_name = "cpu";
   int64_t in = 4096, out = 4096, batch = 16;
   int iters = 200, warmup = 20;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
+  for (int i = 1; i < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") {
+      std::printf("usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--iters N] "
+                  "[--warmup N]\n");
+      return 0;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "hot_path: %s: expected a value after it\n", flag.c_str());
+      return 2;
+    }
+    const std::string value = argv[i + 1];
     if (flag == "--device") device_name = value;
     else if (flag == "--in") in = std::stoll(value);
     else if (flag == "--out") out = std::stoll(value);
@@ -111,11 +123,12 @@ int main(int argc, char** argv) {
   *request.mutable_target() = Tensor({batch, out}, 3);
   request.set_loss(v1::TrainStepRequest::MSE);
 
-  std::vector<Stage> stages = {{"serialize request"},  {"parse request"},
-                               {"tensors from proto"}, {"finite checks"},
-                               {"fingerprint"},        {"host to device"},
-                               {"core step"},          {"core step, device"},
-                               {"output to proto"},    {"serialize response"}};
+  std::vector<Stage> stages;
+  for (const char* name : {"serialize request", "parse request", "tensors from proto",
+                           "finite checks", "fingerprint", "host to device", "core step",
+                           "core step, device", "output to proto", "serialize response"}) {
+    stages.push_back(Stage{name, {}});
+  }
   auto timed = [&](size_t stage, bool record, const std::function<void()>& fn) {
     const auto t0 = Clock::now();
     fn();
@@ -132,8 +145,12 @@ int main(int argc, char** argv) {
     timed(1, record, [&] { parsed.ParseFromString(wire); });
     at::Tensor x, t;
     timed(2, record, [&] {
-      x = OrDie(tscale::service::TensorFromProto(parsed.input(), "input", v1::FP32), "input");
-      t = OrDie(tscale::service::TensorFromProto(parsed.target(), "target", v1::FP32), "target");
+      x = OrDie(tscale::service::TensorFromProto(parsed.input(), "input", v1::FP32,
+                                                 tscale::service::Hold::kBorrow),
+                "input");
+      t = OrDie(tscale::service::TensorFromProto(parsed.target(), "target", v1::FP32,
+                                                 tscale::service::Hold::kBorrow),
+                "target");
     });
     bool finite = false;
     timed(3, record, [&] { finite = AllFinite(x) && AllFinite(t); });
@@ -148,8 +165,9 @@ int main(int argc, char** argv) {
     if (hash == 0) std::printf("(a zero hash)\n");
     at::Tensor xd, td;
     timed(5, record, [&] {
-      xd = x.to(device);
-      td = t.to(device);
+      const std::vector<at::Tensor> moved = core::ToDevice({x, t}, device);
+      xd = moved[0];
+      td = moved[1];
       // Completed: a read of one element waits for the copies on the current stream.
       (void)xd[0][0].item<float>();
       (void)td[0][0].item<float>();

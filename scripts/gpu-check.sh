@@ -8,9 +8,9 @@
 # REFERENCE_DIR holds tscale_mini.py, the reference implementation (docs/arithmetic.md, section 9;
 # the host's set-up: docs/gpu.md). Stages: env.txt (device, driver, PyTorch), build.log,
 # golden.log, ctest.log, layer.txt (layer_step), model.txt (layer_step --model true),
-# reference.txt (reference_step.py with the ratios), rpc.txt (rpc_latency against a separate
-# tscale-server on cuda:0 and on cpu). STAGES (space-separated, default all: build golden test
-# layer rpc) picks some; SECONDS_PER_ROW (default 0.25) is layer_step's and reference_step's
+# reference.txt (reference_step.py with the ratios), hot.txt (hot_path: a TrainStep's stages on
+# the server's path), rpc.txt (rpc_latency against a separate tscale-server on cuda:0 and on cpu).
+# STAGES (space-separated, default all: build golden test layer hot rpc) picks some; SECONDS_PER_ROW (default 0.25) is layer_step's and reference_step's
 # --seconds. Each stage's exit status is printed; the script's is the first stage that failed.
 set -uo pipefail
 out="${1:?usage: gpu-check.sh OUTDIR REFERENCE_DIR [build.sh options]}"
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 ref="$(cd "$ref" && pwd)"
-stages=" ${STAGES:-build golden test layer rpc} "
+stages=" ${STAGES:-build golden test layer hot rpc} "
 seconds="${SECONDS_PER_ROW:-0.25}"
 status=0
 
@@ -82,6 +82,13 @@ if [[ "$stages" == *" layer "* ]]; then
     --seconds "$seconds" --sizes 4096 --batches 1,16,256 --model true
   stage reference_step "$out/reference.txt" python3 bench/reference_step.py \
     --reference-dir "$ref" --seconds "$seconds" --ours "$out/layer.txt"
+fi
+
+if [[ "$stages" == *" hot "* ]]; then
+  stage hot_path "$out/hot.txt" bash -c "set -e
+    build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --iters 200 --warmup 20
+    build/bin/hot_path --device cuda:0 --in 64 --out 64 --batch 1 --iters 200 --warmup 20
+    build/bin/hot_path --device cpu --in 64 --out 64 --batch 1 --iters 200 --warmup 20"
 fi
 
 if [[ "$stages" == *" rpc "* ]]; then

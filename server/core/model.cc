@@ -368,6 +368,40 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec, cons
 
 // ---------------------------------------------------------------- training
 
+// From pageable memory each tensor would be a synchronous copy through the driver's staging
+// buffer; the page-locked block comes from LibTorch's caching host allocator (no allocation once
+// warm) and returns to it only once the copy has completed.
+std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::Device device) {
+  std::vector<at::Tensor> out;
+  bool staged = device.is_cuda();
+  int64_t bytes = 0;
+  std::vector<int64_t> offsets;
+  for (const at::Tensor& t : tensors) {
+    staged = staged && t.defined() && t.is_cpu() && t.is_contiguous();
+    // Each view starts on a 16-byte boundary.
+    offsets.push_back(bytes);
+    if (t.defined()) bytes += (t.nbytes() + 15) / 16 * 16;
+  }
+  if (!staged || bytes == 0) {
+    for (const at::Tensor& t : tensors) out.push_back(t.defined() ? t.to(device) : t);
+    return out;
+  }
+  at::Tensor host = at::empty({bytes}, at::TensorOptions(at::kByte).pinned_memory(true));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    std::memcpy(static_cast<char*>(host.data_ptr()) + offsets[i], tensors[i].data_ptr(),
+                tensors[i].nbytes());
+  }
+  const at::Tensor block = host.to(device, /*non_blocking=*/true);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    out.push_back(block.narrow(0, offsets[i], static_cast<int64_t>(t.nbytes()))
+                      .view(t.scalar_type())
+                      .view(t.sizes()));
+  }
+  return out;
+}
+
+
 at::Tensor Model::Run(const at::Tensor& x, int64_t* activation_bytes) {
   at::Tensor h = x;
   for (auto& node : nodes_) {
@@ -759,8 +793,9 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
                                                       " (the model's step), got ", expected_step));
   }
   try {
-    at::Tensor x = input.to(device_);
-    at::Tensor t = target.to(device_);
+    const std::vector<at::Tensor> on_device = ToDevice({input, target}, device_);
+    const at::Tensor& x = on_device[0];
+    const at::Tensor& t = on_device[1];
     if (!AllFinite(input)) {
       return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
     }

@@ -154,7 +154,8 @@ class Model {
   // another request with that stale expected_step is FailedPrecondition.
   // With `group` (a rank of a replica group), the loss is this rank's share of the group's mean
   // over group->group_batch rows, the update is the group's, and the loss returned is the
-  // group's.
+  // group's. `input` and `target` are read during the call only (no reference to them outlives
+  // it), so they may view memory the caller owns, such as a request's bytes.
   absl::StatusOr<TrainStepResult> TrainStep(const at::Tensor& input, const at::Tensor& target,
                                             Loss loss, int64_t expected_step,
                                             const Interrupt& interrupt = nullptr,
@@ -299,6 +300,11 @@ class Model {
   };
   std::optional<LastTrainStep> last_train_ ABSL_GUARDED_BY(mu_);
 };
+
+// Tensors on `device`: on a CUDA device, host tensors go in one asynchronous copy on the current
+// stream (their bytes gathered into one block of page-locked memory, then views of the block on
+// the device); otherwise each as Tensor::to does it.
+std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::Device device);
 
 }  // namespace tscale::core
 

@@ -124,7 +124,8 @@ std::string DataTypeName(int dtype) {
   return absl::StrCat(dtype);
 }
 
-absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field) {
+absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field,
+                                           Hold hold) {
   const DTypeInfo* d = FindProto(t.dtype());
   if (d == nullptr) {
     return absl::InvalidArgumentError(
@@ -156,18 +157,23 @@ absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_vie
         ShapeString(t.shape()), "), got ", t.data().size()));
   }
   std::vector<int64_t> sizes(t.shape().begin(), t.shape().end());
+  const char* data = t.data().data();
+  if (hold == Hold::kBorrow && bytes > 0 &&
+      reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(d->size) == 0) {
+    return at::from_blob(const_cast<char*>(data), sizes, at::TensorOptions(d->torch));
+  }
   at::Tensor out = at::empty(sizes, at::TensorOptions(d->torch));
   if (bytes > 0) std::memcpy(out.data_ptr(), t.data().data(), bytes);
   return out;
 }
 
 absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field,
-                                           v1::DataType dtype) {
+                                           v1::DataType dtype, Hold hold) {
   if (t.dtype() != dtype) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".dtype: expected ", DataTypeName(dtype),
                                                    ", got ", DataTypeName(t.dtype())));
   }
-  return TensorFromProto(t, field);
+  return TensorFromProto(t, field, hold);
 }
 
 void TensorToProto(const at::Tensor& tensor, v1::Tensor* out) {
@@ -179,12 +185,13 @@ void TensorToProto(const at::Tensor& tensor, v1::Tensor* out) {
   out->set_data(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
 }
 
-absl::StatusOr<at::Tensor> FloatTensorFromProto(const v1::Tensor& t, absl::string_view field) {
+absl::StatusOr<at::Tensor> FloatTensorFromProto(const v1::Tensor& t, absl::string_view field,
+                                                Hold hold) {
   if (t.dtype() != v1::FP32 && t.dtype() != v1::BF16 && t.dtype() != v1::FP16) {
     return absl::InvalidArgumentError(absl::StrCat(
         field, ".dtype: expected FP32, BF16 or FP16, got ", DataTypeName(t.dtype())));
   }
-  auto tensor = TensorFromProto(t, field);
+  auto tensor = TensorFromProto(t, field, hold);
   if (!tensor.ok() || t.dtype() == v1::FP32) return tensor;
   return tensor->to(at::kFloat);
 }

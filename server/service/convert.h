@@ -20,18 +20,25 @@ namespace tscale::service {
 int64_t DataTypeSize(v1::DataType dtype);
 std::string DataTypeName(int dtype);  // "FP32", ..., or the number of an unknown value
 
-// A CPU tensor holding a copy of the message's data. Checks the dtype, the shape (dimensions >= 0,
-// at most 8 of them, no overflow) and that data holds exactly prod(shape) * size(dtype) bytes.
-// `field` names the tensor in errors, e.g. "input".
-absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field);
+// How a tensor made from a message holds its data: a copy of its own, or a view of the message's
+// bytes (no copy; valid only while the message lives unchanged, and only where the bytes are
+// aligned for the dtype: otherwise a copy all the same).
+enum class Hold { kCopy, kBorrow };
+
+// A CPU tensor holding the message's data (a copy, or with Hold::kBorrow a view). Checks the
+// dtype, the shape (dimensions >= 0, at most 8 of them, no overflow) and that data holds exactly
+// prod(shape) * size(dtype) bytes. `field` names the tensor in errors, e.g. "input".
+absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field,
+                                           Hold hold = Hold::kCopy);
 // As above, and requires `dtype`.
 absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& t, absl::string_view field,
-                                           v1::DataType dtype);
+                                           v1::DataType dtype, Hold hold = Hold::kCopy);
 // Writes a tensor of a dtype the API has (any device, any layout) as a dense message.
 void TensorToProto(const at::Tensor& tensor, v1::Tensor* out);
 // A float tensor that may come as FP32, BF16 or FP16, as float32 (FP32 as sent; BF16 and FP16
 // converted, exactly: every value of theirs is a float32).
-absl::StatusOr<at::Tensor> FloatTensorFromProto(const v1::Tensor& t, absl::string_view field);
+absl::StatusOr<at::Tensor> FloatTensorFromProto(const v1::Tensor& t, absl::string_view field,
+                                                Hold hold = Hold::kCopy);
 // The dtype a response's float tensor is asked for in (`field`): FP32 for DATA_TYPE_UNSPECIFIED;
 // FP32, BF16 or FP16; else InvalidArgument naming the field.
 absl::StatusOr<v1::DataType> ResponseFloatType(int dtype, absl::string_view field);

@@ -387,11 +387,14 @@ absl::StatusOr<TrainerService::TrainArgs> TrainerService::ParseTrainStep(
               ? v1::TrainStepRequest::Loss_Name(req.loss())
               : absl::StrCat(static_cast<int>(req.loss()))));
   }
-  auto input = FloatTensorFromProto(req.input(), "input");
+  // Views of the request's bytes, not copies: the request outlives the step, and
+  // Model::TrainStep keeps no reference to its tensors.
+  auto input = FloatTensorFromProto(req.input(), "input", Hold::kBorrow);
   if (!input.ok()) return input.status();
   args.input = *std::move(input);
-  auto target = target_dtype == v1::FP32 ? FloatTensorFromProto(req.target(), "target")
-                                         : TensorFromProto(req.target(), "target", target_dtype);
+  auto target = target_dtype == v1::FP32
+                    ? FloatTensorFromProto(req.target(), "target", Hold::kBorrow)
+                    : TensorFromProto(req.target(), "target", target_dtype, Hold::kBorrow);
   if (!target.ok()) return target.status();
   args.target = *std::move(target);
   if (absl::Status s = ResponseFloatType(req.output_dtype(), "output_dtype").status(); !s.ok()) {

@@ -134,7 +134,8 @@ class TrainerService final : public v1::TernaryTrainer::CallbackService {
                              const core::Interrupt& interrupt, const CommitGate& gate = nullptr);
   absl::Status DoForward(const v1::ForwardRequest& req, v1::ForwardResponse* resp);
   absl::Status DoBackward(const v1::BackwardRequest& req, v1::BackwardResponse* resp);
-  // A TrainStep's arguments, converted and checked.
+  // A TrainStep's arguments, converted and checked. input and target may view the request's
+  // bytes (Hold::kBorrow): use them only while the request lives.
   struct TrainArgs {
     std::shared_ptr<core::Model> model;
     core::Loss loss = core::Loss::kMse;
