@@ -381,6 +381,16 @@ struct TritCursor {
   }
 };
 
+// Column c of a [batch, n] operand, rounded, into v (zeros past the batch, or where !in).
+template <int kB>
+__device__ __forceinline__ void LoadColumn(const PackedArgs& p, const float* m, int64_t n,
+                                           int64_t c, bool in, float (&v)[kB]) {
+#pragma unroll
+  for (int b = 0; b < kB; ++b) {
+    v[b] = in && b < p.batch ? RoundOperand(m[b * n + c], p.rounding) : 0.0f;
+  }
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -416,10 +426,7 @@ __global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, con
     const int64_t c = c0 + lane;
     const bool in = c < cols;
     float xv[kB];
-#pragma unroll
-    for (int b = 0; b < kB; ++b) {
-      xv[b] = in && b < p.batch ? RoundOperand(x[b * cols + c], p.rounding) : 0.0f;
-    }
+    LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int t = in ? at[i].Trit(p.packed) : 0;
@@ -488,10 +495,7 @@ __global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs
   }
   for (int64_t r = chunk0 + w; r < chunk1; r += kWarps) {
     float gv[kB];
-#pragma unroll
-    for (int b = 0; b < kB; ++b) {
-      gv[b] = b < p.batch ? RoundOperand(grad[b * rows + r], p.rounding) : 0.0f;
-    }
+    LoadColumn<kB>(p, grad, rows, r, true, gv);
     const float* scale = p.scale + r * gpr;
 #pragma unroll
     for (int j = 0; j < kC; ++j) {
@@ -558,10 +562,7 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, con
     const int64_t r = min(r0 + i, rows - 1);
     at[i].Start(static_cast<uint64_t>(r) * cols + lane);
     acc[i] = 0;
-#pragma unroll
-    for (int b = 0; b < kB; ++b) {
-      gv[i][b] = b < p.batch ? RoundOperand(grad[b * rows + r], p.rounding) : 0.0f;
-    }
+    LoadColumn<kB>(p, grad, rows, r, true, gv[i]);
   }
   int64_t g = 0;
   unsigned k = 0;
@@ -569,10 +570,7 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, con
     const int64_t c = c0 + lane;
     const bool in = c < cols;
     float xv[kB];
-#pragma unroll
-    for (int b = 0; b < kB; ++b) {
-      xv[b] = in && b < p.batch ? RoundOperand(x[b * cols + c], p.rounding) : 0.0f;
-    }
+    LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       float d = 0.0f;

@@ -53,6 +53,20 @@ core::ModelSpec MlpSpec() {
   return *spec;
 }
 
+// A ternary linear layer of `rows` x `cols`, initialised from `seed`, in `compute`.
+absl::StatusOr<core::TernaryLinear> NewLayer(int64_t rows, int64_t cols, int64_t gs,
+                                             uint64_t seed, ComputeType compute,
+                                             c10::Device device) {
+  core::TernaryLinearSpec spec;
+  spec.in_features = cols;
+  spec.out_features = rows;
+  spec.group_size = gs;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto layer = core::TernaryLinear::Init(spec, gen, device);
+  if (layer.ok()) layer->SetCompute(compute);
+  return layer;
+}
+
 bool BitEqual(const at::Tensor& a, const at::Tensor& b) {
   if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return false;
   const at::Tensor ca = a.to(at::kCPU).contiguous(), cb = b.to(at::kCPU).contiguous();
@@ -288,14 +302,8 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
       for (int64_t batch : {1, 3, 16, 17}) {
         SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs << " "
                                           << core::ComputeName(compute) << " batch " << batch);
-        core::TernaryLinearSpec spec;
-        spec.in_features = sh.cols;
-        spec.out_features = sh.rows;
-        spec.group_size = sh.gs;
-        at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
-        auto layer = core::TernaryLinear::Init(spec, gen, cuda);
+        auto layer = NewLayer(sh.rows, sh.cols, sh.gs, 11, compute, cuda);
         ASSERT_TRUE(layer.ok()) << layer.status();
-        layer->SetCompute(compute);
         // A step on, so that S comes from corr_accum.
         layer->Apply(layer->Scores(Randn({sh.rows, sh.cols}, 90).to(cuda)));
         const bool served = sh.served && batch <= 16;
@@ -406,14 +414,8 @@ TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
     for (ComputeType compute : computes) {
       SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs << " "
                                         << core::ComputeName(compute));
-      core::TernaryLinearSpec spec;
-      spec.in_features = sh.cols;
-      spec.out_features = sh.rows;
-      spec.group_size = sh.gs;
-      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
-      auto layer = core::TernaryLinear::Init(spec, gen, device);
+      auto layer = NewLayer(sh.rows, sh.cols, sh.gs, 7, compute, device);
       ASSERT_TRUE(layer.ok()) << layer.status();
-      layer->SetCompute(compute);
       at::Tensor g = Randn({1, sh.rows}, 70).to(device), x = Randn({1, sh.cols}, 71).to(device);
       // Zeros in both factors: their products are zero, and so are their signs.
       g.index_put_({0, 0}, 0.0f);
