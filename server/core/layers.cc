@@ -459,15 +459,33 @@ TernaryLinear::SampleScores TernaryLinear::ScoresOfSample(const at::Tensor& g,
               state_.cols(), "], got ", g.sizes(), " and ", x.sizes());
   const at::Tensor gf = g.detach().to(at::kFloat).flatten();
   const at::Tensor xf = x.detach().to(at::kFloat).flatten();
-  // The smallest nonzero magnitude of each factor (infinity when all are zero).
-  auto smallest = [](const at::Tensor& v) {
-    const at::Tensor a = v.abs();
-    return at::where(a > 0, a, at::full({}, INFINITY, a.options())).min().to(at::kDouble);
-  };
-  const at::Tensor gmin = smallest(gf), xmin = smallest(xf);
   const double normal = std::ldexp(1.0, -126), product = std::ldexp(1.0, -125);
-  const at::Tensor exact = gmin.ge(normal).logical_and(xmin.ge(normal)).logical_and(
-      (gmin * xmin).ge(product));
+  at::Tensor exact;
+  if (gf.is_cpu() && xf.is_cpu()) {
+    // On the CPU one pass over each factor's values: a handful of tensor operations would cost
+    // more than the rest of a small layer's step.
+    auto smallest = [](const at::Tensor& v) {
+      const at::Tensor c = v.contiguous();
+      const float* p = c.data_ptr<float>();
+      double m = INFINITY;
+      for (int64_t i = 0, n = c.numel(); i < n; ++i) {
+        const double a = std::fabs(static_cast<double>(p[i]));
+        if (a > 0 && a < m) m = a;
+      }
+      return m;
+    };
+    const double gmin = smallest(gf), xmin = smallest(xf);
+    exact = at::scalar_tensor(gmin >= normal && xmin >= normal && gmin * xmin >= product,
+                              at::TensorOptions(at::kBool));
+  } else {
+    // The smallest nonzero magnitude of each factor (infinity when all are zero).
+    auto smallest = [](const at::Tensor& v) {
+      const at::Tensor a = v.abs();
+      return at::where(a > 0, a, at::full({}, INFINITY, a.options())).min().to(at::kDouble);
+    };
+    const at::Tensor gmin = smallest(gf), xmin = smallest(xf);
+    exact = gmin.ge(normal).logical_and(xmin.ge(normal)).logical_and((gmin * xmin).ge(product));
+  }
   // Sum over each group's columns of sign(x_c) T[r, c], for every row: the scores of a
   // gradient whose rows are all x ...
   const at::Tensor per_row = state_.ScoresOfRepeatedRow(xf);
