@@ -968,7 +968,7 @@ TEST_F(BadInputTest, EveryRpcRefusesBadInputAndChangesNothing) {
             if (n == "fc1.E") d[0] = 100;
           });
   rebuilt("corr_accum as F32", "fc1.corr_accum",
-          [](std::string& n, DType& t, std::vector<int64_t>& s, std::string& d, bool&) {
+          [](std::string& n, DType& t, std::vector<int64_t>& s, std::string&, bool&) {
             if (n == "fc1.corr_accum") {
               t = DType::kF32;
               s.push_back(2);
