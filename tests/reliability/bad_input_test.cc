@@ -109,7 +109,9 @@ std::string Rebuild(const std::string& bytes,
     std::string data(tv.data);
     bool keep = true;
     edit(name, dtype, shape, data, keep);
-    if (keep) EXPECT_TRUE(writer.Add(name, dtype, shape, data).ok()) << name;
+    if (keep) {
+      EXPECT_TRUE(writer.Add(name, dtype, shape, data).ok()) << name;
+    }
   }
   for (const auto& [k, v] : file->metadata()) {
     if (k != "crc32c") writer.SetMetadata(k, v);
