@@ -19,7 +19,8 @@
 //   output to proto     TensorToProto of the step's output (to the host, and a copy)
 //   serialize response  the server's encoding of the TrainStepResponse
 //
-// Usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--iters N] [--warmup N]
+// Usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--compute FP32|TF32|BF16]
+//                 [--iters N] [--warmup N]
 // Prints the median and p99 of each stage in microseconds.
 #include <algorithm>
 #include <chrono>
@@ -87,14 +88,14 @@ struct Stage {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string device_name = "cpu";
+  std::string device_name = "cpu", compute_name = "FP32";
   int64_t in = 4096, out = 4096, batch = 16;
   int iters = 200, warmup = 20;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
-      std::printf("usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--iters N] "
-                  "[--warmup N]\n");
+      std::printf("usage: hot_path [--device D] [--in N] [--out N] [--batch B] "
+                  "[--compute FP32|TF32|BF16] [--iters N] [--warmup N]\n");
       return 0;
     }
     if (i + 1 >= argc) {
@@ -106,6 +107,7 @@ int main(int argc, char** argv) {
     else if (flag == "--in") in = std::stoll(value);
     else if (flag == "--out") out = std::stoll(value);
     else if (flag == "--batch") batch = std::stoll(value);
+    else if (flag == "--compute") compute_name = value;
     else if (flag == "--iters") iters = std::stoi(value);
     else if (flag == "--warmup") warmup = std::stoi(value);
     else {
@@ -115,7 +117,16 @@ int main(int argc, char** argv) {
   }
   const c10::Device device = OrDie(core::ParseDevice(device_name), "--device");
   const core::ModelSpec spec{{core::LayerSpec{"fc", core::TernaryLinearSpec{in, out, 0, 0.0f, false}}}};
-  auto model = OrDie(core::Model::Create(spec, 1, device), "creating the model");
+  core::ModelOptions options;
+  if (compute_name == "FP32") options.compute = core::ComputeType::kFp32;
+  else if (compute_name == "TF32") options.compute = core::ComputeType::kTf32;
+  else if (compute_name == "BF16") options.compute = core::ComputeType::kBf16;
+  else {
+    std::fprintf(stderr, "hot_path: --compute: expected FP32, TF32 or BF16, got %s\n",
+                 compute_name.c_str());
+    return 2;
+  }
+  auto model = OrDie(core::Model::Create(spec, 1, device, options), "creating the model");
 
   v1::TrainStepRequest request;
   request.set_model_id("bench");
@@ -191,8 +202,8 @@ int main(int argc, char** argv) {
     std::string answer;
     timed(9, record, [&] { response.SerializeToString(&answer); });
   }
-  std::printf("hot_path: %s, layer %lldx%lld, batch %lld, %d iterations: request %zu bytes\n",
-              core::DeviceName(device).c_str(), static_cast<long long>(in),
+  std::printf("hot_path: %s, %s, layer %lldx%lld, batch %lld, %d iterations: request %zu bytes\n",
+              core::DeviceName(device).c_str(), compute_name.c_str(), static_cast<long long>(in),
               static_cast<long long>(out), static_cast<long long>(batch), iters,
               request.ByteSizeLong());
   std::printf("%-20s %10s %10s\n", "stage (us)", "p50", "p99");

@@ -87,6 +87,8 @@ fi
 if [[ "$stages" == *" hot "* ]]; then
   stage hot_path "$out/hot.txt" bash -c "set -e
     build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --iters 200 --warmup 20
+    build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --compute BF16 \
+      --iters 200 --warmup 20
     build/bin/hot_path --device cuda:0 --in 64 --out 64 --batch 1 --iters 200 --warmup 20
     build/bin/hot_path --device cpu --in 64 --out 64 --batch 1 --iters 200 --warmup 20"
 fi
