@@ -231,7 +231,7 @@ void TernaryState::Apply(const at::Tensor& scores) {
 
 bool TernaryState::PackedRouteServes(int64_t batch) const {
 #if TSCALE_WITH_CUDA
-  if (fused()) return cuda::PackedRouteServes(View(), batch);
+  if (fused()) return batch <= kMaxPackedBatch && cuda::PackedRouteServes(View(), batch);
 #endif
   (void)batch;
   return false;

@@ -32,6 +32,10 @@ enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
 inline constexpr int kMinE = -8;
 inline constexpr int kMaxE = 0;
 
+// The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed). The CUDA kernels
+// take up to 16; above this the GEMMs with w_eff are faster (bench/README.md).
+inline constexpr int64_t kMaxPackedBatch = 16;
+
 // The largest step a model counts to: 2^47 steps (at a million steps a second, four years), so
 // that step_counter * group_size, which the scale divides by, stays far inside int64. States
 // beyond it are refused, and an update at it is refused.
@@ -87,7 +91,7 @@ class TernaryState {
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
   // Whether the CUDA kernels' packed route (products and scores straight from the packed trits)
-  // serves a batch: CUDA, batches up to 16, group sizes that are multiples of 32.
+  // serves a batch: CUDA, batches up to kMaxPackedBatch, group sizes that are multiples of 32.
   bool PackedRouteServes(int64_t batch) const;
 #if TSCALE_WITH_CUDA
   // The state as the CUDA kernels read it; only when the kernels serve it (packed on the device).
@@ -141,8 +145,8 @@ class TernaryLinear {
   // FactorScores).
   at::Tensor Forward(const at::Tensor& x, at::Tensor* pre_bias = nullptr);
 
-  // Whether a batch runs on the packed route: BF16 or TF32 on CUDA, batches up to 16, group sizes
-  // that are multiples of 32. FP32 never does: it keeps cuBLAS's bits, the reference's.
+  // Whether a batch runs on the packed route: BF16 or TF32 on CUDA, batches up to
+  // kMaxPackedBatch, group sizes that are multiples of 32. FP32 never does: it keeps cuBLAS's bits, the reference's.
   bool Packed(int64_t batch) const;
   // Whether a training step of this batch keeps the weight gradient in its two factors (one
   // sample, or the packed route): then FactorScores gives the update's scores.

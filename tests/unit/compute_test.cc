@@ -306,7 +306,7 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
         ASSERT_TRUE(layer.ok()) << layer.status();
         // A step on, so that S comes from corr_accum.
         layer->Apply(layer->Scores(Randn({sh.rows, sh.cols}, 90).to(cuda)));
-        const bool served = sh.served && batch <= 16;
+        const bool served = sh.served && batch <= core::kMaxPackedBatch;
         ASSERT_EQ(layer->Packed(batch), served);
         ASSERT_EQ(layer->Factored(batch), served || batch == 1);
         if (!served) continue;
@@ -361,7 +361,7 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
   }
 }
 
-// TrainStep of a BF16 model at batch 8 runs on the packed route and trains close to FP32.
+// TrainStep of a BF16 or TF32 model at a batch of the packed route trains close to FP32.
 TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   const c10::Device cuda(c10::kCUDA, 0);
@@ -371,6 +371,7 @@ TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
     {"name": "fc2", "ternary_linear": {"in_features": 96, "out_features": 64, "bias": true,
                                        "group_size": 32}}]})");
   ASSERT_TRUE(spec.ok()) << spec.status();
+  const int64_t batch = std::min<int64_t>(8, core::kMaxPackedBatch);
   for (ComputeType compute : {ComputeType::kBf16, ComputeType::kTf32}) {
     SCOPED_TRACE(core::ComputeName(compute));
     core::ModelOptions options;
@@ -379,7 +380,7 @@ TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
     auto exact = Model::Create(*spec, 4, cuda);
     ASSERT_TRUE(fast.ok() && exact.ok());
     for (int64_t step = 0; step < 5; ++step) {
-      const at::Tensor x = Randn({8, 128}, 100 + step), t = Randn({8, 64}, 200 + step);
+      const at::Tensor x = Randn({batch, 128}, 100 + step), t = Randn({batch, 64}, 200 + step);
       auto a = (*fast)->TrainStep(x, t, Loss::kMse, step);
       auto b = (*exact)->TrainStep(x, t, Loss::kMse, step);
       ASSERT_TRUE(a.ok()) << a.status();
@@ -390,8 +391,10 @@ TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
     for (const char* key : {"fc1.corr_accum", "fc2.corr_accum"}) {
       const double agree = sa.at(key).eq(sb.at(key)).to(at::kDouble).mean().item<double>();
       EXPECT_GT(agree, 0.8) << key;
-      std::printf("%s packed TrainStep, 5 steps of batch 8: %s equal to FP32's in %.4f of groups\n",
-                  std::string(core::ComputeName(compute)).c_str(), key, agree);
+      std::printf("%s packed TrainStep, 5 steps of batch %lld: %s equal to FP32's in %.4f of "
+                  "groups\n",
+                  std::string(core::ComputeName(compute)).c_str(), static_cast<long long>(batch),
+                  key, agree);
     }
     EXPECT_EQ(sa.at("fc2.step_counter").item<int64_t>(), 5);
   }
