@@ -1,6 +1,8 @@
 // Compute types and the layers' own GEMMs and kernels: FP32 keeps F.linear's bits, BF16 and TF32
 // are opt-in and close to FP32, and on CUDA the fused kernels equal the reference's tensor
 // expressions bit for bit.
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
