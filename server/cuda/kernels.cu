@@ -397,52 +397,42 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-// A warp's columns in the packed kernels: a slice of whole groups, so that a warp's groups are its
-// own. `per_slice` columns (a multiple of the group size), the last slice shorter.
-int64_t SliceColumns(int64_t cols, int64_t group_size, int64_t slices) {
-  const int64_t want = (cols + slices - 1) / slices;
-  return (want + group_size - 1) / group_size * group_size;
-}
-
-// y [batch, rows] = x [batch, cols] @ w^T. A block owns kRows rows; its 8 warps take one slice of
-// the columns each (SliceColumns into 8), 32 at a time (lane l takes column c0 + l), each lane
-// keeping kRows x kB partial sums. Each warp adds its lanes' sums, and the block adds the warps'
-// in warp order.
+// y [batch, rows] = x [batch, cols] @ w^T. A warp owns kRows rows and walks all their columns,
+// 32 at a time (lane l takes column c0 + l); each lane keeps kRows x kB partial sums, which the
+// warp adds up at the end.
 template <int kB, int kRows>
-__global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, int64_t per_slice,
-                                                               const float* x, float* y) {
-  constexpr int kWarps = kThreads / 32;
-  __shared__ float sums[kWarps][kRows][kB];
-  const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
+__global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, const float* x,
+                                                               float* y) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const unsigned lane = threadIdx.x % 32;
+  const int64_t r0 = warp * kRows;
+  if (r0 >= p.rows) return;
   const int64_t cols = p.cols;
   const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
   const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
-  const int64_t begin = min(w * per_slice, cols), end = min(begin + per_slice, cols);
   float acc[kRows][kB];
   TritCursor at[kRows];
   const float* scale[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = min(r0 + i, p.rows - 1);
-    at[i].Start(static_cast<uint64_t>(r) * cols + begin + lane);
+    at[i].Start(static_cast<uint64_t>(r) * cols + lane);
     scale[i] = p.scale + r * gpr;
 #pragma unroll
     for (int b = 0; b < kB; ++b) acc[i][b] = 0.0f;
   }
-  int64_t g = begin / p.group_size;
-  unsigned k = 0;
-  for (int64_t c0 = begin; c0 < end; c0 += 32) {
+  unsigned g = 0, k = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
     const int64_t c = c0 + lane;
-    const bool in = c < end;
+    const bool in = c < cols;
     float xv[kB];
     LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int t = in ? at[i].Trit(p.packed) : 0;
-      const float wt = __fmul_rn(scale[i][g], static_cast<float>(t));
+      const float w = __fmul_rn(scale[i][g], static_cast<float>(t));
 #pragma unroll
-      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(wt, xv[b], acc[i][b]);
+      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(w, xv[b], acc[i][b]);
       at[i].Advance(6, 2);  // 32 weights on: 6 bytes and 2 digits
     }
     if (++k == steps_per_group) {
@@ -453,19 +443,16 @@ __global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, int
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
 #pragma unroll
-    for (int b = 0; b < kB; ++b) {
-      const float v = WarpSum(acc[i][b]);
-      if (lane == 0) sums[w][i][b] = v;
-    }
+    for (int b = 0; b < kB; ++b) acc[i][b] = WarpSum(acc[i][b]);
   }
-  __syncthreads();
-  for (int t = threadIdx.x; t < kRows * kB; t += kThreads) {
-    const int i = t / kB, b = t % kB;
-    if (r0 + i >= p.rows || b >= p.batch) continue;
-    float total = 0.0f;
+  if (lane != 0) return;
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) total += sums[v][i][b];
-    y[b * p.rows + r0 + i] = RoundResult(total, p.rounding);
+  for (int i = 0; i < kRows; ++i) {
+    if (r0 + i >= p.rows) break;
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      if (b < p.batch) y[b * p.rows + r0 + i] = RoundResult(acc[i][b], p.rounding);
+    }
   }
 }
 
@@ -473,7 +460,7 @@ __global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, int
 // apart) and a chunk of kChunkRows rows, its warps taking every 8th row of it; the warps' sums
 // meet in shared memory and are added in warp order. With several chunks, each writes its
 // partial sums and PackedReduceKernel adds them in chunk order.
-constexpr int kChunkRows = 128;
+constexpr int kChunkRows = 256;
 constexpr int kGradCols = 2;
 
 template <int kB, int kC>
@@ -552,22 +539,19 @@ __global__ void PackedReduceKernel(PackedArgs p, int64_t chunks, const float* pa
   }
 }
 
-// Scores of g^T x without forming it. A warp owns kRows rows and one slice of their columns
-// (whole groups, `per_slice` columns), walked 32 at a time; each lane forms its weight's gradient
-// from the batch in registers (float32 sums in batch order), and the warp adds the signs times
-// trits of each 32 columns (one group's part) in one reduction.
+// Scores of g^T x without forming it. A warp owns kRows rows and walks their columns 32 at a
+// time; each lane forms its weight's gradient from the batch in registers (float32 sums in batch
+// order), and the warp adds the signs times trits of each 32 columns (one group's part) in one
+// reduction.
 template <int kB, int kRows>
-__global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, int64_t per_slice,
-                                                               const float* grad,
+__global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, const float* grad,
                                                                const float* x,
                                                                int64_t* scores) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const unsigned lane = threadIdx.x % 32;
+  const int64_t r0 = warp * kRows;
+  if (r0 >= p.rows) return;
   const int64_t cols = p.cols, rows = p.rows;
-  const int64_t slices = (cols + per_slice - 1) / per_slice;
-  const int64_t r0 = warp / slices * kRows;
-  if (r0 >= rows) return;
-  const int64_t begin = warp % slices * per_slice, end = min(begin + per_slice, cols);
   const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
   const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
   float gv[kRows][kB];
@@ -576,15 +560,15 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, int
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = min(r0 + i, rows - 1);
-    at[i].Start(static_cast<uint64_t>(r) * cols + begin + lane);
+    at[i].Start(static_cast<uint64_t>(r) * cols + lane);
     acc[i] = 0;
     LoadColumn<kB>(p, grad, rows, r, true, gv[i]);
   }
-  int64_t g = begin / p.group_size;
+  int64_t g = 0;
   unsigned k = 0;
-  for (int64_t c0 = begin; c0 < end; c0 += 32) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
     const int64_t c = c0 + lane;
-    const bool in = c < end;
+    const bool in = c < cols;
     float xv[kB];
     LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
@@ -596,7 +580,7 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, int
       acc[i] += __reduce_add_sync(0xffffffffu, ((d > 0.0f) - (d < 0.0f)) * t);
       at[i].Advance(6, 2);
     }
-    if (++k == steps_per_group || c0 + 32 >= end) {
+    if (++k == steps_per_group || c0 + 32 >= cols) {
       if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < kRows; ++i) {
@@ -626,9 +610,9 @@ cudaError_t ForBatch(int batch, F&& f) {
 // registers.
 constexpr int RowsPerWarp(int b) { return b >= 8 ? 4 : 2; }
 
-// Columns per warp of the scores kernel: about 256 (8 steps of 32), in whole groups.
-int64_t ScoreSliceColumns(int64_t group_size) {
-  return group_size >= 256 ? group_size : 256 / group_size * group_size;
+unsigned WarpBlocks(int64_t rows, int rows_per_warp) {
+  const int64_t warps = (rows + rows_per_warp - 1) / rows_per_warp;
+  return static_cast<unsigned>(Blocks(warps, kThreads / 32, int64_t{1} << 30));
 }
 
 int64_t Chunks(const PackedArgs& p) { return (p.rows + kChunkRows - 1) / kChunkRows; }
@@ -738,11 +722,7 @@ cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y,
   return ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
     constexpr int kRows = RowsPerWarp(kB);
-    const int64_t per_slice = SliceColumns(p.cols, p.group_size, kThreads / 32);
-    const int64_t blocks = (p.rows + kRows - 1) / kRows;
-    if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
-    PackedLinearKernel<kB, kRows>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, per_slice, x, y);
+    PackedLinearKernel<kB, kRows><<<WarpBlocks(p.rows, kRows), kThreads, 0, stream>>>(p, x, y);
     return cudaGetLastError();
   });
 }
@@ -781,13 +761,8 @@ cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float*
   return ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
     constexpr int kRows = RowsPerWarp(kB);
-    const int64_t per_slice = ScoreSliceColumns(p.group_size);
-    const int64_t warps =
-        (p.rows + kRows - 1) / kRows * ((p.cols + per_slice - 1) / per_slice);
-    const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
-    if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
     FactorScoresKernel<kB, kRows>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, per_slice, g, x, scores);
+        <<<WarpBlocks(p.rows, kRows), kThreads, 0, stream>>>(p, g, x, scores);
     return cudaGetLastError();
   });
 }
