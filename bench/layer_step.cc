@@ -11,7 +11,7 @@
 // (weff_ms) and the per-group scores of a weight gradient (score_ms); with --model true, the time
 // of a whole Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1
 // without). Where TrainStep keeps the weight gradient in its two factors (batch 1; BF16 and TF32
-// batches up to 16 on CUDA, the packed route, which makes no w_eff either) so does the step; the
+// batches of the packed route on CUDA, which makes no w_eff either) so does the step; the
 // floor still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
 //
 // Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]

@@ -33,8 +33,10 @@ inline constexpr int kMinE = -8;
 inline constexpr int kMaxE = 0;
 
 // The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed). The CUDA kernels
-// take up to 16; above this the GEMMs with w_eff are faster (bench/README.md).
-inline constexpr int64_t kMaxPackedBatch = 16;
+// take batches up to 16, but measured on an H100 they beat the GEMMs with w_eff only at batch 1:
+// at batch 16 their step took 0.62 ms against 0.20 (bench/README.md), so larger batches keep the
+// GEMMs.
+inline constexpr int64_t kMaxPackedBatch = 1;
 
 // The largest step a model counts to: 2^47 steps (at a million steps a second, four years), so
 // that step_counter * group_size, which the scale divides by, stays far inside int64. States

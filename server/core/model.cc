@@ -815,7 +815,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     step_loss.fingerprint = Fingerprint(input, target, loss);
     std::vector<at::Tensor> weights;
     std::vector<at::Tensor> grads;
-    // One sample (or, in BF16 and TF32 on CUDA, a batch of up to 16 on the packed route) and no
+    // One sample (or, in BF16 and TF32 on CUDA, a batch the packed route takes) and no
     // pending gradient sums: each linear layer's weight gradient is taken in its two factors (the
     // gradient at the layer's pre-bias output and its input) instead of an [out, in] matrix;
     // autograd then runs no weight-gradient GEMM, and the packed route makes no w_eff either.
