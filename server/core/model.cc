@@ -401,7 +401,6 @@ std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::De
   return out;
 }
 
-
 at::Tensor Model::Run(const at::Tensor& x, int64_t* activation_bytes) {
   at::Tensor h = x;
   for (auto& node : nodes_) {

@@ -137,7 +137,8 @@ at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, co
   const detail::PackedArgs p = Packed(t, ScaleData(t, scale), gf.size(0), bf16);
   at::Tensor grad_x = at::empty({gf.size(0), t.cols}, gf.options());
   const int64_t scratch = detail::PackedInputGradientScratch(p);
-  at::Tensor partial = at::empty({scratch}, gf.options());
+  // Scratch only where row chunks are added in a second pass: no allocation otherwise.
+  const at::Tensor partial = scratch > 0 ? at::empty({scratch}, gf.options()) : at::Tensor();
   C10_CUDA_CHECK(detail::LaunchPackedInputGradient(
       p, gf.data_ptr<float>(), grad_x.data_ptr<float>(),
       scratch > 0 ? partial.data_ptr<float>() : nullptr, at::cuda::getCurrentCUDAStream()));
