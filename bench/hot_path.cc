@@ -18,6 +18,11 @@
 //   core step, device   Model::TrainStep on tensors already on the model's device
 //   output to proto     TensorToProto of the step's output (to the host, and a copy)
 //   serialize response  the server's encoding of the TrainStepResponse
+// and three floors of a small step's fixed cost on the device, against which "core step" reads:
+//   floor: one read     one kernel on a one-element tensor and its value read on the host
+//   floor: 20 launches  twenty such kernels, then one read
+//   floor: autograd     a two-kernel graph on a [64] leaf, its gradient by torch::autograd::grad
+//                       (on CUDA through autograd's device thread), then one read
 //
 // Usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--compute FP32|TF32|BF16]
 //                 [--iters N] [--warmup N]
@@ -32,6 +37,8 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "absl/hash/hash.h"
 #include "absl/strings/string_view.h"
@@ -137,7 +144,8 @@ int main(int argc, char** argv) {
   std::vector<Stage> stages;
   for (const char* name : {"serialize request", "parse request", "tensors from proto",
                            "finite checks", "fingerprint", "host to device", "core step",
-                           "core step, device", "output to proto", "serialize response"}) {
+                           "core step, device", "output to proto", "serialize response",
+                           "floor: one read", "floor: 20 launches", "floor: autograd"}) {
     stages.push_back(Stage{name, {}});
   }
   auto timed = [&](size_t stage, bool record, const std::function<void()>& fn) {
@@ -146,6 +154,8 @@ int main(int argc, char** argv) {
     const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
     if (record) stages[stage].us.push_back(us);
   };
+  at::Tensor one = at::zeros({1}, at::TensorOptions(at::kFloat).device(device));
+  const at::Tensor leaf = at::ones({64}, one.options()).requires_grad_(true);
   int64_t step = 0;
   for (int i = 0; i < warmup + iters; ++i) {
     const bool record = i >= warmup;
@@ -201,6 +211,16 @@ int main(int argc, char** argv) {
     response.set_step(result.update.step);
     std::string answer;
     timed(9, record, [&] { response.SerializeToString(&answer); });
+    timed(10, record, [&] { (void)one.add_(1).item<float>(); });
+    timed(11, record, [&] {
+      for (int k = 0; k < 20; ++k) one.add_(1);
+      (void)one.item<float>();
+    });
+    timed(12, record, [&] {
+      c10::AutoGradMode grad_mode(true);
+      const at::Tensor y = (leaf * 2).sum();
+      (void)torch::autograd::grad({y}, {leaf})[0][0].item<float>();
+    });
   }
   std::printf("hot_path: %s, %s, layer %lldx%lld, batch %lld, %d iterations: request %zu bytes\n",
               core::DeviceName(device).c_str(), compute_name.c_str(), static_cast<long long>(in),

@@ -3,8 +3,9 @@
 // each shape, batch and compute type. Each row prints the step's time, the cuBLAS floor of the
 // step's three GEMMs (forward, input gradient, weight gradient) in the same compute type measured
 // in the same run, their ratio, the achieved TFLOP/s of the three GEMMs' work, the peak device
-// memory of one step and what of it was already allocated when the step began (the layer's state,
-// cuBLAS's workspaces, the batch), and for TF32 and BF16 how far they are from FP32: the fraction of
+// memory of one step and what of it was already allocated when the step began (the layer's state
+// and the batch; cuBLAS's workspaces are released before it, so that a step counts those its own
+// GEMMs take, as the reference's count does), and for TF32 and BF16 how far they are from FP32: the fraction of
 // weight-gradient signs of the mode's GEMM equal to FP32's (sign_agree), the fraction of group
 // scores the step applied equal to FP32's (score_agree) and the largest output error relative to
 // FP32's largest output; then the times of two of the step's kernels alone: w_eff from the state
@@ -13,10 +14,13 @@
 // without). Where TrainStep keeps the weight gradient in its two factors (batch 1; BF16 and TF32
 // batches of the packed route on CUDA, which makes no w_eff either) so does the step; the
 // floor still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
+// --packed-max-batch sets the layers' packed batch limit (TernaryLinear::SetPackedBatchLimit;
+// default kMaxPackedBatch, 0 for none, at most 16): two runs that differ in it show where the
+// packed route stops paying on a device. The model of --model keeps the default.
 //
 // Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]
 //                   [--computes FP32,TF32,BF16] [--group-size 32] [--seconds 0.5]
-//                   [--model true|false]
+//                   [--model true|false] [--packed-max-batch N]
 // Each measurement repeats until --seconds have passed (at least 5 times) after 3 warm-up steps.
 #include <algorithm>
 #include <chrono>
@@ -37,6 +41,7 @@
 #include "server/core/layers.h"
 #include "server/core/model.h"
 #if TSCALE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 
@@ -57,6 +62,15 @@ void Sync(const c10::Device& device) {
 void ResetPeak(const c10::Device& device) {
 #if TSCALE_WITH_CUDA
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  (void)device;
+}
+
+// Frees cuBLAS's workspaces (one per stream that ran a GEMM, kept for the process's life), which
+// earlier rows left: a GEMM of the next step takes its own again.
+void ReleaseWorkspaces(const c10::Device& device) {
+#if TSCALE_WITH_CUDA
+  if (device.is_cuda()) at::cuda::clearCublasWorkspaces();
 #endif
   (void)device;
 }
@@ -104,6 +118,9 @@ at::Tensor Mm(const at::Tensor& a, const at::Tensor& b, ComputeType compute) {
   return a.mm(b);
 }
 
+// The largest batch of the packed route (--packed-max-batch).
+int64_t packed_max_batch = tscale::core::kMaxPackedBatch;
+
 tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
                                      const c10::Device& device) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
@@ -117,6 +134,7 @@ tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
     std::exit(1);
   }
   layer->SetCompute(compute);
+  layer->SetPackedBatchLimit(packed_max_batch);
   return *std::move(layer);
 }
 
@@ -187,6 +205,7 @@ int main(int argc, char** argv) {
     else if (flag == "--group-size") gs = std::stoll(value);
     else if (flag == "--seconds") seconds = std::stod(value);
     else if (flag == "--model") with_model = value == "true";
+    else if (flag == "--packed-max-batch") packed_max_batch = std::stoll(value);
     else {
       std::fprintf(stderr, "layer_step: unknown flag %s\n", flag.c_str());
       return 2;
@@ -212,9 +231,15 @@ int main(int argc, char** argv) {
 #if !TSCALE_WITH_CUDA
   modes.erase(std::remove(modes.begin(), modes.end(), ComputeType::kTf32), modes.end());
 #endif
-  std::printf("device %s, group size %lld; ms per step; floor = the three GEMMs in cuBLAS "
-              "(or ATen on CPU)\n",
-              tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs));
+  if (packed_max_batch < 0 || packed_max_batch > 16) {
+    std::fprintf(stderr, "layer_step: --packed-max-batch: expected 0 to 16, got %lld\n",
+                 static_cast<long long>(packed_max_batch));
+    return 2;
+  }
+  std::printf("device %s, group size %lld, packed route up to batch %lld; ms per step; floor = "
+              "the three GEMMs in cuBLAS (or ATen on CPU)\n",
+              tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs),
+              static_cast<long long>(packed_max_batch));
   std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %9s %10s %11s %9s %8s %8s %9s\n", "size",
               "batch", "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB",
               "resid_MiB", "sign_agree", "score_agree", "out_err", "weff_ms", "score_ms",
@@ -256,6 +281,7 @@ int main(int argc, char** argv) {
         auto layer = NewLayer(n, gs, mode, *device);
         Step(layer, x, g);  // step > 0 from here: S from corr_accum, as in training
         Sync(*device);
+        ReleaseWorkspaces(*device);
         ResetPeak(*device);
         const double resident = AllocatedMiB(*device, /*peak=*/false);
         Step(layer, x, g);

@@ -231,7 +231,7 @@ void TernaryState::Apply(const at::Tensor& scores) {
 
 bool TernaryState::PackedRouteServes(int64_t batch) const {
 #if TSCALE_WITH_CUDA
-  if (fused()) return batch <= kMaxPackedBatch && cuda::PackedRouteServes(View(), batch);
+  if (fused()) return cuda::PackedRouteServes(View(), batch);
 #endif
   (void)batch;
   return false;
@@ -308,7 +308,8 @@ void TernaryLinear::SetCompute(ComputeType compute) {
 }
 
 bool TernaryLinear::Packed(int64_t batch) const {
-  return compute_ != ComputeType::kFp32 && state_.PackedRouteServes(batch);
+  return compute_ != ComputeType::kFp32 && batch <= packed_batch_limit_ &&
+         state_.PackedRouteServes(batch);
 }
 
 const at::Tensor& TernaryLinear::WeightLeaf() {

@@ -32,10 +32,10 @@ enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
 inline constexpr int kMinE = -8;
 inline constexpr int kMaxE = 0;
 
-// The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed). The CUDA kernels
-// take batches up to 16, but measured on an H100 they beat the GEMMs with w_eff only at batch 1:
-// at batch 16 their step took 0.62 ms against 0.20 (bench/README.md), so larger batches keep the
-// GEMMs.
+// The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed) unless a layer
+// is told otherwise (SetPackedBatchLimit). The CUDA kernels take batches up to 16, but measured on
+// an H100 they beat the GEMMs with w_eff only at batch 1: at batch 16 their step took 0.62 ms
+// against 0.20 (bench/README.md), so larger batches keep the GEMMs.
 inline constexpr int64_t kMaxPackedBatch = 1;
 
 // The largest step a model counts to: 2^47 steps (at a million steps a second, four years), so
@@ -93,7 +93,7 @@ class TernaryState {
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
   // Whether the CUDA kernels' packed route (products and scores straight from the packed trits)
-  // serves a batch: CUDA, batches up to kMaxPackedBatch, group sizes that are multiples of 32.
+  // can serve a batch: CUDA, batches up to the kernels' 16, group sizes that are multiples of 32.
   bool PackedRouteServes(int64_t batch) const;
 #if TSCALE_WITH_CUDA
   // The state as the CUDA kernels read it; only when the kernels serve it (packed on the device).
@@ -147,9 +147,14 @@ class TernaryLinear {
   // FactorScores).
   at::Tensor Forward(const at::Tensor& x, at::Tensor* pre_bias = nullptr);
 
-  // Whether a batch runs on the packed route: BF16 or TF32 on CUDA, batches up to
-  // kMaxPackedBatch, group sizes that are multiples of 32. FP32 never does: it keeps cuBLAS's bits, the reference's.
+  // Whether a batch runs on the packed route: BF16 or TF32 on CUDA, batches up to the packed
+  // batch limit, group sizes that are multiples of 32. FP32 never does: it keeps cuBLAS's bits,
+  // the reference's.
   bool Packed(int64_t batch) const;
+  // The largest batch Packed() takes: kMaxPackedBatch unless set, at most the kernels' 16 (0:
+  // none). For benchmarks that find where the route stops paying on a device, and tests of its
+  // kernels at every batch they take.
+  void SetPackedBatchLimit(int64_t limit) { packed_batch_limit_ = limit; }
   // Whether a training step of this batch keeps the weight gradient in its two factors (one
   // sample, or the packed route): then FactorScores gives the update's scores.
   bool Factored(int64_t batch) const { return batch == 1 || Packed(batch); }
@@ -192,6 +197,7 @@ class TernaryLinear {
   at::Tensor w_eff_;  // cache of the current step, undefined when stale
   at::Tensor scale_;  // the packed route's S per group of the current step, undefined when stale
   ComputeType compute_ = ComputeType::kFp32;
+  int64_t packed_batch_limit_ = kMaxPackedBatch;
 };
 
 // Ternary RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (S * T). Its state is frozen: nothing updates

@@ -2,6 +2,7 @@
 // are opt-in and close to FP32, and on CUDA the fused kernels equal the reference's tensor
 // expressions bit for bit.
 #include <algorithm>
+#include <functional>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -284,11 +285,12 @@ TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
   }
 }
 
-// The packed route (BF16 and TF32, batches up to kMaxPackedBatch, group sizes that are multiples
-// of 32): the forward, the input gradient and the scores come from the packed trits without
-// w_eff, close to the w_eff route's products (the same rounded operands, sums in another order),
-// the same from run to run, and at batch 1 the scores equal the whole gradient's. Batches beyond
-// kMaxPackedBatch, and group sizes the kernels do not take, are refused by Packed().
+// The packed route (BF16 and TF32, batches up to the layer's packed batch limit, group sizes
+// that are multiples of 32): the forward, the input gradient and the scores come from the packed
+// trits without w_eff, close to the w_eff route's products (the same rounded operands, sums in
+// another order), the same from run to run, and at batch 1 the scores equal the whole gradient's.
+// Batches beyond the limit (kMaxPackedBatch by default; the kernels take up to 16), and group
+// sizes the kernels do not take, are refused by Packed().
 TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   const c10::Device cuda(c10::kCUDA, 0);
@@ -309,7 +311,9 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
         ASSERT_TRUE(layer.ok()) << layer.status();
         // A step on, so that S comes from corr_accum.
         layer->Apply(layer->Scores(Randn({sh.rows, sh.cols}, 90).to(cuda)));
-        const bool served = sh.served && batch <= core::kMaxPackedBatch;
+        ASSERT_EQ(layer->Packed(batch), sh.served && batch <= core::kMaxPackedBatch);
+        layer->SetPackedBatchLimit(16);
+        const bool served = sh.served && batch <= 16;
         ASSERT_EQ(layer->Packed(batch), served);
         ASSERT_EQ(layer->Factored(batch), served || batch == 1);
         if (!served) continue;
@@ -426,17 +430,22 @@ TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
       // Zeros in both factors: their products are zero, and so are their signs.
       g.index_put_({0, 0}, 0.0f);
       x.index_put_({0, 1}, 0.0f);
-      const auto sample = layer->ScoresOfSample(g, x);
-      EXPECT_TRUE(sample.exact.item<bool>());
       const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
-      EXPECT_TRUE(at::equal(sample.scores.to(at::kCPU), whole.to(at::kCPU)));
       EXPECT_GT(whole.abs().sum().item<int64_t>(), 0);
+      // Both ways: the tensor expressions, and what a step takes (FactorScores).
+      for (const auto& sample : {layer->ScoresOfSample(g, x), layer->FactorScores(g, x)}) {
+        if (sample.exact.defined()) {
+          EXPECT_TRUE(sample.exact.item<bool>());
+        }
+        EXPECT_TRUE(at::equal(sample.scores.to(at::kCPU), whole.to(at::kCPU)));
+      }
     }
   }
 }
 
-// Where a product of the factors could underflow, ScoresOfSample says so: there the factored
-// scores can differ from the whole gradient's (a sign counted where the product is zero).
+// Where a product of the factors could underflow, ScoresOfSample and FactorScores say so:
+// there the factored scores can differ from the whole gradient's (a sign counted where the
+// product is zero).
 TEST(ComputeTest, ScoresOfASampleSayWhenAProductCouldUnderflow) {
   const c10::Device device = testing::TestDevice();
   core::TernaryLinearSpec spec;
@@ -451,21 +460,30 @@ TEST(ComputeTest, ScoresOfASampleSayWhenAProductCouldUnderflow) {
   at::Tensor x = Randn({1, 96}, 81);
   x.index_put_({0, at::indexing::Slice(0, 32)}, 1e-44f);
   x = x.to(device);
-  auto sample = layer->ScoresOfSample(g, x);
-  EXPECT_FALSE(sample.exact.item<bool>());
+  using Way = std::function<core::TernaryLinear::SampleScores(const at::Tensor&, const at::Tensor&)>;
+  const Way sample_way = [&](const at::Tensor& a, const at::Tensor& b) {
+    return layer->ScoresOfSample(a, b);
+  };
+  const Way factor_way = [&](const at::Tensor& a, const at::Tensor& b) {
+    return layer->FactorScores(a, b);
+  };
+  // The tensor expressions count sign(g) sign(x) there (a way that takes the rounded product's
+  // sign can equal the whole gradient's; only the flag is promised).
   const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
-  EXPECT_FALSE(at::equal(sample.scores.to(at::kCPU), whole.to(at::kCPU)));
-  // A subnormal factor (or a product under 2^-125) is refused even where no product underflows:
-  // the bound does not depend on how a compute type treats subnormals.
-  at::Tensor sub = Randn({1, 96}, 82);
-  sub.index_put_({0, 5}, 1e-40f);
-  EXPECT_FALSE(layer->ScoresOfSample(g, sub.to(device)).exact.item<bool>());
-  EXPECT_FALSE(
-      layer->ScoresOfSample(g, (Randn({1, 96}, 83) * 1e-36).to(device)).exact.item<bool>());
-  // All-zero gradients of normal inputs: nothing can underflow, and every score is zero.
-  auto zero = layer->ScoresOfSample(at::zeros({1, 64}, g.options()), Randn({1, 96}, 84).to(device));
-  EXPECT_TRUE(zero.exact.item<bool>());
-  EXPECT_EQ(zero.scores.abs().sum().item<int64_t>(), 0);
+  EXPECT_FALSE(at::equal(layer->ScoresOfSample(g, x).scores.to(at::kCPU), whole.to(at::kCPU)));
+  for (const Way& scores_of : {sample_way, factor_way}) {
+    EXPECT_FALSE(scores_of(g, x).exact.item<bool>());
+    // A subnormal factor (or a product under 2^-125) is refused even where no product
+    // underflows: the bound does not depend on how a compute type treats subnormals.
+    at::Tensor sub = Randn({1, 96}, 82);
+    sub.index_put_({0, 5}, 1e-40f);
+    EXPECT_FALSE(scores_of(g, sub.to(device)).exact.item<bool>());
+    EXPECT_FALSE(scores_of(g, (Randn({1, 96}, 83) * 1e-36).to(device)).exact.item<bool>());
+    // All-zero gradients of normal inputs: nothing can underflow, and every score is zero.
+    auto zero = scores_of(at::zeros({1, 64}, g.options()), Randn({1, 96}, 84).to(device));
+    EXPECT_TRUE(zero.exact.item<bool>());
+    EXPECT_EQ(zero.scores.abs().sum().item<int64_t>(), 0);
+  }
 }
 
 }  // namespace
