@@ -5,15 +5,15 @@
 // in the same run, their ratio, the achieved TFLOP/s of the three GEMMs' work, the peak device
 // memory of one step and what of it was already allocated when the step began (the layer's state
 // and the batch; cuBLAS's workspaces are released before it, so that a step counts those its own
-// GEMMs take, as the reference's count does), and for TF32 and BF16 how far they are from FP32: the fraction of
-// weight-gradient signs of the mode's GEMM equal to FP32's (sign_agree), the fraction of group
-// scores the step applied equal to FP32's (score_agree) and the largest output error relative to
-// FP32's largest output; then the times of two of the step's kernels alone: w_eff from the state
-// (weff_ms) and the per-group scores of a weight gradient (score_ms); with --model true, the time
-// of a whole Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1
+// GEMMs take, as the reference's count does), and for TF32 and BF16 how far they are from FP32: the
+// fraction of weight-gradient signs of the mode's GEMM equal to FP32's (sign_agree), the fraction
+// of group scores the step applied equal to FP32's (score_agree) and the largest output error
+// relative to FP32's largest output; then the times of two of the step's kernels alone: w_eff from
+// the state (weff_ms) and the per-group scores of a weight gradient (score_ms); with --model true,
+// the time of a whole Model::TrainStep (MSE) on host tensors, as the service runs it (model_ms; -1
 // without). Where TrainStep keeps the weight gradient in its two factors (batch 1; BF16 and TF32
-// batches of the packed route on CUDA, which makes no w_eff either) so does the step; the
-// floor still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
+// batches of the packed route on CUDA, which makes no w_eff either) so does the step; the floor
+// still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
 // --packed-max-batch sets the layers' packed batch limit (TernaryLinear::SetPackedBatchLimit;
 // default kMaxPackedBatch, 0 for none, at most 16): two runs that differ in it show where the
 // packed route stops paying on a device. The model of --model keeps the default.

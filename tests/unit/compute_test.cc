@@ -2,7 +2,6 @@
 // are opt-in and close to FP32, and on CUDA the fused kernels equal the reference's tensor
 // expressions bit for bit.
 #include <algorithm>
-#include <functional>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -460,18 +459,16 @@ TEST(ComputeTest, ScoresOfASampleSayWhenAProductCouldUnderflow) {
   at::Tensor x = Randn({1, 96}, 81);
   x.index_put_({0, at::indexing::Slice(0, 32)}, 1e-44f);
   x = x.to(device);
-  using Way = std::function<core::TernaryLinear::SampleScores(const at::Tensor&, const at::Tensor&)>;
-  const Way sample_way = [&](const at::Tensor& a, const at::Tensor& b) {
-    return layer->ScoresOfSample(a, b);
-  };
-  const Way factor_way = [&](const at::Tensor& a, const at::Tensor& b) {
-    return layer->FactorScores(a, b);
-  };
+  using Way = core::TernaryLinear::SampleScores (core::TernaryLinear::*)(const at::Tensor&,
+                                                                         const at::Tensor&) const;
   // The tensor expressions count sign(g) sign(x) there (a way that takes the rounded product's
   // sign can equal the whole gradient's; only the flag is promised).
   const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
   EXPECT_FALSE(at::equal(layer->ScoresOfSample(g, x).scores.to(at::kCPU), whole.to(at::kCPU)));
-  for (const Way& scores_of : {sample_way, factor_way}) {
+  for (Way way : {&core::TernaryLinear::ScoresOfSample, &core::TernaryLinear::FactorScores}) {
+    auto scores_of = [&](const at::Tensor& a, const at::Tensor& b) {
+      return ((*layer).*way)(a, b);
+    };
     EXPECT_FALSE(scores_of(g, x).exact.item<bool>());
     // A subnormal factor (or a product under 2^-125) is refused even where no product
     // underflows: the bound does not depend on how a compute type treats subnormals.
