@@ -505,6 +505,11 @@ TernaryLinear::SampleScores TernaryLinear::FactorScores(const at::Tensor& g,
                                compute_ == ComputeType::kBf16),
             at::Tensor()};
   }
+  if (compute_ == ComputeType::kFp32 && g.dim() == 2 && g.size(0) == 1 &&
+      state_.PackedRouteServes(1)) {
+    auto sample = cuda::Float32SampleScores(state_.View(), g.detach(), x.detach());
+    return {std::move(sample.scores), std::move(sample.exact)};
+  }
 #endif
   return ScoresOfSample(g, x);
 }

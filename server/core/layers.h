@@ -181,7 +181,9 @@ class TernaryLinear {
   SampleScores ScoresOfSample(const at::Tensor& g, const at::Tensor& x) const;
   // The scores of the weight gradient g^T x from its factors g [batch, out] (at the pre-bias
   // output) and x [batch, in], for a batch that Factored() says: on the packed route one fused
-  // kernel (`exact` undefined: the compute type is not exact anyway), else ScoresOfSample.
+  // kernel (`exact` undefined: the compute type is not exact anyway); one sample in FP32 on a
+  // layout the packed kernels take, the same kernel in float32 with the bound of ScoresOfSample
+  // checked inside it; else ScoresOfSample.
   SampleScores FactorScores(const at::Tensor& g, const at::Tensor& x) const;
   // corr_accum -= scores, step_counter += 1; the next forward computes the new w_eff.
   void Apply(const at::Tensor& scores);

@@ -68,8 +68,12 @@ Operand AsOperand(const at::Tensor& m) {
   return {contiguous, false, std::max<int64_t>(c, 1)};
 }
 
+detail::Rounding RoundingOf(bool bf16) {
+  return bf16 ? detail::Rounding::kBFloat16 : detail::Rounding::kTf32;
+}
+
 detail::PackedArgs Packed(const TernaryView& t, const float* scale, int64_t batch,
-                          bool bf16) {
+                          detail::Rounding rounding) {
   TORCH_CHECK(PackedRouteServes(t, batch), "packed route: a [", t.rows, ", ", t.cols,
               "] layer of group size ", t.group_size, " at batch ", batch,
               ": expected a batch of 1 to ", detail::kMaxPackedBatch,
@@ -82,7 +86,7 @@ detail::PackedArgs Packed(const TernaryView& t, const float* scale, int64_t batc
   p.cols = a.cols;
   p.group_size = a.group_size;
   p.batch = static_cast<int>(batch);
-  p.rounding = bf16 ? detail::Rounding::kBFloat16 : detail::Rounding::kTf32;
+  p.rounding = rounding;
   return p;
 }
 
@@ -113,9 +117,8 @@ bool PackedRouteServes(const TernaryView& t, int64_t batch) {
 at::Tensor PackedScale(const TernaryView& t, bool bf16) {
   const c10::cuda::CUDAGuard guard(t.packed->device());
   at::Tensor scale = at::empty({t.e->numel()}, t.packed->options().dtype(at::kFloat));
-  C10_CUDA_CHECK(detail::LaunchScale(
-      Args(t), bf16 ? detail::Rounding::kBFloat16 : detail::Rounding::kTf32,
-      scale.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(detail::LaunchScale(Args(t), RoundingOf(bf16), scale.data_ptr<float>(),
+                                     at::cuda::getCurrentCUDAStream()));
   return scale;
 }
 
@@ -123,7 +126,7 @@ at::Tensor PackedLinear(const TernaryView& t, const at::Tensor& scale, const at:
                         bool bf16) {
   const c10::cuda::CUDAGuard guard(t.packed->device());
   const at::Tensor xf = Operand2d(x, t.cols, t, "input");
-  const detail::PackedArgs p = Packed(t, ScaleData(t, scale), xf.size(0), bf16);
+  const detail::PackedArgs p = Packed(t, ScaleData(t, scale), xf.size(0), RoundingOf(bf16));
   at::Tensor y = at::empty({xf.size(0), t.rows}, xf.options());
   C10_CUDA_CHECK(detail::LaunchPackedLinear(p, xf.data_ptr<float>(), y.data_ptr<float>(),
                                             at::cuda::getCurrentCUDAStream()));
@@ -134,7 +137,7 @@ at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, co
                                bool bf16) {
   const c10::cuda::CUDAGuard guard(t.packed->device());
   const at::Tensor gf = Operand2d(g, t.rows, t, "output gradient");
-  const detail::PackedArgs p = Packed(t, ScaleData(t, scale), gf.size(0), bf16);
+  const detail::PackedArgs p = Packed(t, ScaleData(t, scale), gf.size(0), RoundingOf(bf16));
   at::Tensor grad_x = at::empty({gf.size(0), t.cols}, gf.options());
   const int64_t scratch = detail::PackedInputGradientScratch(p);
   // Scratch only where row chunks are added in a second pass: no allocation otherwise.
@@ -145,20 +148,41 @@ at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, co
   return grad_x;
 }
 
-at::Tensor FactorScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x,
-                        bool bf16) {
+namespace {
+
+// LaunchFactorScores's scores of g^T x, with the rounding of its operands; `exact` as it says.
+at::Tensor ScoresOfFactors(const TernaryView& t, const at::Tensor& g, const at::Tensor& x,
+                           detail::Rounding rounding, bool* exact) {
   const c10::cuda::CUDAGuard guard(t.packed->device());
   const at::Tensor gf = Operand2d(g, t.rows, t, "output gradient");
   const at::Tensor xf = Operand2d(x, t.cols, t, "input");
   TORCH_CHECK(gf.size(0) == xf.size(0), "factor scores: a batch of ", gf.size(0),
               " output gradients and ", xf.size(0), " inputs");
   // No scale: the signs of the gradient do not depend on it.
-  const detail::PackedArgs p = Packed(t, nullptr, gf.size(0), bf16);
+  const detail::PackedArgs p = Packed(t, nullptr, gf.size(0), rounding);
   at::Tensor scores = at::empty({t.e->numel()}, gf.options().dtype(at::kLong));
   C10_CUDA_CHECK(detail::LaunchFactorScores(p, gf.data_ptr<float>(), xf.data_ptr<float>(),
-                                            scores.data_ptr<int64_t>(),
+                                            scores.data_ptr<int64_t>(), exact,
                                             at::cuda::getCurrentCUDAStream()));
   return scores;
+}
+
+}  // namespace
+
+at::Tensor FactorScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x,
+                        bool bf16) {
+  return ScoresOfFactors(t, g, x, RoundingOf(bf16), nullptr);
+}
+
+SampleScores Float32SampleScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x) {
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == 1 && x.dim() == 2 && x.size(0) == 1,
+              "scores of a sample: expected g [1, ", t.rows, "] and x [1, ", t.cols, "], got ",
+              g.sizes(), " and ", x.sizes());
+  const c10::cuda::CUDAGuard guard(t.packed->device());
+  at::Tensor exact = at::ones({}, t.packed->options().dtype(at::kBool));
+  at::Tensor scores =
+      ScoresOfFactors(t, g, x, detail::Rounding::kNone, exact.data_ptr<bool>());
+  return {std::move(scores), std::move(exact)};
 }
 
 at::Tensor EffectiveWeight(const TernaryView& t, at::ScalarType dtype) {

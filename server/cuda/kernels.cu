@@ -118,6 +118,7 @@ __device__ __forceinline__ float RoundTf32(float v) {
 }
 
 __device__ __forceinline__ float RoundOperand(float v, Rounding r) {
+  if (r == Rounding::kNone) return v;
   return r == Rounding::kBFloat16 ? __bfloat162float(__float2bfloat16_rn(v)) : RoundTf32(v);
 }
 
@@ -397,42 +398,52 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-// y [batch, rows] = x [batch, cols] @ w^T. A warp owns kRows rows and walks all their columns,
-// 32 at a time (lane l takes column c0 + l); each lane keeps kRows x kB partial sums, which the
-// warp adds up at the end.
+// A warp's columns in the packed kernels: a slice of whole groups, so that a warp's groups are its
+// own. `per_slice` columns (a multiple of the group size), the last slice shorter.
+int64_t SliceColumns(int64_t cols, int64_t group_size, int64_t slices) {
+  const int64_t want = (cols + slices - 1) / slices;
+  return (want + group_size - 1) / group_size * group_size;
+}
+
+// y [batch, rows] = x [batch, cols] @ w^T. A block owns kRows rows; its 8 warps take one slice of
+// the columns each (SliceColumns into 8), 32 at a time (lane l takes column c0 + l), each lane
+// keeping kRows x kB partial sums. Each warp adds its lanes' sums, and the block adds the warps'
+// in warp order.
 template <int kB, int kRows>
-__global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, const float* x,
-                                                               float* y) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const unsigned lane = threadIdx.x % 32;
-  const int64_t r0 = warp * kRows;
-  if (r0 >= p.rows) return;
+__global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, int64_t per_slice,
+                                                               const float* x, float* y) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float sums[kWarps][kRows][kB];
+  const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t cols = p.cols;
   const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
   const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
+  const int64_t begin = min(w * per_slice, cols), end = min(begin + per_slice, cols);
   float acc[kRows][kB];
   TritCursor at[kRows];
   const float* scale[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = min(r0 + i, p.rows - 1);
-    at[i].Start(static_cast<uint64_t>(r) * cols + lane);
+    at[i].Start(static_cast<uint64_t>(r) * cols + begin + lane);
     scale[i] = p.scale + r * gpr;
 #pragma unroll
     for (int b = 0; b < kB; ++b) acc[i][b] = 0.0f;
   }
-  unsigned g = 0, k = 0;
-  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+  int64_t g = begin / p.group_size;
+  unsigned k = 0;
+  for (int64_t c0 = begin; c0 < end; c0 += 32) {
     const int64_t c = c0 + lane;
-    const bool in = c < cols;
+    const bool in = c < end;
     float xv[kB];
     LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int t = in ? at[i].Trit(p.packed) : 0;
-      const float w = __fmul_rn(scale[i][g], static_cast<float>(t));
+      const float wt = __fmul_rn(scale[i][g], static_cast<float>(t));
 #pragma unroll
-      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(w, xv[b], acc[i][b]);
+      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(wt, xv[b], acc[i][b]);
       at[i].Advance(6, 2);  // 32 weights on: 6 bytes and 2 digits
     }
     if (++k == steps_per_group) {
@@ -443,16 +454,19 @@ __global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, con
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
 #pragma unroll
-    for (int b = 0; b < kB; ++b) acc[i][b] = WarpSum(acc[i][b]);
-  }
-  if (lane != 0) return;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    if (r0 + i >= p.rows) break;
-#pragma unroll
     for (int b = 0; b < kB; ++b) {
-      if (b < p.batch) y[b * p.rows + r0 + i] = RoundResult(acc[i][b], p.rounding);
+      const float v = WarpSum(acc[i][b]);
+      if (lane == 0) sums[w][i][b] = v;
     }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < kRows * kB; t += kThreads) {
+    const int i = t / kB, b = t % kB;
+    if (r0 + i >= p.rows || b >= p.batch) continue;
+    float total = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) total += sums[v][i][b];
+    y[b * p.rows + r0 + i] = RoundResult(total, p.rounding);
   }
 }
 
@@ -460,7 +474,7 @@ __global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, con
 // apart) and a chunk of kChunkRows rows, its warps taking every 8th row of it; the warps' sums
 // meet in shared memory and are added in warp order. With several chunks, each writes its
 // partial sums and PackedReduceKernel adds them in chunk order.
-constexpr int kChunkRows = 256;
+constexpr int kChunkRows = 128;
 constexpr int kGradCols = 2;
 
 template <int kB, int kC>
@@ -539,19 +553,24 @@ __global__ void PackedReduceKernel(PackedArgs p, int64_t chunks, const float* pa
   }
 }
 
-// Scores of g^T x without forming it. A warp owns kRows rows and walks their columns 32 at a
-// time; each lane forms its weight's gradient from the batch in registers (float32 sums in batch
-// order), and the warp adds the signs times trits of each 32 columns (one group's part) in one
-// reduction.
-template <int kB, int kRows>
-__global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, const float* grad,
+// Scores of g^T x without forming it. A warp owns kRows rows and one slice of their columns
+// (whole groups, `per_slice` columns), walked 32 at a time; each lane forms its weight's gradient
+// from the batch in registers (float32 sums in batch order), and the warp adds the signs times
+// trits of each 32 columns (one group's part) in one reduction.
+// kCheck (one sample in float32): also clears *exact where a nonzero product could underflow.
+template <int kB, int kRows, bool kCheck>
+__global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, int64_t per_slice,
+                                                               const float* grad,
                                                                const float* x,
-                                                               int64_t* scores) {
+                                                               int64_t* scores, bool* exact) {
+  static_assert(!kCheck || kB == 1, "the underflow check is of one sample's products");
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const unsigned lane = threadIdx.x % 32;
-  const int64_t r0 = warp * kRows;
-  if (r0 >= p.rows) return;
   const int64_t cols = p.cols, rows = p.rows;
+  const int64_t slices = (cols + per_slice - 1) / per_slice;
+  const int64_t r0 = warp / slices * kRows;
+  if (r0 >= rows) return;
+  const int64_t begin = warp % slices * per_slice, end = min(begin + per_slice, cols);
   const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
   const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
   float gv[kRows][kB];
@@ -560,15 +579,16 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, con
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = min(r0 + i, rows - 1);
-    at[i].Start(static_cast<uint64_t>(r) * cols + lane);
+    at[i].Start(static_cast<uint64_t>(r) * cols + begin + lane);
     acc[i] = 0;
     LoadColumn<kB>(p, grad, rows, r, true, gv[i]);
   }
-  int64_t g = 0;
+  int64_t g = begin / p.group_size;
   unsigned k = 0;
-  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+  bool risky = false;
+  for (int64_t c0 = begin; c0 < end; c0 += 32) {
     const int64_t c = c0 + lane;
-    const bool in = c < cols;
+    const bool in = c < end;
     float xv[kB];
     LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
@@ -576,11 +596,17 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, con
       float d = 0.0f;
 #pragma unroll
       for (int b = 0; b < kB; ++b) d = fmaf(gv[i][b], xv[b], d);
+      if (kCheck) {
+        // The bound of TernaryLinear::ScoresOfSample: nonzero factors normal, products >= 2^-125.
+        const float a = fabsf(gv[i][0]), b = fabsf(xv[0]);
+        risky |= a != 0.0f && b != 0.0f &&
+                 !(a >= 0x1p-126f && b >= 0x1p-126f && fabsf(d) >= 0x1p-125f);
+      }
       const int t = in ? at[i].Trit(p.packed) : 0;
       acc[i] += __reduce_add_sync(0xffffffffu, ((d > 0.0f) - (d < 0.0f)) * t);
       at[i].Advance(6, 2);
     }
-    if (++k == steps_per_group || c0 + 32 >= cols) {
+    if (++k == steps_per_group || c0 + 32 >= end) {
       if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < kRows; ++i) {
@@ -593,6 +619,7 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, con
       ++g;
     }
   }
+  if (kCheck && __any_sync(0xffffffffu, risky) && lane == 0) *exact = false;
 }
 
 // Calls f with the smallest instantiated batch width that holds `batch`, as a compile-time
@@ -610,9 +637,9 @@ cudaError_t ForBatch(int batch, F&& f) {
 // registers.
 constexpr int RowsPerWarp(int b) { return b >= 8 ? 4 : 2; }
 
-unsigned WarpBlocks(int64_t rows, int rows_per_warp) {
-  const int64_t warps = (rows + rows_per_warp - 1) / rows_per_warp;
-  return static_cast<unsigned>(Blocks(warps, kThreads / 32, int64_t{1} << 30));
+// Columns per warp of the scores kernel: about 256 (8 steps of 32), in whole groups.
+int64_t ScoreSliceColumns(int64_t group_size) {
+  return group_size >= 256 ? group_size : 256 / group_size * group_size;
 }
 
 int64_t Chunks(const PackedArgs& p) { return (p.rows + kChunkRows - 1) / kChunkRows; }
@@ -722,7 +749,11 @@ cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y,
   return ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
     constexpr int kRows = RowsPerWarp(kB);
-    PackedLinearKernel<kB, kRows><<<WarpBlocks(p.rows, kRows), kThreads, 0, stream>>>(p, x, y);
+    const int64_t per_slice = SliceColumns(p.cols, p.group_size, kThreads / 32);
+    const int64_t blocks = (p.rows + kRows - 1) / kRows;
+    if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
+    PackedLinearKernel<kB, kRows>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, per_slice, x, y);
     return cudaGetLastError();
   });
 }
@@ -754,15 +785,30 @@ cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float
 }
 
 cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float* x,
-                               int64_t* scores, cudaStream_t stream) {
+                               int64_t* scores, bool* exact, cudaStream_t stream) {
   const int64_t groups = p.rows * ((p.cols + p.group_size - 1) / p.group_size);
   if (groups == 0) return cudaSuccess;
   if (p.batch == 0) return cudaMemsetAsync(scores, 0, sizeof(int64_t) * groups, stream);
+  const bool check = p.rounding == Rounding::kNone;
+  if (check && (p.batch != 1 || exact == nullptr)) return cudaErrorInvalidValue;
   return ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
     constexpr int kRows = RowsPerWarp(kB);
-    FactorScoresKernel<kB, kRows>
-        <<<WarpBlocks(p.rows, kRows), kThreads, 0, stream>>>(p, g, x, scores);
+    const int64_t per_slice = ScoreSliceColumns(p.group_size);
+    const int64_t warps =
+        (p.rows + kRows - 1) / kRows * ((p.cols + per_slice - 1) / per_slice);
+    const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
+    if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
+    const dim3 grid(static_cast<unsigned>(blocks));
+    if constexpr (kB == 1) {
+      if (check) {
+        FactorScoresKernel<kB, kRows, true>
+            <<<grid, kThreads, 0, stream>>>(p, per_slice, g, x, scores, exact);
+        return cudaGetLastError();
+      }
+    }
+    FactorScoresKernel<kB, kRows, false>
+        <<<grid, kThreads, 0, stream>>>(p, per_slice, g, x, scores, nullptr);
     return cudaGetLastError();
   });
 }

@@ -54,6 +54,16 @@ at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, co
 // it: the sign of each weight's gradient summed over the batch (float32, in batch order, of the
 // rounded factors), times T, summed per group, as int64 [groups].
 at::Tensor FactorScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x, bool bf16);
+// The scores of one sample's weight gradient (g [1, rows], x [1, cols]) in float32, the FP32
+// compute type's (the kernel of FactorScores, the layouts PackedRouteServes takes at batch 1):
+// each gradient is the one product g[r] x[c], rounded once as the FP32 GEMM rounds it. `exact`, a
+// 0-dim bool on the device, is false where a nonzero factor is subnormal or a nonzero product
+// is below 2^-125 (then a GEMM's handling of subnormals could give another sign).
+struct SampleScores {
+  at::Tensor scores;
+  at::Tensor exact;
+};
+SampleScores Float32SampleScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x);
 
 }  // namespace tscale::cuda
 

@@ -33,8 +33,9 @@ cudaError_t LaunchScores(const TernaryArgs& t, Element grad_type, const void* gr
 
 // The packed route of small batches (kernels.cu, "Packed trits"): no w_eff, no [rows, cols]
 // gradient. Operands are rounded as the compute type rounds them: bfloat16 (also the outputs of
-// the forward and the input gradient, as a bfloat16 GEMM writes them) or TF32.
-enum class Rounding { kBFloat16, kTf32 };
+// the forward and the input gradient, as a bfloat16 GEMM writes them) or TF32. kNone (float32 as
+// it is) serves only the scores of one sample in FP32 (LaunchFactorScores).
+enum class Rounding { kBFloat16, kTf32, kNone };
 
 // The largest batch of the packed route, and the group sizes it takes: multiples of 32.
 inline constexpr int64_t kMaxPackedBatch = 16;
@@ -62,9 +63,13 @@ cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float
 
 // Per-group scores of the weight gradient g^T x without forming it: for each weight, the sign of
 // sum over the batch of g[b, r] x[b, c] (rounded operands, float32 sums in batch order), times
-// T[r, c], summed over the group: int64 [rows * groups per row].
+// T[r, c], summed over the group: int64 [rows * groups per row]. With Rounding::kNone (batch 1
+// only), each gradient is the one float32 product g[r] x[c], rounded once as a GEMM rounds it,
+// and `exact` (one bool, true before the launch) is set false where a nonzero factor is
+// subnormal or a nonzero product is below 2^-125 (TernaryLinear::ScoresOfSample's bound);
+// `exact` is unused otherwise.
 cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float* x,
-                               int64_t* scores, cudaStream_t stream);
+                               int64_t* scores, bool* exact, cudaStream_t stream);
 
 }  // namespace tscale::cuda::detail
 

@@ -297,7 +297,7 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
     int64_t rows, cols, gs;
     bool served;
   };
-  // 300 rows: the input gradient's row chunks (256) are added by a second kernel; 257 columns:
+  // 300 rows: the input gradient's row chunks (128) are added by a second kernel; 257 columns:
   // a ragged last group and a partial warp; gs 64 over 40 columns is one group of 40: refused.
   for (const Shape& sh : {Shape{64, 96, 32, true}, Shape{300, 1000, 64, true},
                           Shape{33, 257, 32, true}, Shape{5, 40, 64, false},
@@ -431,7 +431,8 @@ TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
       x.index_put_({0, 1}, 0.0f);
       const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
       EXPECT_GT(whole.abs().sum().item<int64_t>(), 0);
-      // Both ways: the tensor expressions, and what a step takes (FactorScores).
+      // Both ways: the tensor expressions, and what a step takes (FactorScores: in FP32 on CUDA
+      // the packed scores kernel in float32 where the group size is a multiple of 32).
       for (const auto& sample : {layer->ScoresOfSample(g, x), layer->FactorScores(g, x)}) {
         if (sample.exact.defined()) {
           EXPECT_TRUE(sample.exact.item<bool>());
@@ -442,7 +443,7 @@ TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
   }
 }
 
-// Where a product of the factors could underflow, ScoresOfSample and FactorScores say so:
+// Where a product of the factors could underflow, ScoresOfSample and FP32's FactorScores say so:
 // there the factored scores can differ from the whole gradient's (a sign counted where the
 // product is zero).
 TEST(ComputeTest, ScoresOfASampleSayWhenAProductCouldUnderflow) {
@@ -461,8 +462,8 @@ TEST(ComputeTest, ScoresOfASampleSayWhenAProductCouldUnderflow) {
   x = x.to(device);
   using Way = core::TernaryLinear::SampleScores (core::TernaryLinear::*)(const at::Tensor&,
                                                                          const at::Tensor&) const;
-  // The tensor expressions count sign(g) sign(x) there (a way that takes the rounded product's
-  // sign can equal the whole gradient's; only the flag is promised).
+  // The tensor expressions count sign(g) sign(x) there (FP32's kernel takes the rounded product's
+  // sign, which can equal the whole gradient's; only its flag is promised).
   const at::Tensor whole = layer->Scores(layer->WeightGradient(g, x));
   EXPECT_FALSE(at::equal(layer->ScoresOfSample(g, x).scores.to(at::kCPU), whole.to(at::kCPU)));
   for (Way way : {&core::TernaryLinear::ScoresOfSample, &core::TernaryLinear::FactorScores}) {
