@@ -15,7 +15,7 @@
 // batches of the packed route on CUDA, which makes no w_eff either) so does the step; the floor
 // still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
 // --packed-max-batch sets the layers' packed batch limit (TernaryLinear::SetPackedBatchLimit;
-// default kMaxPackedBatch, 0 for none, at most 16): two runs that differ in it show where the
+// default each mode's, DefaultPackedBatchLimit; 0 for none, at most 16): two runs that differ in it show where the
 // packed route stops paying on a device. The model of --model keeps the default.
 //
 // Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]
@@ -36,6 +36,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "server/core/device.h"
 #include "server/core/layers.h"
@@ -118,8 +119,8 @@ at::Tensor Mm(const at::Tensor& a, const at::Tensor& b, ComputeType compute) {
   return a.mm(b);
 }
 
-// The largest batch of the packed route (--packed-max-batch).
-int64_t packed_max_batch = tscale::core::kMaxPackedBatch;
+// The largest batch of the packed route (--packed-max-batch; negative: each mode's default).
+int64_t packed_max_batch = -1;
 
 tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
                                      const c10::Device& device) {
@@ -195,7 +196,7 @@ int main(int argc, char** argv) {
                            computes = "FP32,TF32,BF16";
   int64_t gs = 32;
   double seconds = 0.5;
-  bool with_model = false;
+  bool with_model = false, given = false;  // given: --packed-max-batch
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--device") device_name = value;
@@ -205,7 +206,7 @@ int main(int argc, char** argv) {
     else if (flag == "--group-size") gs = std::stoll(value);
     else if (flag == "--seconds") seconds = std::stod(value);
     else if (flag == "--model") with_model = value == "true";
-    else if (flag == "--packed-max-batch") packed_max_batch = std::stoll(value);
+    else if (flag == "--packed-max-batch") packed_max_batch = std::stoll(value), given = true;
     else {
       std::fprintf(stderr, "layer_step: unknown flag %s\n", flag.c_str());
       return 2;
@@ -231,15 +232,20 @@ int main(int argc, char** argv) {
 #if !TSCALE_WITH_CUDA
   modes.erase(std::remove(modes.begin(), modes.end(), ComputeType::kTf32), modes.end());
 #endif
-  if (packed_max_batch < 0 || packed_max_batch > 16) {
+  if (given && (packed_max_batch < 0 || packed_max_batch > 16)) {
     std::fprintf(stderr, "layer_step: --packed-max-batch: expected 0 to 16, got %lld\n",
                  static_cast<long long>(packed_max_batch));
     return 2;
   }
-  std::printf("device %s, group size %lld, packed route up to batch %lld; ms per step; floor = "
+  const std::string packed =
+      packed_max_batch < 0
+          ? absl::StrCat("BF16 ", tscale::core::kMaxPackedBatchBf16, ", TF32 ",
+                         tscale::core::kMaxPackedBatchTf32)
+          : absl::StrCat(packed_max_batch);
+  std::printf("device %s, group size %lld, packed route up to batch %s; ms per step; floor = "
               "the three GEMMs in cuBLAS (or ATen on CPU)\n",
               tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs),
-              static_cast<long long>(packed_max_batch));
+              packed.c_str());
   std::printf("%6s %6s %5s %10s %10s %6s %8s %9s %9s %10s %11s %9s %8s %8s %9s\n", "size",
               "batch", "mode", "step_ms", "floor_ms", "ratio", "TFLOP/s", "peak_MiB",
               "resid_MiB", "sign_agree", "score_agree", "out_err", "weff_ms", "score_ms",

@@ -308,8 +308,9 @@ void TernaryLinear::SetCompute(ComputeType compute) {
 }
 
 bool TernaryLinear::Packed(int64_t batch) const {
-  return compute_ != ComputeType::kFp32 && batch <= packed_batch_limit_ &&
-         state_.PackedRouteServes(batch);
+  const int64_t limit =
+      packed_batch_limit_ < 0 ? DefaultPackedBatchLimit(compute_) : packed_batch_limit_;
+  return compute_ != ComputeType::kFp32 && batch <= limit && state_.PackedRouteServes(batch);
 }
 
 const at::Tensor& TernaryLinear::WeightLeaf() {

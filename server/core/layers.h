@@ -32,11 +32,19 @@ enum class ComputeType { kFp32 = 1, kTf32 = 2, kBf16 = 3 };
 inline constexpr int kMinE = -8;
 inline constexpr int kMaxE = 0;
 
-// The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed) unless a layer
-// is told otherwise (SetPackedBatchLimit). The CUDA kernels take batches up to 16, but measured on
-// an H100 they beat the GEMMs with w_eff only at batch 1: at batch 16 their step took 0.62 ms
-// against 0.20 (bench/README.md), so larger batches keep the GEMMs.
-inline constexpr int64_t kMaxPackedBatch = 1;
+// The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed) in each mode,
+// unless a layer is told otherwise (SetPackedBatchLimit). The CUDA kernels take batches up to 16;
+// measured on an H100 at 4096x4096 (bench/README.md) they beat the GEMMs with w_eff up to batch
+// 8 in BF16 (0.29 ms a step against 0.42) and up to 4 in TF32 (0.245 against 0.242, at a ninth
+// of the memory), and lose beyond (BF16 at 16: 0.45 against 0.38; TF32 at 8: 0.42 against 0.25).
+inline constexpr int64_t kMaxPackedBatchBf16 = 8;
+inline constexpr int64_t kMaxPackedBatchTf32 = 4;
+// That default for a mode: 0 for FP32, which keeps cuBLAS's bits.
+constexpr int64_t DefaultPackedBatchLimit(ComputeType compute) {
+  return compute == ComputeType::kBf16   ? kMaxPackedBatchBf16
+         : compute == ComputeType::kTf32 ? kMaxPackedBatchTf32
+                                         : 0;
+}
 
 // The largest step a model counts to: 2^47 steps (at a million steps a second, four years), so
 // that step_counter * group_size, which the scale divides by, stays far inside int64. States
@@ -151,8 +159,8 @@ class TernaryLinear {
   // batch limit, group sizes that are multiples of 32. FP32 never does: it keeps cuBLAS's bits,
   // the reference's.
   bool Packed(int64_t batch) const;
-  // The largest batch Packed() takes: kMaxPackedBatch unless set, at most the kernels' 16 (0:
-  // none). For benchmarks that find where the route stops paying on a device, and tests of its
+  // The largest batch Packed() takes: DefaultPackedBatchLimit(compute) unless set, at most the
+  // kernels' 16 (0: none; negative: the mode's default again). For benchmarks that find where the route stops paying on a device, and tests of its
   // kernels at every batch they take.
   void SetPackedBatchLimit(int64_t limit) { packed_batch_limit_ = limit; }
   // Whether a training step of this batch keeps the weight gradient in its two factors (one
@@ -199,7 +207,7 @@ class TernaryLinear {
   at::Tensor w_eff_;  // cache of the current step, undefined when stale
   at::Tensor scale_;  // the packed route's S per group of the current step, undefined when stale
   ComputeType compute_ = ComputeType::kFp32;
-  int64_t packed_batch_limit_ = kMaxPackedBatch;
+  int64_t packed_batch_limit_ = -1;  // negative: DefaultPackedBatchLimit(compute_)
 };
 
 // Ternary RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (S * T). Its state is frozen: nothing updates

@@ -288,7 +288,7 @@ TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
 // that are multiples of 32): the forward, the input gradient and the scores come from the packed
 // trits without w_eff, close to the w_eff route's products (the same rounded operands, sums in
 // another order), the same from run to run, and at batch 1 the scores equal the whole gradient's.
-// Batches beyond the limit (kMaxPackedBatch by default; the kernels take up to 16), and group
+// Batches beyond the limit (each mode's DefaultPackedBatchLimit; the kernels take up to 16), and group
 // sizes the kernels do not take, are refused by Packed().
 TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
@@ -310,7 +310,8 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
         ASSERT_TRUE(layer.ok()) << layer.status();
         // A step on, so that S comes from corr_accum.
         layer->Apply(layer->Scores(Randn({sh.rows, sh.cols}, 90).to(cuda)));
-        ASSERT_EQ(layer->Packed(batch), sh.served && batch <= core::kMaxPackedBatch);
+        ASSERT_EQ(layer->Packed(batch),
+                  sh.served && batch <= core::DefaultPackedBatchLimit(compute));
         layer->SetPackedBatchLimit(16);
         const bool served = sh.served && batch <= 16;
         ASSERT_EQ(layer->Packed(batch), served);
@@ -377,9 +378,9 @@ TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
     {"name": "fc2", "ternary_linear": {"in_features": 96, "out_features": 64, "bias": true,
                                        "group_size": 32}}]})");
   ASSERT_TRUE(spec.ok()) << spec.status();
-  const int64_t batch = std::min<int64_t>(8, core::kMaxPackedBatch);
   for (ComputeType compute : {ComputeType::kBf16, ComputeType::kTf32}) {
     SCOPED_TRACE(core::ComputeName(compute));
+    const int64_t batch = core::DefaultPackedBatchLimit(compute);
     core::ModelOptions options;
     options.compute = compute;
     auto fast = Model::Create(*spec, 4, cuda, options);
