@@ -24,8 +24,15 @@
 //   floor: autograd     a two-kernel graph on a [64] leaf, its gradient by torch::autograd::grad
 //                       (on CUDA through autograd's device thread), then one read
 //
+// With --ops true it then lists the operations of one more core step on device tensors, as
+// LibTorch's dispatcher sees them (the outermost operation of each call on each thread, the
+// backward's on autograd's threads included; the project's own CUDA kernels are not operations),
+// with how often each ran: what a small step's fixed cost is made of. On CUDA that step is also
+// the only range between cudaProfilerStart and cudaProfilerStop, so that
+// `ncu --profile-from-start off ... hot_path ... --ops true` times its kernels alone.
+//
 // Usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--compute FP32|TF32|BF16]
-//                 [--iters N] [--warmup N]
+//                 [--iters N] [--warmup N] [--ops true|false]
 // Prints the median and p99 of each stage in microseconds.
 #include <algorithm>
 #include <chrono>
@@ -33,10 +40,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -46,6 +57,9 @@
 #include "server/core/model.h"
 #include "server/service/convert.h"
 #include "tscale/v1/trainer.pb.h"
+#if TSCALE_WITH_CUDA
+#include <cuda_profiler_api.h>
+#endif
 
 namespace {
 
@@ -92,17 +106,56 @@ struct Stage {
   std::vector<double> us;
 };
 
+// The outermost operations dispatched while an OpCounter lives, on every thread, by name in the
+// order first seen.
+class OpCounter {
+ public:
+  OpCounter() {
+    handle_ = at::addGlobalCallback(
+        at::RecordFunctionCallback(&OpCounter::Start, &OpCounter::End)
+            .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
+  }
+  ~OpCounter() { at::removeCallback(handle_); }
+  OpCounter(const OpCounter&) = delete;
+  OpCounter& operator=(const OpCounter&) = delete;
+
+  static std::vector<std::pair<std::string, int>> Counts() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return counts_;
+  }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> Start(const at::RecordFunction& fn) {
+    if (depth_++ == 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      const std::string name = fn.name();
+      auto it = std::find_if(counts_.begin(), counts_.end(),
+                             [&](const auto& c) { return c.first == name; });
+      if (it == counts_.end()) counts_.emplace_back(name, 1);
+      else ++it->second;
+    }
+    return nullptr;
+  }
+  static void End(const at::RecordFunction&, at::ObserverContext*) { --depth_; }
+
+  at::CallbackHandle handle_;
+  static inline thread_local int depth_ = 0;
+  static inline std::mutex mu_;
+  static inline std::vector<std::pair<std::string, int>> counts_;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string device_name = "cpu", compute_name = "FP32";
   int64_t in = 4096, out = 4096, batch = 16;
   int iters = 200, warmup = 20;
+  bool ops = false;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
       std::printf("usage: hot_path [--device D] [--in N] [--out N] [--batch B] "
-                  "[--compute FP32|TF32|BF16] [--iters N] [--warmup N]\n");
+                  "[--compute FP32|TF32|BF16] [--iters N] [--warmup N] [--ops true|false]\n");
       return 0;
     }
     if (i + 1 >= argc) {
@@ -117,6 +170,7 @@ int main(int argc, char** argv) {
     else if (flag == "--compute") compute_name = value;
     else if (flag == "--iters") iters = std::stoi(value);
     else if (flag == "--warmup") warmup = std::stoi(value);
+    else if (flag == "--ops") ops = value == "true";
     else {
       std::fprintf(stderr, "hot_path: unknown flag %s\n", flag.c_str());
       return 2;
@@ -232,6 +286,34 @@ int main(int argc, char** argv) {
     const double p50 = s.us[s.us.size() / 2];
     const double p99 = s.us[std::min(s.us.size() - 1, static_cast<size_t>(0.99 * s.us.size()))];
     std::printf("%-20s %10.1f %10.1f\n", s.name.c_str(), p50, p99);
+  }
+  if (ops) {
+    const at::Tensor x = OrDie(tscale::service::TensorFromProto(request.input(), "input",
+                                                                v1::FP32,
+                                                                tscale::service::Hold::kBorrow),
+                               "input");
+    const at::Tensor t = OrDie(tscale::service::TensorFromProto(request.target(), "target",
+                                                                v1::FP32,
+                                                                tscale::service::Hold::kBorrow),
+                               "target");
+    const std::vector<at::Tensor> moved = core::ToDevice({x, t}, device);
+    request.set_expected_step(step);
+    std::vector<std::pair<std::string, int>> counts;
+    {
+      OpCounter counter;
+#if TSCALE_WITH_CUDA
+      if (device.is_cuda()) cudaProfilerStart();
+#endif
+      (void)OrDie(model->TrainStep(moved[0], moved[1], core::Loss::kMse, step), "TrainStep");
+#if TSCALE_WITH_CUDA
+      if (device.is_cuda()) cudaProfilerStop();
+#endif
+      counts = OpCounter::Counts();
+    }
+    int total = 0;
+    for (const auto& c : counts) total += c.second;
+    std::printf("operations of one core step on device tensors: %d\n", total);
+    for (const auto& c : counts) std::printf("%6d  %s\n", c.second, c.first.c_str());
   }
   return 0;
 }
