@@ -372,11 +372,6 @@ struct TritCursor {
   __device__ __forceinline__ int Trit(const uint8_t* packed) const {
     return TritOf(packed[byte], digit);
   }
-  // The packed byte and the digit (byte | digit << 8), loaded now and decoded later (TritOfCode),
-  // so that a loop can issue the loads of several steps before it waits for the first.
-  __device__ __forceinline__ unsigned Code(const uint8_t* packed) const {
-    return packed[byte] | digit << 8;
-  }
   __device__ __forceinline__ void Advance(uint64_t stride_byte, unsigned stride_digit) {
     byte += stride_byte;
     digit += stride_digit;
@@ -386,15 +381,6 @@ struct TritCursor {
     }
   }
 };
-
-// A code whose trit is 0 (byte 1, digit 0), for columns or rows past the end.
-constexpr unsigned kZeroTritCode = 1;
-__device__ __forceinline__ int TritOfCode(unsigned code) { return TritOf(code & 255u, code >> 8); }
-
-// Steps of 32 columns (or rows) whose loads a packed kernel issues together before it uses
-// them: a step's loads wait on memory, and the steps of one warp are otherwise serial. Wide
-// batches keep fewer, for registers.
-__host__ __device__ constexpr int StepsAhead(int b) { return b <= 2 ? 8 : b <= 4 ? 4 : 2; }
 
 // Column c of a [batch, n] operand, rounded, into v (zeros past the batch, or where !in).
 template <int kB>
@@ -445,38 +431,24 @@ __global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, int
 #pragma unroll
     for (int b = 0; b < kB; ++b) acc[i][b] = 0.0f;
   }
-  constexpr int kU = StepsAhead(kB);
   int64_t g = begin / p.group_size;
   unsigned k = 0;
-  for (int64_t c00 = begin; c00 < end; c00 += 32 * kU) {
-    // The loads of kU steps first: x's columns, the trits' bytes and the groups' scales.
-    float xv[kU][kB], sv[kU][kRows];
-    unsigned code[kU][kRows];
+  for (int64_t c0 = begin; c0 < end; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const bool in = c < end;
+    float xv[kB];
+    LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t c0 = c00 + 32 * u, c = c0 + lane;
-      const bool in = c < end;
-      LoadColumn<kB>(p, x, cols, c, in, xv[u]);
+    for (int i = 0; i < kRows; ++i) {
+      const int t = in ? at[i].Trit(p.packed) : 0;
+      const float wt = __fmul_rn(scale[i][g], static_cast<float>(t));
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        code[u][i] = in ? at[i].Code(p.packed) : kZeroTritCode;
-        sv[u][i] = c0 < end ? scale[i][g] : 0.0f;
-        at[i].Advance(6, 2);  // 32 weights on: 6 bytes and 2 digits
-      }
-      if (++k == steps_per_group) {
-        k = 0;
-        ++g;
-      }
+      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(wt, xv[b], acc[i][b]);
+      at[i].Advance(6, 2);  // 32 weights on: 6 bytes and 2 digits
     }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      if (c00 + 32 * u >= end) break;
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const float wt = __fmul_rn(sv[u][i], static_cast<float>(TritOfCode(code[u][i])));
-#pragma unroll
-        for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(wt, xv[u][b], acc[i][b]);
-      }
+    if (++k == steps_per_group) {
+      k = 0;
+      ++g;
     }
   }
 #pragma unroll
@@ -535,33 +507,17 @@ __global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs
 #pragma unroll
     for (int b = 0; b < kB; ++b) acc[j][b] = 0.0f;
   }
-  // At most 4 rows ahead: a warp has 16 rows of a chunk, and kC columns per lane.
-  constexpr int kU = StepsAhead(kB) < 4 ? StepsAhead(kB) : 4;
-  for (int64_t r0 = chunk0 + w; r0 < chunk1; r0 += kWarps * kU) {
-    // The loads of kU rows first: g's values, the groups' scales and the trits' bytes.
-    float gv[kU][kB], sv[kU][kC];
-    unsigned code[kU][kC];
+  for (int64_t r = chunk0 + w; r < chunk1; r += kWarps) {
+    float gv[kB];
+    LoadColumn<kB>(p, grad, rows, r, true, gv);
+    const float* scale = p.scale + r * gpr;
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t r = r0 + kWarps * u;
-      const bool row_in = r < chunk1;
-      LoadColumn<kB>(p, grad, rows, r, row_in, gv[u]);
+    for (int j = 0; j < kC; ++j) {
+      const int t = in[j] ? at[j].Trit(p.packed) : 0;
+      const float wt = __fmul_rn(scale[group[j]], static_cast<float>(t));
 #pragma unroll
-      for (int j = 0; j < kC; ++j) {
-        code[u][j] = row_in && in[j] ? at[j].Code(p.packed) : kZeroTritCode;
-        sv[u][j] = row_in ? p.scale[r * gpr + group[j]] : 0.0f;
-        at[j].Advance(stride_byte, stride_digit);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      if (r0 + kWarps * u >= chunk1) break;
-#pragma unroll
-      for (int j = 0; j < kC; ++j) {
-        const float wt = __fmul_rn(sv[u][j], static_cast<float>(TritOfCode(code[u][j])));
-#pragma unroll
-        for (int b = 0; b < kB; ++b) acc[j][b] = fmaf(wt, gv[u][b], acc[j][b]);
-      }
+      for (int b = 0; b < kB; ++b) acc[j][b] = fmaf(wt, gv[b], acc[j][b]);
+      at[j].Advance(stride_byte, stride_digit);
     }
   }
 #pragma unroll
@@ -627,56 +583,40 @@ __global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, int
     acc[i] = 0;
     LoadColumn<kB>(p, grad, rows, r, true, gv[i]);
   }
-  constexpr int kU = StepsAhead(kB);
   int64_t g = begin / p.group_size;
   unsigned k = 0;
   bool risky = false;
-  for (int64_t c00 = begin; c00 < end; c00 += 32 * kU) {
-    // The loads of kU steps first: x's columns and the trits' bytes.
-    float xv[kU][kB];
-    unsigned code[kU][kRows];
+  for (int64_t c0 = begin; c0 < end; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const bool in = c < end;
+    float xv[kB];
+    LoadColumn<kB>(p, x, cols, c, in, xv);
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t c = c00 + 32 * u + lane;
-      const bool in = c < end;
-      LoadColumn<kB>(p, x, cols, c, in, xv[u]);
+    for (int i = 0; i < kRows; ++i) {
+      float d = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        code[u][i] = in ? at[i].Code(p.packed) : kZeroTritCode;
-        at[i].Advance(6, 2);
+      for (int b = 0; b < kB; ++b) d = fmaf(gv[i][b], xv[b], d);
+      if (kCheck) {
+        // The bound of TernaryLinear::ScoresOfSample: nonzero factors normal, products >= 2^-125.
+        const float a = fabsf(gv[i][0]), b = fabsf(xv[0]);
+        risky |= a != 0.0f && b != 0.0f &&
+                 !(a >= 0x1p-126f && b >= 0x1p-126f && fabsf(d) >= 0x1p-125f);
       }
+      const int t = in ? at[i].Trit(p.packed) : 0;
+      acc[i] += __reduce_add_sync(0xffffffffu, ((d > 0.0f) - (d < 0.0f)) * t);
+      at[i].Advance(6, 2);
     }
+    if (++k == steps_per_group || c0 + 32 >= end) {
+      if (lane == 0) {
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int64_t c0 = c00 + 32 * u;
-      if (c0 >= end) break;
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        float d = 0.0f;
-#pragma unroll
-        for (int b = 0; b < kB; ++b) d = fmaf(gv[i][b], xv[u][b], d);
-        if (kCheck) {
-          // The bound of TernaryLinear::ScoresOfSample: nonzero factors normal, products >=
-          // 2^-125.
-          const float a = fabsf(gv[i][0]), b = fabsf(xv[u][0]);
-          risky |= a != 0.0f && b != 0.0f &&
-                   !(a >= 0x1p-126f && b >= 0x1p-126f && fabsf(d) >= 0x1p-125f);
+        for (int i = 0; i < kRows; ++i) {
+          if (r0 + i < rows) scores[(r0 + i) * gpr + g] = acc[i];
         }
-        const int t = TritOfCode(code[u][i]);
-        acc[i] += __reduce_add_sync(0xffffffffu, ((d > 0.0f) - (d < 0.0f)) * t);
       }
-      if (++k == steps_per_group || c0 + 32 >= end) {
-        if (lane == 0) {
 #pragma unroll
-          for (int i = 0; i < kRows; ++i) {
-            if (r0 + i < rows) scores[(r0 + i) * gpr + g] = acc[i];
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) acc[i] = 0;
-        k = 0;
-        ++g;
-      }
+      for (int i = 0; i < kRows; ++i) acc[i] = 0;
+      k = 0;
+      ++g;
     }
   }
   if (kCheck && __any_sync(0xffffffffu, risky) && lane == 0) *exact = false;
