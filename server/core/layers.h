@@ -34,11 +34,11 @@ inline constexpr int kMaxE = 0;
 
 // The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed) in each mode,
 // unless a layer is told otherwise (SetPackedBatchLimit). The CUDA kernels take batches up to 16;
-// measured on an H100 at 4096x4096 (bench/README.md) they beat the GEMMs with w_eff up to batch
-// 8 in BF16 (0.29 ms a step against 0.42) and up to 4 in TF32 (0.245 against 0.242, at a ninth
-// of the memory), and lose beyond (BF16 at 16: 0.45 against 0.38; TF32 at 8: 0.42 against 0.25).
-inline constexpr int64_t kMaxPackedBatchBf16 = 8;
-inline constexpr int64_t kMaxPackedBatchTf32 = 4;
+// measured on an H100 at 4096x4096 in two runs (bench/README.md), they beat the GEMMs with w_eff
+// in both up to batch 4 in BF16 (0.20 ms a step against 0.21-0.35) and 2 in TF32 (0.18 against
+// 0.22-0.29), at a ninth of the peak memory; beyond, the GEMM route won in one run or both.
+inline constexpr int64_t kMaxPackedBatchBf16 = 4;
+inline constexpr int64_t kMaxPackedBatchTf32 = 2;
 // That default for a mode: 0 for FP32, which keeps cuBLAS's bits.
 constexpr int64_t DefaultPackedBatchLimit(ComputeType compute) {
   return compute == ComputeType::kBf16   ? kMaxPackedBatchBf16
