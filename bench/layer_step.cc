@@ -15,8 +15,9 @@
 // batches of the packed route on CUDA, which makes no w_eff either) so does the step; the floor
 // still counts three GEMMs, and after a batch-1 row a line times the scores both ways.
 // --packed-max-batch sets the layers' packed batch limit (TernaryLinear::SetPackedBatchLimit;
-// default each mode's, DefaultPackedBatchLimit; 0 for none, at most 16): two runs that differ in it show where the
-// packed route stops paying on a device. The model of --model keeps the default.
+// default each mode's, DefaultPackedBatchLimit; 0 for none, at most 16): two runs that differ in
+// it show where the packed route stops paying on a device. The model of --model keeps the
+// default.
 //
 // Usage: layer_step [--device D] [--sizes 4096,8192] [--batches 1,16,256,4096,16384]
 //                   [--computes FP32,TF32,BF16] [--group-size 32] [--seconds 0.5]

@@ -161,8 +161,8 @@ class TernaryLinear {
   // the reference's.
   bool Packed(int64_t batch) const;
   // The largest batch Packed() takes: DefaultPackedBatchLimit(compute) unless set, at most the
-  // kernels' 16 (0: none; negative: the mode's default again). For benchmarks that find where the route stops paying on a device, and tests of its
-  // kernels at every batch they take.
+  // kernels' 16 (0: none; negative: the mode's default again). For benchmarks that find where
+  // the route stops paying on a device, and tests of its kernels at every batch they take.
   void SetPackedBatchLimit(int64_t limit) { packed_batch_limit_ = limit; }
   // Whether a training step of this batch keeps the weight gradient in its two factors (one
   // sample, or the packed route): then FactorScores gives the update's scores.
