@@ -74,6 +74,12 @@ if [[ "$stages" == *" test "* ]]; then
   stage test "$out/ctest.log" bash -c "cd build && TSCALE_REFERENCE_DIR='$ref' ctest -j 8 \
     --output-on-failure --timeout 600"
   grep -E "tests passed|\(Skipped\)|\(Failed\)|\(Timeout\)" "$out/ctest.log" | sed 's/^/gpu-check: /'
+  # ctest keeps a skipped entry's output only in its own log: the lines where it says why.
+  for name in $(grep -oE "[0-9]+ - [A-Za-z0-9_]+ \(Skipped\)" "$out/ctest.log" | awk '{print $3}'); do
+    awk -v n="$name" '$0 ~ "^[0-9]+/[0-9]+ Test: "n"$" {on = 1; next}
+                      on && /^<end of output>$/ {on = 0} on' build/Testing/Temporary/LastTest.log |
+      grep -i "skip" | tail -3 | sed "s/^/gpu-check: $name: /"
+  done
 fi
 
 if [[ "$stages" == *" layer "* ]]; then
