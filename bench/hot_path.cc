@@ -297,7 +297,6 @@ int main(int argc, char** argv) {
                                                                 tscale::service::Hold::kBorrow),
                                "target");
     const std::vector<at::Tensor> moved = core::ToDevice({x, t}, device);
-    request.set_expected_step(step);
     std::vector<std::pair<std::string, int>> counts;
     {
       OpCounter counter;

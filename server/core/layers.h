@@ -34,10 +34,10 @@ inline constexpr int kMaxE = 0;
 
 // The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed) in each mode,
 // unless a layer is told otherwise (SetPackedBatchLimit). The CUDA kernels take batches up to 16;
-// measured on an H100 at 4096x4096 in two runs (bench/README.md), they beat the GEMMs with w_eff
-// in both up to batch 4 in BF16 (0.20 ms a step against 0.21-0.35) and 2 in TF32 (0.18 against
-// 0.22-0.29), at an eighth of the peak memory or less; beyond, the GEMM route won in one run or
-// both.
+// measured on H100s at 4096x4096 in three runs (bench/README.md), they beat the GEMMs with w_eff
+// in all three up to batch 4 in BF16 (0.20 ms a step against 0.21-0.35) and 2 in TF32 (0.18
+// against 0.22-0.29), at an eighth of the peak memory or less; beyond, the GEMM route won in at
+// least one.
 inline constexpr int64_t kMaxPackedBatchBf16 = 4;
 inline constexpr int64_t kMaxPackedBatchTf32 = 2;
 // That default for a mode: 0 for FP32, which keeps cuBLAS's bits.
