@@ -43,6 +43,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -89,6 +90,17 @@ T OrDie(absl::StatusOr<T> v, const char* what) {
     std::exit(1);
   }
   return *std::move(v);
+}
+
+// A request's input and target as TrainStep's handler takes them: views of its bytes
+// (Hold::kBorrow), no copy.
+std::pair<at::Tensor, at::Tensor> InputAndTarget(const v1::TrainStepRequest& request) {
+  return {OrDie(tscale::service::TensorFromProto(request.input(), "input", v1::FP32,
+                                                 tscale::service::Hold::kBorrow),
+                "input"),
+          OrDie(tscale::service::TensorFromProto(request.target(), "target", v1::FP32,
+                                                 tscale::service::Hold::kBorrow),
+                "target")};
 }
 
 // As TrainStep checks its CPU tensors (model.cc): one pass over the bits of dense float32.
@@ -219,14 +231,7 @@ int main(int argc, char** argv) {
     v1::TrainStepRequest parsed;
     timed(1, record, [&] { parsed.ParseFromString(wire); });
     at::Tensor x, t;
-    timed(2, record, [&] {
-      x = OrDie(tscale::service::TensorFromProto(parsed.input(), "input", v1::FP32,
-                                                 tscale::service::Hold::kBorrow),
-                "input");
-      t = OrDie(tscale::service::TensorFromProto(parsed.target(), "target", v1::FP32,
-                                                 tscale::service::Hold::kBorrow),
-                "target");
-    });
+    timed(2, record, [&] { std::tie(x, t) = InputAndTarget(parsed); });
     bool finite = false;
     timed(3, record, [&] { finite = AllFinite(x) && AllFinite(t); });
     if (!finite) return 1;
@@ -288,14 +293,7 @@ int main(int argc, char** argv) {
     std::printf("%-20s %10.1f %10.1f\n", s.name.c_str(), p50, p99);
   }
   if (ops) {
-    const at::Tensor x = OrDie(tscale::service::TensorFromProto(request.input(), "input",
-                                                                v1::FP32,
-                                                                tscale::service::Hold::kBorrow),
-                               "input");
-    const at::Tensor t = OrDie(tscale::service::TensorFromProto(request.target(), "target",
-                                                                v1::FP32,
-                                                                tscale::service::Hold::kBorrow),
-                               "target");
+    const auto [x, t] = InputAndTarget(request);
     const std::vector<at::Tensor> moved = core::ToDevice({x, t}, device);
     std::vector<std::pair<std::string, int>> counts;
     {

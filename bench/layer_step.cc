@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -120,8 +121,8 @@ at::Tensor Mm(const at::Tensor& a, const at::Tensor& b, ComputeType compute) {
   return a.mm(b);
 }
 
-// The largest batch of the packed route (--packed-max-batch; negative: each mode's default).
-int64_t packed_max_batch = -1;
+// The largest batch of the packed route (--packed-max-batch; unset: each mode's default).
+std::optional<int64_t> packed_max_batch;
 
 tscale::core::TernaryLinear NewLayer(int64_t n, int64_t gs, ComputeType compute,
                                      const c10::Device& device) {
@@ -197,7 +198,7 @@ int main(int argc, char** argv) {
                            computes = "FP32,TF32,BF16";
   int64_t gs = 32;
   double seconds = 0.5;
-  bool with_model = false, given = false;  // given: --packed-max-batch
+  bool with_model = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--device") device_name = value;
@@ -207,7 +208,7 @@ int main(int argc, char** argv) {
     else if (flag == "--group-size") gs = std::stoll(value);
     else if (flag == "--seconds") seconds = std::stod(value);
     else if (flag == "--model") with_model = value == "true";
-    else if (flag == "--packed-max-batch") packed_max_batch = std::stoll(value), given = true;
+    else if (flag == "--packed-max-batch") packed_max_batch = std::stoll(value);
     else {
       std::fprintf(stderr, "layer_step: unknown flag %s\n", flag.c_str());
       return 2;
@@ -233,16 +234,15 @@ int main(int argc, char** argv) {
 #if !TSCALE_WITH_CUDA
   modes.erase(std::remove(modes.begin(), modes.end(), ComputeType::kTf32), modes.end());
 #endif
-  if (given && (packed_max_batch < 0 || packed_max_batch > 16)) {
+  if (packed_max_batch && (*packed_max_batch < 0 || *packed_max_batch > 16)) {
     std::fprintf(stderr, "layer_step: --packed-max-batch: expected 0 to 16, got %lld\n",
-                 static_cast<long long>(packed_max_batch));
+                 static_cast<long long>(*packed_max_batch));
     return 2;
   }
   const std::string packed =
-      packed_max_batch < 0
-          ? absl::StrCat("BF16 ", tscale::core::kMaxPackedBatchBf16, ", TF32 ",
-                         tscale::core::kMaxPackedBatchTf32)
-          : absl::StrCat(packed_max_batch);
+      packed_max_batch ? absl::StrCat(*packed_max_batch)
+                       : absl::StrCat("BF16 ", tscale::core::kMaxPackedBatchBf16, ", TF32 ",
+                                      tscale::core::kMaxPackedBatchTf32);
   std::printf("device %s, group size %lld, packed route up to batch %s; ms per step; floor = "
               "the three GEMMs in cuBLAS (or ATen on CPU)\n",
               tscale::core::DeviceName(*device).c_str(), static_cast<long long>(gs),

@@ -308,8 +308,7 @@ void TernaryLinear::SetCompute(ComputeType compute) {
 }
 
 bool TernaryLinear::Packed(int64_t batch) const {
-  const int64_t limit =
-      packed_batch_limit_ < 0 ? DefaultPackedBatchLimit(compute_) : packed_batch_limit_;
+  const int64_t limit = packed_batch_limit_.value_or(DefaultPackedBatchLimit(compute_));
   return compute_ != ComputeType::kFp32 && batch <= limit && state_.PackedRouteServes(batch);
 }
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -161,9 +162,9 @@ class TernaryLinear {
   // the reference's.
   bool Packed(int64_t batch) const;
   // The largest batch Packed() takes: DefaultPackedBatchLimit(compute) unless set, at most the
-  // kernels' 16 (0: none; negative: the mode's default again). For benchmarks that find where
+  // kernels' 16 (0: none; nullopt: the mode's default again). For benchmarks that find where
   // the route stops paying on a device, and tests of its kernels at every batch they take.
-  void SetPackedBatchLimit(int64_t limit) { packed_batch_limit_ = limit; }
+  void SetPackedBatchLimit(std::optional<int64_t> limit) { packed_batch_limit_ = limit; }
   // Whether a training step of this batch keeps the weight gradient in its two factors (one
   // sample, or the packed route): then FactorScores gives the update's scores.
   bool Factored(int64_t batch) const { return batch == 1 || Packed(batch); }
@@ -208,7 +209,7 @@ class TernaryLinear {
   at::Tensor w_eff_;  // cache of the current step, undefined when stale
   at::Tensor scale_;  // the packed route's S per group of the current step, undefined when stale
   ComputeType compute_ = ComputeType::kFp32;
-  int64_t packed_batch_limit_ = -1;  // negative: DefaultPackedBatchLimit(compute_)
+  std::optional<int64_t> packed_batch_limit_;  // unset: DefaultPackedBatchLimit(compute_)
 };
 
 // Ternary RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (S * T). Its state is frozen: nothing updates

@@ -288,8 +288,8 @@ TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
 // that are multiples of 32): the forward, the input gradient and the scores come from the packed
 // trits without w_eff, close to the w_eff route's products (the same rounded operands, sums in
 // another order), the same from run to run, and at batch 1 the scores equal the whole gradient's.
-// Batches beyond the limit (each mode's DefaultPackedBatchLimit; the kernels take up to 16), and group
-// sizes the kernels do not take, are refused by Packed().
+// Batches beyond the limit (each mode's DefaultPackedBatchLimit; the kernels take up to 16), and
+// group sizes the kernels do not take, are refused by Packed().
 TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   const c10::Device cuda(c10::kCUDA, 0);
