@@ -128,7 +128,11 @@ at::Tensor PackedLinear(const TernaryView& t, const at::Tensor& scale, const at:
   const at::Tensor xf = Operand2d(x, t.cols, t, "input");
   const detail::PackedArgs p = Packed(t, ScaleData(t, scale), xf.size(0), RoundingOf(bf16));
   at::Tensor y = at::empty({xf.size(0), t.rows}, xf.options());
+  const int64_t scratch = detail::PackedLinearScratch(p);
+  // Scratch only where column parts are added in a second pass: no allocation otherwise.
+  const at::Tensor partial = scratch > 0 ? at::empty({scratch}, xf.options()) : at::Tensor();
   C10_CUDA_CHECK(detail::LaunchPackedLinear(p, xf.data_ptr<float>(), y.data_ptr<float>(),
+                                            scratch > 0 ? partial.data_ptr<float>() : nullptr,
                                             at::cuda::getCurrentCUDAStream()));
   return y;
 }

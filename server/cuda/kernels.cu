@@ -359,7 +359,8 @@ dim3 SpanGrid(const TernaryArgs& t) {
 // are thin (a batch of at most 16 against a [rows, cols] weight), so their time is the pass over
 // the trits (0.2 bytes per weight); each thread keeps the whole batch in registers and uses every
 // decoded trit for all of it. Sums run in a fixed order: results are the same from run to run.
-// Group sizes are multiples of 32, so that the 32 columns a warp reads at once lie in one group.
+// Group sizes are multiples of 32, so that the 16 columns a lane decodes at once (SixteenTrits)
+// lie in one group.
 
 // A lane's place in the packed trits (byte and digit), advanced by a fixed stride with additions.
 struct TritCursor {
@@ -382,6 +383,23 @@ struct TritCursor {
   }
 };
 
+// A lane's 16 trits of one row from `at` on, two bits each from bit 0 (digit + 1): the four
+// packed bytes that hold them (fewer where `count` < 16 needs fewer), each decoded by one read of
+// `table` (kDigits). Moves `at` 16 trits on (3 bytes and 1 digit).
+__device__ __forceinline__ unsigned long long SixteenTrits(const unsigned* table,
+                                                           const uint8_t* packed, int count,
+                                                           TritCursor& at) {
+  const unsigned d = at.digit;
+  const unsigned last = (d + count - 1) / 5;  // the last byte these trits need: 0 to 3
+  const uint8_t* bytes = packed + at.byte;
+  unsigned long long v = table[bytes[0]];
+  if (last >= 1) v |= static_cast<unsigned long long>(table[bytes[1]]) << 10;
+  if (last >= 2) v |= static_cast<unsigned long long>(table[bytes[2]]) << 20;
+  if (last >= 3) v |= static_cast<unsigned long long>(table[bytes[3]]) << 30;
+  at.Advance(3, 1);
+  return v >> (2 * d);
+}
+
 // Column c of a [batch, n] operand, rounded, into v (zeros past the batch, or where !in).
 template <int kB>
 __device__ __forceinline__ void LoadColumn(const PackedArgs& p, const float* m, int64_t n,
@@ -392,81 +410,67 @@ __device__ __forceinline__ void LoadColumn(const PackedArgs& p, const float* m, 
   }
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// A warp's columns in the packed kernels: a slice of whole groups, so that a warp's groups are its
-// own. `per_slice` columns (a multiple of the group size), the last slice shorter.
-int64_t SliceColumns(int64_t cols, int64_t group_size, int64_t slices) {
-  const int64_t want = (cols + slices - 1) / slices;
-  return (want + group_size - 1) / group_size * group_size;
-}
-
-// y [batch, rows] = x [batch, cols] @ w^T. A block owns kRows rows; its 8 warps take one slice of
-// the columns each (SliceColumns into 8), 32 at a time (lane l takes column c0 + l), each lane
-// keeping kRows x kB partial sums. Each warp adds its lanes' sums, and the block adds the warps'
-// in warp order.
-template <int kB, int kRows>
-__global__ void __launch_bounds__(kThreads) PackedLinearKernel(PackedArgs p, int64_t per_slice,
-                                                               const float* x, float* y) {
+// y [batch, rows] = x [batch, cols] @ w^T. Lane l of a block owns row 32 blockIdx.x + l, and warp
+// w the columns of slice 8 blockIdx.y + w (`per_slice` columns, whole groups): the lane walks
+// them 16 at a time (SixteenTrits), x's column being the same for all lanes, and keeps kB sums.
+// The block adds its warps' sums in warp order; where the columns take several blocks
+// (gridDim.y > 1), each writes its sums to `partial` and PackedReduceKernel adds them in order.
+template <int kB>
+__global__ void __launch_bounds__(kThreads, 2) PackedLinearKernel(PackedArgs p, int64_t per_slice,
+                                                                  const float* x, float* y,
+                                                                  float* partial) {
   constexpr int kWarps = kThreads / 32;
-  __shared__ float sums[kWarps][kRows][kB];
-  const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int64_t cols = p.cols;
-  const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
-  const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
-  const int64_t begin = min(w * per_slice, cols), end = min(begin + per_slice, cols);
-  float acc[kRows][kB];
-  TritCursor at[kRows];
-  const float* scale[kRows];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int64_t r = min(r0 + i, p.rows - 1);
-    at[i].Start(static_cast<uint64_t>(r) * cols + begin + lane);
-    scale[i] = p.scale + r * gpr;
-#pragma unroll
-    for (int b = 0; b < kB; ++b) acc[i][b] = 0.0f;
-  }
-  int64_t g = begin / p.group_size;
-  unsigned k = 0;
-  for (int64_t c0 = begin; c0 < end; c0 += 32) {
-    const int64_t c = c0 + lane;
-    const bool in = c < end;
-    float xv[kB];
-    LoadColumn<kB>(p, x, cols, c, in, xv);
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int t = in ? at[i].Trit(p.packed) : 0;
-      const float wt = __fmul_rn(scale[i][g], static_cast<float>(t));
-#pragma unroll
-      for (int b = 0; b < kB; ++b) acc[i][b] = fmaf(wt, xv[b], acc[i][b]);
-      at[i].Advance(6, 2);  // 32 weights on: 6 bytes and 2 digits
-    }
-    if (++k == steps_per_group) {
-      k = 0;
-      ++g;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-    for (int b = 0; b < kB; ++b) {
-      const float v = WarpSum(acc[i][b]);
-      if (lane == 0) sums[w][i][b] = v;
-    }
-  }
+  __shared__ unsigned table[243];
+  __shared__ float sums[kWarps][kB][32];
+  for (unsigned b = threadIdx.x; b < 243; b += blockDim.x) table[b] = kDigits[b];
   __syncthreads();
-  for (int t = threadIdx.x; t < kRows * kB; t += kThreads) {
-    const int i = t / kB, b = t % kB;
-    if (r0 + i >= p.rows || b >= p.batch) continue;
+  const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int64_t cols = p.cols, rows = p.rows, gs = p.group_size;
+  const int64_t gpr = (cols + gs - 1) / gs;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  const bool row_in = r < rows;
+  const int64_t slice = static_cast<int64_t>(blockIdx.y) * kWarps + w;
+  const int64_t begin = min(slice * per_slice, cols), end = min(begin + per_slice, cols);
+  float acc[kB];
+#pragma unroll
+  for (int b = 0; b < kB; ++b) acc[b] = 0.0f;
+  // A row past the end walks row 0's trits: its sums are not written.
+  const int64_t rr = row_in ? r : 0;
+  TritCursor at;
+  at.Start(static_cast<uint64_t>(rr) * cols + begin);
+  for (int64_t g0 = begin; g0 < end; g0 += gs) {
+    const int64_t gend = min(g0 + gs, end);
+    const float s = p.scale[rr * gpr + g0 / gs];
+    for (int64_t c = g0; c < gend; c += 16) {
+      const int count = gend - c < 16 ? static_cast<int>(gend - c) : 16;
+      const unsigned long long code = SixteenTrits(table, p.packed, count, at);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if (j >= count) break;
+        float xv[kB];
+        LoadColumn<kB>(p, x, cols, c + j, true, xv);
+        const int t = static_cast<int>((code >> (2 * j)) & 3u) - 1;
+        const float wt = __fmul_rn(s, static_cast<float>(t));
+#pragma unroll
+        for (int b = 0; b < kB; ++b) acc[b] = fmaf(wt, xv[b], acc[b]);
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kB; ++b) sums[w][b][lane] = acc[b];
+  __syncthreads();
+  for (int t = threadIdx.x; t < 32 * kB; t += kThreads) {
+    const int b = t / 32, l = t % 32;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * 32 + l;
+    if (row >= rows || b >= p.batch) continue;
     float total = 0.0f;
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) total += sums[v][i][b];
-    y[b * p.rows + r0 + i] = RoundResult(total, p.rounding);
+    for (int v = 0; v < kWarps; ++v) total += sums[v][b][l];
+    if (gridDim.y > 1) {
+      partial[(static_cast<int64_t>(blockIdx.y) * p.batch + b) * rows + row] = total;
+    } else {
+      y[b * rows + row] = RoundResult(total, p.rounding);
+    }
   }
 }
 
@@ -541,85 +545,98 @@ __global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs
   }
 }
 
-// grad_x = the chunks' partial sums added in chunk order.
-__global__ void PackedReduceKernel(PackedArgs p, int64_t chunks, const float* partial,
-                                   float* grad_x) {
-  const int64_t n = static_cast<int64_t>(p.batch) * p.cols;
+// out [n] = the parts' partial sums ([parts, n]) added in part order, rounded as the mode's
+// GEMM writes its results.
+__global__ void PackedReduceKernel(int64_t n, int64_t parts, Rounding rounding,
+                                   const float* partial, float* out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float total = 0.0f;
-    for (int64_t k = 0; k < chunks; ++k) total += partial[k * n + i];
-    grad_x[i] = RoundResult(total, p.rounding);
+    for (int64_t k = 0; k < parts; ++k) total += partial[k * n + i];
+    out[i] = RoundResult(total, rounding);
   }
 }
 
-// Scores of g^T x without forming it. A warp owns kRows rows and one slice of their columns
-// (whole groups, `per_slice` columns), walked 32 at a time; each lane forms its weight's gradient
-// from the batch in registers (float32 sums in batch order), and the warp adds the signs times
-// trits of each 32 columns (one group's part) in one reduction.
+// Scores of g^T x without forming it. Lane l of a warp owns rows r0 + l + 32 i (i < kRows) and
+// walks one slice of their columns (whole groups, `per_slice` columns) 16 at a time: a row's 16
+// trits come from four packed bytes, each decoded by one read of a table (its five base-3 digits,
+// two bits each), and are then taken by shifts. Each weight's gradient is formed from the batch
+// in registers (float32 sums in batch order, as before: the same bits), the column's x being the
+// same for all lanes. A lane sums each of its groups alone: no reduction across lanes, and about
+// a dozen instructions a weight at batch 1 (the layout of one trit a lane needed some 57).
 // kCheck (one sample in float32): also clears *exact where a nonzero product could underflow.
 template <int kB, int kRows, bool kCheck>
-__global__ void __launch_bounds__(kThreads) FactorScoresKernel(PackedArgs p, int64_t per_slice,
+__global__ void __launch_bounds__(kThreads, 2) FactorScoresKernel(PackedArgs p, int64_t per_slice,
                                                                const float* grad,
                                                                const float* x,
                                                                int64_t* scores, bool* exact) {
   static_assert(!kCheck || kB == 1, "the underflow check is of one sample's products");
+  __shared__ unsigned table[243];
+  for (unsigned b = threadIdx.x; b < 243; b += blockDim.x) table[b] = kDigits[b];
+  __syncthreads();
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const unsigned lane = threadIdx.x % 32;
-  const int64_t cols = p.cols, rows = p.rows;
+  const int64_t cols = p.cols, rows = p.rows, gs = p.group_size;
   const int64_t slices = (cols + per_slice - 1) / per_slice;
-  const int64_t r0 = warp / slices * kRows;
+  const int64_t r0 = warp / slices * (32 * kRows);
   if (r0 >= rows) return;
   const int64_t begin = warp % slices * per_slice, end = min(begin + per_slice, cols);
-  const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
-  const unsigned steps_per_group = static_cast<unsigned>(p.group_size / 32);
+  const int64_t gpr = (cols + gs - 1) / gs;
   float gv[kRows][kB];
-  TritCursor at[kRows];
-  int acc[kRows];
+  int64_t r[kRows];
+  bool row_in[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
-    const int64_t r = min(r0 + i, rows - 1);
-    at[i].Start(static_cast<uint64_t>(r) * cols + begin + lane);
-    acc[i] = 0;
-    LoadColumn<kB>(p, grad, rows, r, true, gv[i]);
+    r[i] = r0 + lane + 32 * i;
+    row_in[i] = r[i] < rows;
+    LoadColumn<kB>(p, grad, rows, min(r[i], rows - 1), row_in[i], gv[i]);
   }
-  int64_t g = begin / p.group_size;
-  unsigned k = 0;
+  // Each row's place in the packed trits at column `begin` (a row past the end takes row 0's:
+  // its gradient is zero, so its signs are too), moved 16 trits (3 bytes and 1 digit) a chunk.
+  TritCursor at[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    at[i].Start(static_cast<uint64_t>(row_in[i] ? r[i] : 0) * cols + begin);
+  }
   bool risky = false;
-  for (int64_t c0 = begin; c0 < end; c0 += 32) {
-    const int64_t c = c0 + lane;
-    const bool in = c < end;
-    float xv[kB];
-    LoadColumn<kB>(p, x, cols, c, in, xv);
+  for (int64_t g0 = begin; g0 < end; g0 += gs) {
+    const int64_t gend = min(g0 + gs, end);
+    int acc[kRows];
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      float d = 0.0f;
+    for (int i = 0; i < kRows; ++i) acc[i] = 0;
+    for (int64_t c = g0; c < gend; c += 16) {
+      const int count = gend - c < 16 ? static_cast<int>(gend - c) : 16;
+      unsigned long long code[kRows];  // each row's trits of columns c .. c + count - 1
 #pragma unroll
-      for (int b = 0; b < kB; ++b) d = fmaf(gv[i][b], xv[b], d);
-      if (kCheck) {
-        // The bound of TernaryLinear::ScoresOfSample: nonzero factors normal, products >= 2^-125.
-        const float a = fabsf(gv[i][0]), b = fabsf(xv[0]);
-        risky |= a != 0.0f && b != 0.0f &&
-                 !(a >= 0x1p-126f && b >= 0x1p-126f && fabsf(d) >= 0x1p-125f);
-      }
-      const int t = in ? at[i].Trit(p.packed) : 0;
-      acc[i] += __reduce_add_sync(0xffffffffu, ((d > 0.0f) - (d < 0.0f)) * t);
-      at[i].Advance(6, 2);
-    }
-    if (++k == steps_per_group || c0 + 32 >= end) {
-      if (lane == 0) {
+      for (int i = 0; i < kRows; ++i) code[i] = SixteenTrits(table, p.packed, count, at[i]);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if (j >= count) break;
+        float xv[kB];
+        LoadColumn<kB>(p, x, cols, c + j, true, xv);
 #pragma unroll
         for (int i = 0; i < kRows; ++i) {
-          if (r0 + i < rows) scores[(r0 + i) * gpr + g] = acc[i];
+          float dot = 0.0f;
+#pragma unroll
+          for (int b = 0; b < kB; ++b) dot = fmaf(gv[i][b], xv[b], dot);
+          if (kCheck) {
+            // The bound of TernaryLinear::ScoresOfSample: nonzero factors normal, products >=
+            // 2^-125.
+            const float fa = fabsf(gv[i][0]), fb = fabsf(xv[0]);
+            risky |= fa != 0.0f && fb != 0.0f &&
+                     !(fa >= 0x1p-126f && fb >= 0x1p-126f && fabsf(dot) >= 0x1p-125f);
+          }
+          const int t = static_cast<int>((code[i] >> (2 * j)) & 3u) - 1;
+          acc[i] += ((dot > 0.0f) - (dot < 0.0f)) * t;
         }
       }
+    }
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) acc[i] = 0;
-      k = 0;
-      ++g;
+    for (int i = 0; i < kRows; ++i) {
+      if (row_in[i]) scores[r[i] * gpr + g0 / gs] = acc[i];
     }
   }
-  if (kCheck && __any_sync(0xffffffffu, risky) && lane == 0) *exact = false;
+  if (kCheck && risky) *exact = false;
 }
 
 // Calls f with the smallest instantiated batch width that holds `batch`, as a compile-time
@@ -633,16 +650,28 @@ cudaError_t ForBatch(int batch, F&& f) {
   return f(std::integral_constant<int, 16>{});
 }
 
-// Rows per warp: more rows use each batch column more often; wide batches keep fewer, for
-// registers.
-constexpr int RowsPerWarp(int b) { return b >= 8 ? 4 : 2; }
+// Rows per lane of the scores kernel (32 such rows a warp): x's column, shared by the lanes, is
+// used this many times; wide batches keep one, for registers.
+constexpr int ScoreRowsPerLane(int b) { return b >= 8 ? 1 : 2; }
 
-// Columns per warp of the scores kernel: about 256 (8 steps of 32), in whole groups.
+// Columns per warp of the scores kernel: at least 64, in whole groups (a 4096x4096 layer at
+// batch 1 is then 4096 warps).
 int64_t ScoreSliceColumns(int64_t group_size) {
-  return group_size >= 256 ? group_size : 256 / group_size * group_size;
+  return group_size >= 64 ? group_size : 64 / group_size * group_size;
 }
 
 int64_t Chunks(const PackedArgs& p) { return (p.rows + kChunkRows - 1) / kChunkRows; }
+
+// Columns per warp of the forward: 128, in whole groups; a block's 8 warps take 8 slices, and
+// the columns take LinearParts blocks of each 32 rows (a 4096x4096 layer: 4 parts, 4096 warps).
+int64_t LinearSliceColumns(int64_t group_size) {
+  return group_size >= 128 ? group_size : 128 / group_size * group_size;
+}
+int64_t LinearParts(const PackedArgs& p) {
+  const int64_t slices = (p.cols + LinearSliceColumns(p.group_size) - 1) /
+                         LinearSliceColumns(p.group_size);
+  return (slices + kThreads / 32 - 1) / (kThreads / 32);
+}
 
 }  // namespace
 
@@ -742,20 +771,29 @@ cudaError_t LaunchScale(const TernaryArgs& t, Rounding rounding, float* scale,
   return cudaGetLastError();
 }
 
-cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y,
+int64_t PackedLinearScratch(const PackedArgs& p) {
+  const int64_t parts = LinearParts(p);
+  return parts > 1 ? parts * p.batch * p.rows : 0;
+}
+
+cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y, float* partial,
                                cudaStream_t stream) {
   if (p.rows == 0 || p.batch == 0) return cudaSuccess;
   if (p.cols == 0) return cudaMemsetAsync(y, 0, sizeof(float) * p.batch * p.rows, stream);
-  return ForBatch(p.batch, [&](auto width) {
+  const int64_t parts = LinearParts(p), row_blocks = (p.rows + 31) / 32;
+  if (parts > 65535 || row_blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(parts));
+  const cudaError_t err = ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
-    constexpr int kRows = RowsPerWarp(kB);
-    const int64_t per_slice = SliceColumns(p.cols, p.group_size, kThreads / 32);
-    const int64_t blocks = (p.rows + kRows - 1) / kRows;
-    if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
-    PackedLinearKernel<kB, kRows>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, per_slice, x, y);
+    PackedLinearKernel<kB><<<grid, kThreads, 0, stream>>>(p, LinearSliceColumns(p.group_size),
+                                                          x, y, partial);
     return cudaGetLastError();
   });
+  if (err != cudaSuccess || parts == 1) return err;
+  const int64_t n = p.batch * p.rows;
+  PackedReduceKernel<<<static_cast<unsigned>(Blocks(n, kThreads, 1 << 16)), kThreads, 0,
+                       stream>>>(n, parts, p.rounding, partial, y);
+  return cudaGetLastError();
 }
 
 int64_t PackedInputGradientScratch(const PackedArgs& p) {
@@ -780,7 +818,7 @@ cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float
   if (err != cudaSuccess || !split) return err;
   const int64_t n = p.batch * p.cols;
   PackedReduceKernel<<<static_cast<unsigned>(Blocks(n, kThreads, 1 << 16)), kThreads, 0,
-                       stream>>>(p, chunks, partial, grad_x);
+                       stream>>>(n, chunks, p.rounding, partial, grad_x);
   return cudaGetLastError();
 }
 
@@ -793,10 +831,10 @@ cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float*
   if (check && (p.batch != 1 || exact == nullptr)) return cudaErrorInvalidValue;
   return ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
-    constexpr int kRows = RowsPerWarp(kB);
+    constexpr int kRows = ScoreRowsPerLane(kB);
     const int64_t per_slice = ScoreSliceColumns(p.group_size);
     const int64_t warps =
-        (p.rows + kRows - 1) / kRows * ((p.cols + per_slice - 1) / per_slice);
+        (p.rows + 32 * kRows - 1) / (32 * kRows) * ((p.cols + per_slice - 1) / per_slice);
     const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
     if (blocks > (int64_t{1} << 31) - 1) return cudaErrorInvalidConfiguration;
     const dim3 grid(static_cast<unsigned>(blocks));

@@ -52,8 +52,11 @@ struct PackedArgs {
 cudaError_t LaunchScale(const TernaryArgs& t, Rounding rounding, float* scale,
                         cudaStream_t stream);
 
-// y [batch, rows] = x [batch, cols] @ (S T)^T; x and y contiguous float32.
-cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y, cudaStream_t stream);
+// y [batch, rows] = x [batch, cols] @ (S T)^T; x and y contiguous float32; `partial` is scratch
+// of PackedLinearScratch(p) floats (none when it returns 0).
+int64_t PackedLinearScratch(const PackedArgs& p);
+cudaError_t LaunchPackedLinear(const PackedArgs& p, const float* x, float* y, float* partial,
+                               cudaStream_t stream);
 
 // grad_x [batch, cols] = g [batch, rows] @ (S T); `partial` is scratch of
 // PackedInputGradientScratch(p) floats (none when it returns 0).

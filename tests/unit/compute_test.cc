@@ -297,11 +297,13 @@ TEST(ComputeCudaTest, PackedRouteIsCloseToTheWeightRoute) {
     int64_t rows, cols, gs;
     bool served;
   };
-  // 300 rows: the input gradient's row chunks (128) are added by a second kernel; 257 columns:
-  // a ragged last group and a partial warp; gs 64 over 40 columns is one group of 40: refused.
+  // 300 rows: the input gradient's row chunks (128) are added by a second kernel; 2100 columns:
+  // the forward's column parts (1024 columns each) too; 257 columns: a ragged last group and a
+  // partial chunk of 16; 33 rows: a partial warp of rows; gs 64 over 40 columns is one group of
+  // 40: refused.
   for (const Shape& sh : {Shape{64, 96, 32, true}, Shape{300, 1000, 64, true},
-                          Shape{33, 257, 32, true}, Shape{5, 40, 64, false},
-                          Shape{8, 48, 16, false}}) {
+                          Shape{40, 2100, 32, true}, Shape{33, 257, 32, true},
+                          Shape{5, 40, 64, false}, Shape{8, 48, 16, false}}) {
     for (ComputeType compute : {ComputeType::kBf16, ComputeType::kTf32}) {
       for (int64_t batch : {1, 3, 16, 17}) {
         SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs << " "
