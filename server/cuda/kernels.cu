@@ -383,12 +383,10 @@ struct TritCursor {
   }
 };
 
-// A lane's 16 trits of one row from `at` on, two bits each from bit 0 (digit + 1): the four
-// packed bytes that hold them (fewer where `count` < 16 needs fewer), each decoded by one read of
-// `table` (kDigits). Moves `at` 16 trits on (3 bytes and 1 digit).
-__device__ __forceinline__ unsigned long long SixteenTrits(const unsigned* table,
-                                                           const uint8_t* packed, int count,
-                                                           TritCursor& at) {
+// `count` (1 to 16) trits of one row from `at` on, two bits each from bit 0 (digit + 1): the
+// packed bytes that hold them (at most four), each decoded by one read of `table` (kDigits).
+__device__ __forceinline__ unsigned long long TritsAt(const unsigned* table, const uint8_t* packed,
+                                                      int count, const TritCursor& at) {
   const unsigned d = at.digit;
   const unsigned last = (d + count - 1) / 5;  // the last byte these trits need: 0 to 3
   const uint8_t* bytes = packed + at.byte;
@@ -396,8 +394,16 @@ __device__ __forceinline__ unsigned long long SixteenTrits(const unsigned* table
   if (last >= 1) v |= static_cast<unsigned long long>(table[bytes[1]]) << 10;
   if (last >= 2) v |= static_cast<unsigned long long>(table[bytes[2]]) << 20;
   if (last >= 3) v |= static_cast<unsigned long long>(table[bytes[3]]) << 30;
-  at.Advance(3, 1);
   return v >> (2 * d);
+}
+
+// TritsAt, then `at` moved 16 trits on (3 bytes and 1 digit).
+__device__ __forceinline__ unsigned long long SixteenTrits(const unsigned* table,
+                                                           const uint8_t* packed, int count,
+                                                           TritCursor& at) {
+  const unsigned long long v = TritsAt(table, packed, count, at);
+  at.Advance(3, 1);
+  return v;
 }
 
 // Column c of a [batch, n] operand, rounded, into v (zeros past the batch, or where !in).
@@ -474,60 +480,65 @@ __global__ void __launch_bounds__(kThreads, 2) PackedLinearKernel(PackedArgs p, 
   }
 }
 
-// grad_x [batch, cols] = g [batch, rows] @ w. A block owns 32 kC columns (kC per lane, 32
-// apart) and a chunk of kChunkRows rows, its warps taking every 8th row of it; the warps' sums
-// meet in shared memory and are added in warp order. With several chunks, each writes its
-// partial sums and PackedReduceKernel adds them in chunk order.
-constexpr int kChunkRows = 128;
-constexpr int kGradCols = 2;
-
-template <int kB, int kC>
+// grad_x [batch, cols] = g [batch, rows] @ w. A block owns 32 kN columns, lane l the kN
+// consecutive columns from kN l on (in one group: kN divides 32), and a chunk of `chunk_rows`
+// rows, its warps taking every 8th row of it. Per row a lane decodes its kN trits from the packed
+// bytes that hold them (TritsAt) and reads its group's scale once; g's column is the same address
+// for all lanes. The warps' sums meet in shared memory and are added in warp order; with several
+// chunks, each writes its partial sums and PackedReduceKernel adds them in chunk order.
+template <int kB, int kN>
 __global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs p,
+                                                                      int64_t chunk_rows,
                                                                       const float* grad,
                                                                       float* out, bool partial) {
+  static_assert(32 % kN == 0, "a lane's columns lie in one group");
   constexpr int kWarps = kThreads / 32;
-  constexpr int kTileCols = 32 * kC;
+  constexpr int kTileCols = 32 * kN;
+  __shared__ unsigned table[243];
   __shared__ float sums[kWarps][kB][kTileCols];
+  for (unsigned b = threadIdx.x; b < 243; b += blockDim.x) table[b] = kDigits[b];
+  __syncthreads();
   const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const int64_t cols = p.cols, rows = p.rows;
   const int64_t gpr = (cols + p.group_size - 1) / p.group_size;
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
-  const int64_t chunk0 = static_cast<int64_t>(blockIdx.y) * kChunkRows;
-  const int64_t chunk1 = min(chunk0 + kChunkRows, rows);
-  // A warp's row steps are kWarps rows: its cursors move kWarps * cols weights.
+  const int64_t c0 = tile0 + static_cast<int64_t>(lane) * kN;
+  const int count = c0 < cols ? static_cast<int>(min(static_cast<int64_t>(kN), cols - c0)) : 0;
+  const int64_t chunk0 = static_cast<int64_t>(blockIdx.y) * chunk_rows;
+  const int64_t chunk1 = min(chunk0 + chunk_rows, rows);
+  const int64_t group = min(c0, cols - 1) / p.group_size;
+  // A warp's row steps are kWarps rows: its cursor moves kWarps * cols weights.
   const uint64_t stride = static_cast<uint64_t>(kWarps) * cols;
   const uint64_t stride_byte = stride / 5;
   const unsigned stride_digit = static_cast<unsigned>(stride - stride_byte * 5);
-  float acc[kC][kB];
-  TritCursor at[kC];
-  int64_t group[kC];
-  bool in[kC];
+  float acc[kN][kB];
 #pragma unroll
-  for (int j = 0; j < kC; ++j) {
-    const int64_t c = tile0 + lane + 32 * j;
-    in[j] = c < cols;
-    group[j] = min(c, cols - 1) / p.group_size;
-    at[j].Start(static_cast<uint64_t>(chunk0 + w) * cols + min(c, cols - 1));
+  for (int j = 0; j < kN; ++j) {
 #pragma unroll
     for (int b = 0; b < kB; ++b) acc[j][b] = 0.0f;
   }
+  TritCursor at;
+  at.Start(static_cast<uint64_t>(chunk0 + w) * cols + min(c0, cols - 1));
   for (int64_t r = chunk0 + w; r < chunk1; r += kWarps) {
     float gv[kB];
     LoadColumn<kB>(p, grad, rows, r, true, gv);
-    const float* scale = p.scale + r * gpr;
+    if (count > 0) {
+      const float s = p.scale[r * gpr + group];
+      const unsigned long long code = TritsAt(table, p.packed, count, at);
 #pragma unroll
-    for (int j = 0; j < kC; ++j) {
-      const int t = in[j] ? at[j].Trit(p.packed) : 0;
-      const float wt = __fmul_rn(scale[group[j]], static_cast<float>(t));
+      for (int j = 0; j < kN; ++j) {
+        const int t = static_cast<int>((code >> (2 * j)) & 3u) - 1;
+        const float wt = __fmul_rn(s, static_cast<float>(t));
 #pragma unroll
-      for (int b = 0; b < kB; ++b) acc[j][b] = fmaf(wt, gv[b], acc[j][b]);
-      at[j].Advance(stride_byte, stride_digit);
+        for (int b = 0; b < kB; ++b) acc[j][b] = fmaf(wt, gv[b], acc[j][b]);
+      }
     }
+    at.Advance(stride_byte, stride_digit);
   }
 #pragma unroll
-  for (int j = 0; j < kC; ++j) {
+  for (int j = 0; j < kN; ++j) {
 #pragma unroll
-    for (int b = 0; b < kB; ++b) sums[w][b][lane + 32 * j] = acc[j][b];
+    for (int b = 0; b < kB; ++b) sums[w][b][lane * kN + j] = acc[j][b];
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < kB * kTileCols; idx += kThreads) {
@@ -654,13 +665,20 @@ cudaError_t ForBatch(int batch, F&& f) {
 // used this many times; wide batches keep one, for registers.
 constexpr int ScoreRowsPerLane(int b) { return b >= 8 ? 1 : 2; }
 
+
 // Columns per warp of the scores kernel: at least 64, in whole groups (a 4096x4096 layer at
 // batch 1 is then 4096 warps).
 int64_t ScoreSliceColumns(int64_t group_size) {
   return group_size >= 64 ? group_size : 64 / group_size * group_size;
 }
 
+// Rows of a chunk of the input gradient: a block's.
+constexpr int64_t kChunkRows = 128;
 int64_t Chunks(const PackedArgs& p) { return (p.rows + kChunkRows - 1) / kChunkRows; }
+
+// Columns a lane of the input gradient takes at batch width kB: 16 up to 2, then fewer, so that a
+// lane keeps at most 32 sums (kN kB) and a block's sums fit in 32 KiB of shared memory.
+constexpr int GradLaneColumns(int kB) { return kB <= 2 ? 16 : 32 / kB; }
 
 // Columns per warp of the forward: 128, in whole groups; a block's 8 warps take 8 slices, and
 // the columns take LinearParts blocks of each 32 rows (a 4096x4096 layer: 4 parts, 4096 warps).
@@ -806,13 +824,14 @@ cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float
   if (p.cols == 0 || p.batch == 0) return cudaSuccess;
   if (p.rows == 0) return cudaMemsetAsync(grad_x, 0, sizeof(float) * p.batch * p.cols, stream);
   const int64_t chunks = Chunks(p);
-  const dim3 grid(static_cast<unsigned>((p.cols + 32 * kGradCols - 1) / (32 * kGradCols)),
-                  static_cast<unsigned>(chunks));
   const bool split = chunks > 1;
   const cudaError_t err = ForBatch(p.batch, [&](auto width) {
     constexpr int kB = decltype(width)::value;
-    PackedInputGradientKernel<kB, kGradCols>
-        <<<grid, kThreads, 0, stream>>>(p, g, split ? partial : grad_x, split);
+    constexpr int kN = GradLaneColumns(kB);
+    const dim3 grid(static_cast<unsigned>((p.cols + 32 * kN - 1) / (32 * kN)),
+                    static_cast<unsigned>(chunks));
+    PackedInputGradientKernel<kB, kN>
+        <<<grid, kThreads, 0, stream>>>(p, kChunkRows, g, split ? partial : grad_x, split);
     return cudaGetLastError();
   });
   if (err != cudaSuccess || !split) return err;
