@@ -359,7 +359,7 @@ dim3 SpanGrid(const TernaryArgs& t) {
 // are thin (a batch of at most 16 against a [rows, cols] weight), so their time is the pass over
 // the trits (0.2 bytes per weight); each thread keeps the whole batch in registers and uses every
 // decoded trit for all of it. Sums run in a fixed order: results are the same from run to run.
-// Group sizes are multiples of 32, so that the 16 columns a lane decodes at once (SixteenTrits)
+// Group sizes are multiples of 32, so that the up to 16 columns a lane decodes at once (TritsAt)
 // lie in one group.
 
 // A lane's place in the packed trits (byte and digit), advanced by a fixed stride with additions.
@@ -369,9 +369,6 @@ struct TritCursor {
   __device__ __forceinline__ void Start(uint64_t n) {
     byte = n / 5;
     digit = static_cast<unsigned>(n - byte * 5);
-  }
-  __device__ __forceinline__ int Trit(const uint8_t* packed) const {
-    return TritOf(packed[byte], digit);
   }
   __device__ __forceinline__ void Advance(uint64_t stride_byte, unsigned stride_digit) {
     byte += stride_byte;
