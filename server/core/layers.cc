@@ -229,6 +229,39 @@ void TernaryState::Apply(const at::Tensor& scores) {
   ++step_counter_;
 }
 
+at::Tensor TernaryState::Updated(const at::Tensor& scores, at::Tensor figures) const {
+  TORCH_CHECK(scores.scalar_type() == at::kLong && scores.numel() == groups() &&
+                  figures.scalar_type() == at::kLong && figures.numel() == 2 &&
+                  figures.is_contiguous() && scores.device() == corr_accum_.device() &&
+                  figures.device() == corr_accum_.device(),
+              "update: expected int64 scores [", groups(), "] and figures [2] on ",
+              corr_accum_.device(), ", got ", scores.sizes(), " ", scores.scalar_type(), " on ",
+              scores.device(), " and ", figures.sizes(), " on ", figures.device());
+#if TSCALE_WITH_CUDA
+  if (corr_accum_.is_cuda()) return cuda::Updated(corr_accum_, scores, figures);
+#endif
+  const at::Tensor s = scores.contiguous(), corr = corr_accum_.contiguous();
+  at::Tensor after = at::empty_like(corr);
+  const int64_t* c = corr.data_ptr<int64_t>();
+  const int64_t* v = s.data_ptr<int64_t>();
+  int64_t* a = after.data_ptr<int64_t>();
+  int64_t sum = 0, abs_sum = 0;
+  for (int64_t i = 0, n = groups(); i < n; ++i) {
+    a[i] = c[i] - v[i];
+    sum += v[i];
+    abs_sum += a[i] < 0 ? -a[i] : a[i];
+  }
+  int64_t* f = figures.data_ptr<int64_t>();
+  f[0] += sum;
+  f[1] += abs_sum;
+  return after;
+}
+
+void TernaryState::Commit(at::Tensor after) {
+  corr_accum_ = std::move(after);
+  ++step_counter_;
+}
+
 bool TernaryState::PackedRouteServes(int64_t batch) const {
 #if TSCALE_WITH_CUDA
   if (fused()) return cuda::PackedRouteServes(View(), batch);
@@ -523,6 +556,12 @@ at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {
 
 void TernaryLinear::Apply(const at::Tensor& scores) {
   state_.Apply(scores);
+  w_eff_.reset();
+  scale_.reset();
+}
+
+void TernaryLinear::Commit(at::Tensor after) {
+  state_.Commit(std::move(after));
   w_eff_.reset();
   scale_.reset();
 }

@@ -35,12 +35,12 @@ inline constexpr int kMaxE = 0;
 
 // The largest batch a TrainStep takes on the packed route (TernaryLinear::Packed) in each mode,
 // unless a layer is told otherwise (SetPackedBatchLimit). The CUDA kernels take batches up to 16;
-// measured on H100s at 4096x4096 in three runs (bench/README.md), they beat the GEMMs with w_eff
-// in all three up to batch 4 in BF16 (0.20 ms a step against 0.21-0.35) and 2 in TF32 (0.18
-// against 0.22-0.29), at an eighth of the peak memory or less; beyond, the GEMM route won in at
-// least one.
+// measured on H100s at 4096x4096 (bench/README.md), the kernels that decode a lane's trits from
+// whole packed bytes beat the GEMMs with w_eff up to batch 4 in both modes (BF16 0.12-0.16 ms a
+// step against 0.21, TF32 0.14-0.19 against 0.20), at an eighth of the peak memory or less; at
+// batch 8 the GEMMs won (0.31-0.42 ms against 0.19-0.20).
 inline constexpr int64_t kMaxPackedBatchBf16 = 4;
-inline constexpr int64_t kMaxPackedBatchTf32 = 2;
+inline constexpr int64_t kMaxPackedBatchTf32 = 4;
 // That default for a mode: 0 for FP32, which keeps cuBLAS's bits.
 constexpr int64_t DefaultPackedBatchLimit(ComputeType compute) {
   return compute == ComputeType::kBf16   ? kMaxPackedBatchBf16
@@ -102,6 +102,13 @@ class TernaryState {
   at::Tensor ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const;
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
+  // The corr_accum an update by `scores` gives (corr_accum - scores, int64 [groups]), without
+  // taking it, and its two figures into `figures` (int64 [2] on the state's device, zeros before
+  // the call; a view of a larger tensor serves): the sum of the scores and the sum of |corr_accum
+  // - scores|. One kernel on CUDA, one pass on the CPU, where the ATen expressions take five.
+  at::Tensor Updated(const at::Tensor& scores, at::Tensor figures) const;
+  // Takes `after` (from Updated) as corr_accum; step_counter += 1.
+  void Commit(at::Tensor after);
   // Whether the CUDA kernels' packed route (products and scores straight from the packed trits)
   // can serve a batch: CUDA, batches up to the kernels' 16, group sizes that are multiples of 32.
   bool PackedRouteServes(int64_t batch) const;
@@ -197,6 +204,8 @@ class TernaryLinear {
   SampleScores FactorScores(const at::Tensor& g, const at::Tensor& x) const;
   // corr_accum -= scores, step_counter += 1; the next forward computes the new w_eff.
   void Apply(const at::Tensor& scores);
+  // TernaryState::Commit: `after` from state().Updated as corr_accum, step_counter += 1.
+  void Commit(at::Tensor after);
 
   const TernaryState& state() const { return state_; }
   int64_t persistent_bytes() const;

@@ -677,21 +677,29 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       scores.push_back(linears_[i].layer->Scores(sum));
     }
     // The figures of the update, the loss and the exactness flags of factored scores, in one copy
-    // to the host: the loss's float64 bits and the flags ride along as int64s.
+    // to the host: the loss's float64 bits and the flags ride along as int64s. Each layer's
+    // corr_accum after the update is made with its two figures (TernaryState::Updated) and
+    // taken only at the commit below.
+    std::vector<at::Tensor> after(linears_.size());
+    const bool host_loss = loss != nullptr && combiner == nullptr;
     auto figures = [&] {
-      std::vector<at::Tensor> stats;
+      int64_t n = 2 * static_cast<int64_t>(linears_.size()) + (host_loss ? 1 : 0);
+      for (const at::Tensor& e : exact) n += e.defined() ? 1 : 0;
+      if (n == 0) return at::Tensor();
+      const at::Tensor stats = at::zeros({n}, at::TensorOptions(at::kLong).device(device_));
       for (size_t i = 0; i < linears_.size(); ++i) {
-        const at::Tensor after = linears_[i].layer->state().corr_accum() - scores[i];
-        stats.push_back(scores[i].sum());
-        stats.push_back(after.abs().sum());
+        after[i] = linears_[i].layer->state().Updated(
+            scores[i], stats.narrow(0, 2 * static_cast<int64_t>(i), 2));
       }
+      int64_t k = 2 * static_cast<int64_t>(linears_.size());
       for (const at::Tensor& e : exact) {
-        if (e.defined()) stats.push_back(e.to(at::kLong));
+        if (e.defined()) stats.narrow(0, k++, 1).copy_(e.reshape({1}));
       }
-      if (loss != nullptr && combiner == nullptr) {
-        stats.push_back(loss->value.detach().to(at::kDouble).view(at::kLong));
+      if (host_loss) {
+        stats.narrow(0, k, 1).copy_(
+            loss->value.detach().to(at::kDouble).view(at::kLong).reshape({1}));
       }
-      return stats.empty() ? at::Tensor() : at::stack(stats).to(at::kCPU).contiguous();
+      return stats.to(at::kCPU);
     };
     at::Tensor host = figures();
     // Where a sample's factored scores could differ from the whole gradient's (a product that
@@ -707,7 +715,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       exact[i].reset();
     }
     if (refigure) host = figures();
-    if (loss != nullptr && combiner == nullptr) {
+    if (host_loss) {
       std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
       if (!std::isfinite(loss->host)) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -720,7 +728,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
     result.step = step_ + 1;
     for (size_t i = 0; i < linears_.size(); ++i) {
       Linear& l = linears_[i];
-      l.layer->Apply(scores[i]);
+      l.layer->Commit(std::move(after[i]));
       l.grad_sum.reset();
       const TernaryState& st = l.layer->state();
       const int64_t* v = host.data_ptr<int64_t>() + 2 * i;

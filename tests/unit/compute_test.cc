@@ -228,6 +228,51 @@ at::Tensor ReferenceWeight(const core::StateDict& s, const std::string& name, in
   return scale * trits->view({rows, cols}).to(device).to(at::kFloat);
 }
 
+// TernaryState::Updated: corr_accum - scores and the update's two figures (added into the given
+// ones), the state untouched until Commit takes the result; scores of another length refused.
+void ExpectUpdatedEqualsTheExpressions(c10::Device device, int64_t rows, int64_t cols,
+                                       int64_t gs) {
+  SCOPED_TRACE(::testing::Message() << device << " " << rows << "x" << cols << " gs " << gs);
+  auto layer = NewLayer(rows, cols, gs, 5, ComputeType::kFp32, device);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const int64_t groups = layer->state().groups();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(groups);
+  const auto ints = [&](int64_t bound) {
+    return at::randint(-bound, bound + 1, {groups}, gen, at::kLong).to(device);
+  };
+  layer->Apply(ints(int64_t{1} << 40));  // corr_accum far from zero, of both signs
+  const at::Tensor before = layer->state().corr_accum().clone();
+  const int64_t step = layer->state().step_counter();
+  const at::Tensor scores = ints(gs);
+  const at::Tensor figures =
+      at::tensor({int64_t{5}, int64_t{-7}}, at::TensorOptions(at::kLong)).to(device);
+  const at::Tensor after = layer->state().Updated(scores, figures);
+  const at::Tensor expected = before - scores;
+  EXPECT_TRUE(at::equal(after.cpu(), expected.cpu()));
+  EXPECT_EQ(figures[0].item<int64_t>(), 5 + scores.sum().item<int64_t>());
+  EXPECT_EQ(figures[1].item<int64_t>(), -7 + expected.abs().sum().item<int64_t>());
+  EXPECT_TRUE(at::equal(layer->state().corr_accum().cpu(), before.cpu()));
+  EXPECT_EQ(layer->state().step_counter(), step);
+  EXPECT_THROW(layer->state().Updated(scores.narrow(0, 0, groups - 1), figures), c10::Error);
+  layer->Commit(after);
+  EXPECT_TRUE(at::equal(layer->state().corr_accum().cpu(), expected.cpu()));
+  EXPECT_EQ(layer->state().step_counter(), step + 1);
+}
+
+TEST(ComputeTest, UpdatedEqualsTheExpressions) {
+  ExpectUpdatedEqualsTheExpressions(kCpu, 33, 257, 16);
+  ExpectUpdatedEqualsTheExpressions(kCpu, 1, 1, 1);
+}
+
+// On CUDA one kernel: grids of one partial block, and of many blocks each striding (4096x4096).
+TEST(ComputeCudaTest, UpdatedEqualsTheExpressions) {
+  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
+  const c10::Device cuda(c10::kCUDA, 0);
+  ExpectUpdatedEqualsTheExpressions(cuda, 33, 257, 16);
+  ExpectUpdatedEqualsTheExpressions(cuda, 1, 1, 1);
+  ExpectUpdatedEqualsTheExpressions(cuda, 4096, 4096, 32);
+}
+
 TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   const c10::Device cuda(c10::kCUDA, 0);
