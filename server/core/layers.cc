@@ -237,9 +237,11 @@ at::Tensor TernaryState::Updated(const at::Tensor& scores, at::Tensor figures) c
               "update: expected int64 scores [", groups(), "] and figures [2] on ",
               corr_accum_.device(), ", got ", scores.sizes(), " ", scores.scalar_type(), " on ",
               scores.device(), " and ", figures.sizes(), " on ", figures.device());
-#if TSCALE_WITH_CUDA
-  if (corr_accum_.is_cuda()) return cuda::Updated(corr_accum_, scores, figures);
-#endif
+  if (!corr_accum_.is_cpu()) {
+    at::Tensor after = corr_accum_ - scores;
+    figures.add_(at::stack({scores.sum(), after.abs().sum()}));
+    return after;
+  }
   const at::Tensor s = scores.contiguous(), corr = corr_accum_.contiguous();
   at::Tensor after = at::empty_like(corr);
   const int64_t* c = corr.data_ptr<int64_t>();

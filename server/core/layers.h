@@ -103,9 +103,10 @@ class TernaryState {
   // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
   void Apply(const at::Tensor& scores);
   // The corr_accum an update by `scores` gives (corr_accum - scores, int64 [groups]), without
-  // taking it, and its two figures into `figures` (int64 [2] on the state's device, zeros before
-  // the call; a view of a larger tensor serves): the sum of the scores and the sum of |corr_accum
-  // - scores|. One kernel on CUDA, one pass on the CPU, where the ATen expressions take five.
+  // taking it; adds its two figures into `figures` (int64 [2] on the state's device, contiguous:
+  // a slice of a larger tensor serves): the sum of the scores and the sum of |corr_accum -
+  // scores|. On the CPU one pass, where the ATen expressions take five operators; on a device
+  // those expressions.
   at::Tensor Updated(const at::Tensor& scores, at::Tensor figures) const;
   // Takes `after` (from Updated) as corr_accum; step_counter += 1.
   void Commit(at::Tensor after);

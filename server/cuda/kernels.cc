@@ -240,15 +240,4 @@ at::Tensor MatmulTf32(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
-at::Tensor Updated(const at::Tensor& corr_accum, const at::Tensor& scores,
-                   const at::Tensor& figures) {
-  const c10::cuda::CUDAGuard guard(corr_accum.device());
-  const at::Tensor c = corr_accum.contiguous(), v = scores.contiguous();
-  at::Tensor after = at::empty_like(c);
-  C10_CUDA_CHECK(detail::LaunchUpdated(c.data_ptr<int64_t>(), v.data_ptr<int64_t>(), c.numel(),
-                                       after.data_ptr<int64_t>(), figures.data_ptr<int64_t>(),
-                                       at::cuda::getCurrentCUDAStream()));
-  return after;
-}
-
 }  // namespace tscale::cuda

@@ -565,29 +565,6 @@ __global__ void PackedReduceKernel(int64_t n, int64_t parts, Rounding rounding,
   }
 }
 
-// after = corr - scores, with the sums of the scores and of |after| added into figures[0] and
-// figures[1]: each warp adds its lanes' sums, and one lane a warp adds them in with atomics
-// (integers: the sums do not depend on the order).
-__global__ void UpdatedKernel(const int64_t* corr, const int64_t* scores, int64_t n,
-                              int64_t* after, unsigned long long* figures) {
-  long long sum = 0, abs_sum = 0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const long long v = scores[i], a = corr[i] - v;
-    after[i] = a;
-    sum += v;
-    abs_sum += a < 0 ? -a : a;
-  }
-  for (int offset = 16; offset > 0; offset /= 2) {
-    sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    abs_sum += __shfl_down_sync(0xffffffffu, abs_sum, offset);
-  }
-  if (threadIdx.x % 32 == 0 && (sum != 0 || abs_sum != 0)) {
-    atomicAdd(&figures[0], static_cast<unsigned long long>(sum));
-    atomicAdd(&figures[1], static_cast<unsigned long long>(abs_sum));
-  }
-}
-
 // Scores of g^T x without forming it. Lane l of a warp owns rows r0 + l + 32 i (i < kRows) and
 // walks one slice of their columns (whole groups, `per_slice` columns) 16 at a time: a row's 16
 // trits come from four packed bytes, each decoded by one read of a table (its five base-3 digits,
@@ -888,14 +865,6 @@ cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float*
         <<<grid, kThreads, 0, stream>>>(p, per_slice, g, x, scores, nullptr);
     return cudaGetLastError();
   });
-}
-
-cudaError_t LaunchUpdated(const int64_t* corr, const int64_t* scores, int64_t n, int64_t* after,
-                          int64_t* figures, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  UpdatedKernel<<<static_cast<unsigned>(Blocks(n, kThreads, 1024)), kThreads, 0, stream>>>(
-      corr, scores, n, after, reinterpret_cast<unsigned long long*>(figures));
-  return cudaGetLastError();
 }
 
 }  // namespace tscale::cuda::detail

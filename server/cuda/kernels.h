@@ -65,12 +65,6 @@ struct SampleScores {
 };
 SampleScores Float32SampleScores(const TernaryView& t, const at::Tensor& g, const at::Tensor& x);
 
-// corr_accum - scores (int64 [n] each, on one CUDA device) as a new tensor, with the sum of the
-// scores added into figures[0] and the sum of |corr_accum - scores| into figures[1] (int64 [2],
-// contiguous, on the same device): one kernel (TernaryState::Updated).
-at::Tensor Updated(const at::Tensor& corr_accum, const at::Tensor& scores,
-                   const at::Tensor& figures);
-
 }  // namespace tscale::cuda
 
 #endif  // TSCALE_SERVER_CUDA_KERNELS_H_

@@ -74,11 +74,6 @@ cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float
 cudaError_t LaunchFactorScores(const PackedArgs& p, const float* g, const float* x,
                                int64_t* scores, bool* exact, cudaStream_t stream);
 
-// after[i] = corr[i] - scores[i] for i < n; figures[0] += sum of scores, figures[1] += sum of
-// |after| (int64 sums, added as unsigned 64-bit integers: the same bits).
-cudaError_t LaunchUpdated(const int64_t* corr, const int64_t* scores, int64_t n, int64_t* after,
-                          int64_t* figures, cudaStream_t stream);
-
 }  // namespace tscale::cuda::detail
 
 #endif  // TSCALE_SERVER_CUDA_LAUNCH_H_

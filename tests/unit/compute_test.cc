@@ -264,7 +264,7 @@ TEST(ComputeTest, UpdatedEqualsTheExpressions) {
   ExpectUpdatedEqualsTheExpressions(kCpu, 1, 1, 1);
 }
 
-// On CUDA one kernel: grids of one partial block, and of many blocks each striding (4096x4096).
+// On CUDA, with a state of 4096x4096 too.
 TEST(ComputeCudaTest, UpdatedEqualsTheExpressions) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   const c10::Device cuda(c10::kCUDA, 0);
