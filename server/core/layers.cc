@@ -224,11 +224,6 @@ at::Tensor TernaryState::GroupSums(at::Tensor signed_t) const {
       .flatten();
 }
 
-void TernaryState::Apply(const at::Tensor& scores) {
-  corr_accum_ = corr_accum_ - scores;
-  ++step_counter_;
-}
-
 at::Tensor TernaryState::Updated(const at::Tensor& scores, at::Tensor figures) const {
   TORCH_CHECK(scores.scalar_type() == at::kLong && scores.numel() == groups() &&
                   figures.scalar_type() == at::kLong && figures.numel() == 2 &&
@@ -556,11 +551,7 @@ at::Tensor TernaryLinear::Scores(const at::Tensor& grad_sum) const {
   return state_.Scores(grad_sum);
 }
 
-void TernaryLinear::Apply(const at::Tensor& scores) {
-  state_.Apply(scores);
-  w_eff_.reset();
-  scale_.reset();
-}
+void TernaryLinear::Apply(const at::Tensor& scores) { Commit(state_.corr_accum() - scores); }
 
 void TernaryLinear::Commit(at::Tensor after) {
   state_.Commit(std::move(after));

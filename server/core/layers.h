@@ -100,8 +100,6 @@ class TernaryState {
   // The scores of rows [first_row, first_row + n) of a gradient, from those rows alone
   // (float32 [n, cols]): int64 [n * groups_per_row()], the part of Scores(grad) for those rows.
   at::Tensor ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const;
-  // corr_accum -= scores; step_counter += 1. `scores` as returned by Scores.
-  void Apply(const at::Tensor& scores);
   // The corr_accum an update by `scores` gives (corr_accum - scores, int64 [groups]), without
   // taking it; adds its two figures into `figures` (int64 [2] on the state's device, contiguous:
   // a slice of a larger tensor serves): the sum of the scores and the sum of |corr_accum -

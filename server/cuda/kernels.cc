@@ -106,6 +106,18 @@ at::Tensor Operand2d(const at::Tensor& m, int64_t n, const TernaryView& t, const
   return m.to(at::kFloat).contiguous();
 }
 
+// Float scratch of a kernel's second pass (partial sums added in order): allocated only where the
+// launch needs it (`floats` > 0); data() is then its pointer, else null.
+class Scratch {
+ public:
+  Scratch(int64_t floats, const at::TensorOptions& options)
+      : t_(floats > 0 ? at::empty({floats}, options.dtype(at::kFloat)) : at::Tensor()) {}
+  float* data() const { return t_.defined() ? t_.data_ptr<float>() : nullptr; }
+
+ private:
+  at::Tensor t_;
+};
+
 }  // namespace
 
 bool PackedRouteServes(const TernaryView& t, int64_t batch) {
@@ -128,12 +140,9 @@ at::Tensor PackedLinear(const TernaryView& t, const at::Tensor& scale, const at:
   const at::Tensor xf = Operand2d(x, t.cols, t, "input");
   const detail::PackedArgs p = Packed(t, ScaleData(t, scale), xf.size(0), RoundingOf(bf16));
   at::Tensor y = at::empty({xf.size(0), t.rows}, xf.options());
-  const int64_t scratch = detail::PackedLinearScratch(p);
-  // Scratch only where column parts are added in a second pass: no allocation otherwise.
-  const at::Tensor partial = scratch > 0 ? at::empty({scratch}, xf.options()) : at::Tensor();
+  Scratch partial(detail::PackedLinearScratch(p), xf.options());
   C10_CUDA_CHECK(detail::LaunchPackedLinear(p, xf.data_ptr<float>(), y.data_ptr<float>(),
-                                            scratch > 0 ? partial.data_ptr<float>() : nullptr,
-                                            at::cuda::getCurrentCUDAStream()));
+                                            partial.data(), at::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -143,12 +152,10 @@ at::Tensor PackedInputGradient(const TernaryView& t, const at::Tensor& scale, co
   const at::Tensor gf = Operand2d(g, t.rows, t, "output gradient");
   const detail::PackedArgs p = Packed(t, ScaleData(t, scale), gf.size(0), RoundingOf(bf16));
   at::Tensor grad_x = at::empty({gf.size(0), t.cols}, gf.options());
-  const int64_t scratch = detail::PackedInputGradientScratch(p);
-  // Scratch only where row chunks are added in a second pass: no allocation otherwise.
-  const at::Tensor partial = scratch > 0 ? at::empty({scratch}, gf.options()) : at::Tensor();
-  C10_CUDA_CHECK(detail::LaunchPackedInputGradient(
-      p, gf.data_ptr<float>(), grad_x.data_ptr<float>(),
-      scratch > 0 ? partial.data_ptr<float>() : nullptr, at::cuda::getCurrentCUDAStream()));
+  Scratch partial(detail::PackedInputGradientScratch(p), gf.options());
+  C10_CUDA_CHECK(detail::LaunchPackedInputGradient(p, gf.data_ptr<float>(),
+                                                   grad_x.data_ptr<float>(), partial.data(),
+                                                   at::cuda::getCurrentCUDAStream()));
   return grad_x;
 }
 

@@ -477,15 +477,17 @@ __global__ void __launch_bounds__(kThreads, 2) PackedLinearKernel(PackedArgs p, 
   }
 }
 
+// Rows of a chunk of the input gradient: a block's.
+constexpr int64_t kChunkRows = 128;
+
 // grad_x [batch, cols] = g [batch, rows] @ w. A block owns 32 kN columns, lane l the kN
-// consecutive columns from kN l on (in one group: kN divides 32), and a chunk of `chunk_rows`
+// consecutive columns from kN l on (in one group: kN divides 32), and a chunk of kChunkRows
 // rows, its warps taking every 8th row of it. Per row a lane decodes its kN trits from the packed
 // bytes that hold them (TritsAt) and reads its group's scale once; g's column is the same address
 // for all lanes. The warps' sums meet in shared memory and are added in warp order; with several
 // chunks, each writes its partial sums and PackedReduceKernel adds them in chunk order.
 template <int kB, int kN>
 __global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs p,
-                                                                      int64_t chunk_rows,
                                                                       const float* grad,
                                                                       float* out, bool partial) {
   static_assert(32 % kN == 0, "a lane's columns lie in one group");
@@ -501,8 +503,8 @@ __global__ void __launch_bounds__(kThreads) PackedInputGradientKernel(PackedArgs
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
   const int64_t c0 = tile0 + static_cast<int64_t>(lane) * kN;
   const int count = c0 < cols ? static_cast<int>(min(static_cast<int64_t>(kN), cols - c0)) : 0;
-  const int64_t chunk0 = static_cast<int64_t>(blockIdx.y) * chunk_rows;
-  const int64_t chunk1 = min(chunk0 + chunk_rows, rows);
+  const int64_t chunk0 = static_cast<int64_t>(blockIdx.y) * kChunkRows;
+  const int64_t chunk1 = min(chunk0 + kChunkRows, rows);
   const int64_t group = min(c0, cols - 1) / p.group_size;
   // A warp's row steps are kWarps rows: its cursor moves kWarps * cols weights.
   const uint64_t stride = static_cast<uint64_t>(kWarps) * cols;
@@ -669,8 +671,6 @@ int64_t ScoreSliceColumns(int64_t group_size) {
   return group_size >= 64 ? group_size : 64 / group_size * group_size;
 }
 
-// Rows of a chunk of the input gradient: a block's.
-constexpr int64_t kChunkRows = 128;
 int64_t Chunks(const PackedArgs& p) { return (p.rows + kChunkRows - 1) / kChunkRows; }
 
 // Columns a lane of the input gradient takes at batch width kB: 16 up to 2, then fewer, so that a
@@ -828,7 +828,7 @@ cudaError_t LaunchPackedInputGradient(const PackedArgs& p, const float* g, float
     const dim3 grid(static_cast<unsigned>((p.cols + 32 * kN - 1) / (32 * kN)),
                     static_cast<unsigned>(chunks));
     PackedInputGradientKernel<kB, kN>
-        <<<grid, kThreads, 0, stream>>>(p, kChunkRows, g, split ? partial : grad_x, split);
+        <<<grid, kThreads, 0, stream>>>(p, g, split ? partial : grad_x, split);
     return cudaGetLastError();
   });
   if (err != cudaSuccess || !split) return err;
