@@ -1165,13 +1165,16 @@ def running_server(test, argv, tmp):
     must exit 0."""
     fd, path = tempfile.mkstemp(prefix="server-", suffix=".log", dir=tmp)
     os.close(fd)
-    log = open(path, "w+")
+    # The server appends to its own open file, and this side reads through another: one shared
+    # file offset, moved back by a reader's seek, would let the server's next line overwrite the
+    # listening line before it is read.
+    log = open(path, "a")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 60
         while True:
-            log.seek(0)
-            text = log.read()
+            with open(path) as f:
+                text = f.read()
             if "tscale-server: listening on" in text:
                 break
             test.assertIsNone(proc.poll(), f"server exited: {text}")
