@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/version.h>
@@ -19,6 +20,15 @@
 
 namespace tscale::core {
 namespace {
+
+// ATen's sign of a float: 0 for zeros (and NaN).
+int8_t SignOf(float v) { return static_cast<int8_t>((0.0f < v) - (v < 0.0f)); }
+
+// Rows of a [rows, cols] pass that one task of at::parallel_for takes: about ATen's grain size
+// in elements, so that a small layer runs on the calling thread.
+int64_t RowsPerTask(int64_t cols) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
+}
 
 std::string Describe(at::ScalarType dtype, const std::vector<int64_t>& shape) {
   return absl::StrCat(DTypeName(dtype), " [", absl::StrJoin(shape, ", "), "]");
@@ -174,6 +184,27 @@ at::Tensor TernaryState::EffectiveWeight(at::ScalarType dtype) const {
   if (fused()) return cuda::EffectiveWeight(View(), dtype);
 #endif
   const int64_t gpr = groups_per_row();
+  if (trits_.is_cpu()) {
+    // One pass: the six operators of the expansion below would cost more than a small layer's
+    // product.
+    const at::Tensor scale = Scale().contiguous(), trits = trits_.contiguous();
+    at::Tensor w = at::empty({rows_, cols_}, at::kFloat);
+    const float* s = scale.data_ptr<float>();
+    const int8_t* t = trits.data_ptr<int8_t>();
+    float* out = w.data_ptr<float>();
+    at::parallel_for(0, rows_, RowsPerTask(cols_), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t g = 0; g < gpr; ++g) {
+          const float sg = s[r * gpr + g];
+          for (int64_t c = g * group_size_, stop = std::min(cols_, c + group_size_); c < stop;
+               ++c) {
+            out[r * cols_ + c] = sg * static_cast<float>(t[r * cols_ + c]);
+          }
+        }
+      }
+    });
+    return dtype == at::kFloat ? w : w.to(dtype);
+  }
   at::Tensor s = Scale()
                      .view({rows_, gpr, 1})
                      .expand({rows_, gpr, group_size_})
@@ -190,11 +221,44 @@ at::Tensor TernaryState::Scores(const at::Tensor& grad) const {
   return GroupSums(grad.sign().to(at::kChar) * trits_);
 }
 
-at::Tensor TernaryState::ScoresOfRepeatedRow(const at::Tensor& row) const {
+at::Tensor TernaryState::ScoresOfSignProduct(const at::Tensor& g, const at::Tensor& x) const {
+  TORCH_CHECK(g.numel() == rows_ && x.numel() == cols_ && g.scalar_type() == at::kFloat &&
+                  x.scalar_type() == at::kFloat,
+              "scores of a sign product: expected float32 [", rows_, "] and [", cols_, "], got ",
+              g.sizes(), " ", g.scalar_type(), " and ", x.sizes(), " ", x.scalar_type());
+  const int64_t gpr = groups_per_row();
+  if (!fused() && trits_.is_cpu() && g.is_cpu() && x.is_cpu()) {
+    const at::Tensor gc = g.contiguous(), xc = x.contiguous(), trits = trits_.contiguous();
+    const float* gp = gc.data_ptr<float>();
+    const float* xp = xc.data_ptr<float>();
+    const int8_t* t = trits.data_ptr<int8_t>();
+    std::vector<int8_t> x_sign(cols_);
+    for (int64_t c = 0; c < cols_; ++c) x_sign[c] = SignOf(xp[c]);
+    at::Tensor scores = at::empty({groups()}, at::kLong);
+    int64_t* out = scores.data_ptr<int64_t>();
+    at::parallel_for(0, rows_, RowsPerTask(cols_), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t sign = SignOf(gp[r]);
+        for (int64_t k = 0; k < gpr; ++k) {
+          int64_t sum = 0;
+          for (int64_t c = k * group_size_, stop = std::min(cols_, c + group_size_);
+               c < stop && sign != 0; ++c) {
+            sum += x_sign[c] * t[r * cols_ + c];
+          }
+          out[r * gpr + k] = sign * sum;
+        }
+      }
+    });
+    return scores;
+  }
+  at::Tensor per_row;
 #if TSCALE_WITH_CUDA
-  if (fused()) return cuda::Scores(View(), row.view({1, cols_}).expand({rows_, cols_}));
+  if (fused()) per_row = cuda::Scores(View(), x.reshape({1, cols_}).expand({rows_, cols_}));
 #endif
-  return GroupSums(trits_ * row.sign().to(at::kChar).view({1, cols_}));
+  if (!per_row.defined()) {
+    per_row = GroupSums(trits_ * x.sign().to(at::kChar).view({1, cols_}));
+  }
+  return (per_row.view({rows_, gpr}) * g.sign().to(at::kLong).view({-1, 1})).flatten();
 }
 
 at::Tensor TernaryState::ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const {
@@ -488,8 +552,11 @@ TernaryLinear::SampleScores TernaryLinear::ScoresOfSample(const at::Tensor& g,
                   x.size(0) == 1 && x.size(1) == state_.cols(),
               "scores of a sample: expected g [1, ", state_.rows(), "] and x [1, ",
               state_.cols(), "], got ", g.sizes(), " and ", x.sizes());
-  const at::Tensor gf = g.detach().to(at::kFloat).flatten();
-  const at::Tensor xf = x.detach().to(at::kFloat).flatten();
+  // Float32 vectors; on the CPU without an operator where they already are (the step's case).
+  auto as_vector = [](const at::Tensor& t) {
+    return t.is_cpu() && t.scalar_type() == at::kFloat ? t : t.detach().to(at::kFloat).flatten();
+  };
+  const at::Tensor gf = as_vector(g), xf = as_vector(x);
   const double normal = std::ldexp(1.0, -126), product = std::ldexp(1.0, -125);
   at::Tensor exact;
   if (gf.is_cpu() && xf.is_cpu()) {
@@ -517,14 +584,7 @@ TernaryLinear::SampleScores TernaryLinear::ScoresOfSample(const at::Tensor& g,
     const at::Tensor gmin = smallest(gf), xmin = smallest(xf);
     exact = gmin.ge(normal).logical_and(xmin.ge(normal)).logical_and((gmin * xmin).ge(product));
   }
-  // Sum over each group's columns of sign(x_c) T[r, c], for every row: the scores of a
-  // gradient whose rows are all x ...
-  const at::Tensor per_row = state_.ScoresOfRepeatedRow(xf);
-  // ... times sign(g_r) for the groups of row r.
-  const at::Tensor row_sign = gf.sign().to(at::kLong).view({-1, 1});
-  const at::Tensor scores =
-      (per_row.view({state_.rows(), state_.groups_per_row()}) * row_sign).flatten();
-  return {scores, exact};
+  return {state_.ScoresOfSignProduct(gf, xf), exact};
 }
 
 TernaryLinear::SampleScores TernaryLinear::FactorScores(const at::Tensor& g,

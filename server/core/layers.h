@@ -89,14 +89,17 @@ class TernaryState {
   // S = exp2(Log2Scale()).
   at::Tensor Scale() const { return at::exp2(Log2Scale()); }
   // S * T as `dtype` (float32 or bfloat16) [rows, cols]. On CUDA one fused kernel reads the
-  // packed trits; elsewhere the reference's tensor operations.
+  // packed trits; on the CPU one pass after S; elsewhere the reference's tensor operations. The
+  // same bits every way: a trit is -1, 0 or 1, so each product is exact.
   at::Tensor EffectiveWeight(at::ScalarType dtype = at::kFloat) const;
   // Per-group score of a weight gradient (float32 or bfloat16 [rows, cols]): sum over the group's
   // columns of sign(grad) * T, int64 [groups]. On CUDA one fused kernel, without a sign tensor.
   at::Tensor Scores(const at::Tensor& grad) const;
-  // Scores(g) of a gradient g whose every row is `row` (float32 [cols]), without forming g: on
-  // CUDA the scores kernel reads a stride-0 view; elsewhere sign(row) multiplies T's rows.
-  at::Tensor ScoresOfRepeatedRow(const at::Tensor& row) const;
+  // Scores(grad) of a gradient whose entry [r, c] has the sign sign(g_r) sign(x_c) (g float32
+  // [rows], x float32 [cols]), without forming it: on the CPU one pass over T; on CUDA the scores
+  // kernel reads x as a stride-0 matrix and sign(g) multiplies its rows' scores; elsewhere
+  // sign(x) multiplies T's rows, and sign(g) the sums.
+  at::Tensor ScoresOfSignProduct(const at::Tensor& g, const at::Tensor& x) const;
   // The scores of rows [first_row, first_row + n) of a gradient, from those rows alone
   // (float32 [n, cols]): int64 [n * groups_per_row()], the part of Scores(grad) for those rows.
   at::Tensor ScoresOfRows(const at::Tensor& grad_rows, int64_t first_row) const;

@@ -218,12 +218,17 @@ uint64_t HashBytes(const void* data, size_t n, uint64_t h) {
   return out;
 }
 
+// t on `device`: t itself where it is there already, without dispatching an operator.
+at::Tensor OnDevice(const at::Tensor& t, c10::Device device) {
+  return t.device() == device ? t : t.to(device);
+}
+
 // Tells a retried TrainStep from another request: the bytes and shapes of its tensors and its
 // loss.
 uint64_t Fingerprint(const at::Tensor& input, const at::Tensor& target, Loss loss) {
   uint64_t h = static_cast<uint64_t>(loss);
   for (const at::Tensor& tensor : {input, target}) {
-    const at::Tensor t = tensor.to(at::kCPU).contiguous();
+    const at::Tensor t = OnDevice(tensor, at::kCPU).contiguous();
     const std::vector<int64_t> sizes = t.sizes().vec();
     h = HashBytes(sizes.data(), sizes.size() * sizeof(int64_t), h);
     h = HashBytes(t.data_ptr(), t.nbytes(), h);
@@ -383,7 +388,7 @@ std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::De
     if (t.defined()) bytes += (t.nbytes() + 15) / 16 * 16;
   }
   if (!staged || bytes == 0) {
-    for (const at::Tensor& t : tensors) out.push_back(t.defined() ? t.to(device) : t);
+    for (const at::Tensor& t : tensors) out.push_back(t.defined() ? OnDevice(t, device) : t);
     return out;
   }
   at::Tensor host = at::empty({bytes}, at::TensorOptions(at::kByte).pinned_memory(true));
@@ -676,15 +681,16 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       if (given) sum = AddGradient(sum, extra[i]);
       scores.push_back(linears_[i].layer->Scores(sum));
     }
-    // The figures of the update, the loss and the exactness flags of factored scores, in one copy
-    // to the host: the loss's float64 bits and the flags ride along as int64s. Each layer's
-    // corr_accum after the update is made with its two figures (TernaryState::Updated) and
-    // taken only at the commit below.
+    // The figures of the update, and on a device the loss and the exactness flags of factored
+    // scores, in one copy to the host: the loss's float64 bits and the flags ride along as
+    // int64s (on the CPU they are read where they are). Each layer's corr_accum after the update
+    // is made with its two figures (TernaryState::Updated) and taken only at the commit below.
     std::vector<at::Tensor> after(linears_.size());
     const bool host_loss = loss != nullptr && combiner == nullptr;
+    const bool on_host = device_.is_cpu();
     auto figures = [&] {
-      int64_t n = 2 * static_cast<int64_t>(linears_.size()) + (host_loss ? 1 : 0);
-      for (const at::Tensor& e : exact) n += e.defined() ? 1 : 0;
+      int64_t n = 2 * static_cast<int64_t>(linears_.size()) + (host_loss && !on_host ? 1 : 0);
+      for (const at::Tensor& e : exact) n += e.defined() && !on_host ? 1 : 0;
       if (n == 0) return at::Tensor();
       const at::Tensor stats = at::zeros({n}, at::TensorOptions(at::kLong).device(device_));
       for (size_t i = 0; i < linears_.size(); ++i) {
@@ -693,9 +699,9 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       }
       int64_t k = 2 * static_cast<int64_t>(linears_.size());
       for (const at::Tensor& e : exact) {
-        if (e.defined()) stats.narrow(0, k++, 1).copy_(e.reshape({1}));
+        if (e.defined() && !on_host) stats.narrow(0, k++, 1).copy_(e.reshape({1}));
       }
-      if (host_loss) {
+      if (host_loss && !on_host) {
         stats.narrow(0, k, 1).copy_(
             loss->value.detach().to(at::kDouble).view(at::kLong).reshape({1}));
       }
@@ -707,7 +713,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
     bool refigure = false;
     for (size_t i = 0, k = 2 * linears_.size(); i < exact.size(); ++i) {
       if (!exact[i].defined()) continue;
-      if (host.data_ptr<int64_t>()[k++] == 0) {
+      if (on_host ? !exact[i].item<bool>() : host.data_ptr<int64_t>()[k++] == 0) {
         scores[i] = linears_[i].layer->Scores(
             linears_[i].layer->WeightGradient(extra[i], (*sample_inputs)[i]));
         refigure = true;
@@ -716,7 +722,11 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
     }
     if (refigure) host = figures();
     if (host_loss) {
-      std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
+      if (on_host) {
+        loss->host = loss->value.item<double>();
+      } else {
+        std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
+      }
       if (!std::isfinite(loss->host)) {
         return absl::InvalidArgumentError(absl::StrCat(
             "loss: the ", loss->kind == Loss::kMse ? "MSE" : "CROSS_ENTROPY",

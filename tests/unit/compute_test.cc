@@ -273,37 +273,38 @@ TEST(ComputeCudaTest, UpdatedEqualsTheExpressions) {
   ExpectUpdatedEqualsTheExpressions(cuda, 4096, 4096, 32);
 }
 
-TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
-  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
-  const c10::Device cuda(c10::kCUDA, 0);
-  // Ragged groups (cols not a multiple of gs), gs 1, and whole warps inside groups (gs a multiple
-  // of 32 over columns a multiple of 32: the scores kernel's warp-sum path), and groups wider than
-  // the row.
+// A layer's forward and update equal the reference's tensor expressions bit for bit on `device`
+// (on CUDA the fused kernels, on the CPU its one-pass w_eff), for three steps of each shape.
+// Ragged groups (cols not a multiple of gs), gs 1, and whole warps inside groups (gs a multiple
+// of 32 over columns a multiple of 32: the scores kernel's warp-sum path), and groups wider than
+// the row; groups straddling the kernels' 1024-column blocks: gs 48 over 2100 columns, gs 1 over
+// 1500; a layer large enough that the CPU's pass is split between threads.
+void ExpectLayerEqualsTheReferenceExpressions(c10::Device device) {
   struct Shape {
     int64_t rows, cols, gs;
   };
-  // Groups straddling the kernels' 1024-column blocks: gs 48 over 2100 columns, gs 1 over 1500.
   for (const Shape& sh : {Shape{64, 100, 32}, Shape{7, 13, 1}, Shape{33, 257, 16},
                           Shape{3, 2100, 48}, Shape{2, 1500, 1}, Shape{40, 128, 32},
                           Shape{5, 2048, 64}, Shape{3, 1000, 96}, Shape{2, 1300, 512},
-                          Shape{4, 20, 32}}) {
-    SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs);
-    auto m = Model::Create(LinearSpec(sh.cols, sh.rows, sh.gs), 3, cuda);
+                          Shape{4, 20, 32}, Shape{300, 1000, 96}}) {
+    SCOPED_TRACE(::testing::Message() << device << " " << sh.rows << "x" << sh.cols << " gs "
+                                      << sh.gs);
+    auto m = Model::Create(LinearSpec(sh.cols, sh.rows, sh.gs), 3, device);
     ASSERT_TRUE(m.ok()) << m.status();
     for (int64_t step = 0; step < 3; ++step) {
       auto f = (*m)->Forward(Randn({8, sh.cols}, 50 + step), true);
       ASSERT_TRUE(f.ok()) << f.status();
       const core::StateDict s = (*m)->ExportState().tensors;
       // Forward's output = x @ w_eff^T with the reference's w_eff.
-      const at::Tensor w = ReferenceWeight(s, "fc", sh.rows, sh.cols, sh.gs, cuda);
-      EXPECT_TRUE(BitEqual(f->output, at::linear(Randn({8, sh.cols}, 50 + step).to(cuda), w)));
+      const at::Tensor w = ReferenceWeight(s, "fc", sh.rows, sh.cols, sh.gs, device);
+      EXPECT_TRUE(BitEqual(f->output, at::linear(Randn({8, sh.cols}, 50 + step).to(device), w)));
       // The update's scores = the reference's sign(grad) * T summed per group.
-      const at::Tensor g = Randn({8, sh.rows}, 60 + step).to(cuda);
+      const at::Tensor g = Randn({8, sh.rows}, 60 + step).to(device);
       ASSERT_TRUE((*m)->Backward(f->pass_id, g, false).ok());
-      const at::Tensor grad_w = g.t().mm(Randn({8, sh.cols}, 50 + step).to(cuda));
+      const at::Tensor grad_w = g.t().mm(Randn({8, sh.cols}, 50 + step).to(device));
       auto trits = core::UnpackTernary(s.at("fc.T_packed"), sh.rows * sh.cols);
       at::Tensor signed_t =
-          grad_w.sign().to(at::kChar) * trits->view({sh.rows, sh.cols}).to(cuda);
+          grad_w.sign().to(at::kChar) * trits->view({sh.rows, sh.cols}).to(device);
       const int64_t gpr = (sh.cols + sh.gs - 1) / sh.gs;
       signed_t = at::constant_pad_nd(signed_t, {0, gpr * sh.gs - sh.cols});
       const at::Tensor scores =
@@ -313,6 +314,15 @@ TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
                             s.at("fc.corr_accum") - scores));
     }
   }
+}
+
+TEST(ComputeTest, LayerEqualsTheReferenceExpressions) {
+  ExpectLayerEqualsTheReferenceExpressions(kCpu);
+}
+
+TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
+  if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
+  ExpectLayerEqualsTheReferenceExpressions(c10::Device(c10::kCUDA, 0));
 }
 
 TEST(ComputeCudaTest, Tf32AndBf16AreCloseToFp32) {
@@ -457,7 +467,7 @@ TEST(ComputeCudaTest, PackedTrainStepTrainsCloseToFp32) {
 // One sample's weight gradient in its two factors: TernaryLinear::ScoresOfSample gives exactly the
 // scores of the whole gradient g^T x, in every compute type, on the test device (CPU, or cuda:0
 // through the scores kernel with a stride-0 gradient), for ragged groups, groups straddling the
-// kernels' blocks and groups wider than the row.
+// kernels' blocks, groups wider than the row, and a layer whose CPU pass is split between threads.
 TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
   const c10::Device device = testing::TestDevice();
   std::vector<ComputeType> computes = {ComputeType::kFp32, ComputeType::kBf16};
@@ -467,7 +477,7 @@ TEST(ComputeTest, ScoresOfASampleEqualTheWholeGradients) {
   };
   for (const Shape& sh : {Shape{64, 100, 32}, Shape{7, 13, 1}, Shape{33, 257, 16},
                           Shape{3, 2100, 48}, Shape{40, 128, 32}, Shape{2, 1300, 512},
-                          Shape{4, 20, 32}}) {
+                          Shape{4, 20, 32}, Shape{300, 1000, 96}}) {
     for (ComputeType compute : computes) {
       SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs << " "
                                         << core::ComputeName(compute));
