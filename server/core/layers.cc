@@ -24,10 +24,21 @@ namespace {
 // ATen's sign of a float: 0 for zeros (and NaN).
 int8_t SignOf(float v) { return static_cast<int8_t>((0.0f < v) - (v < 0.0f)); }
 
-// Rows of a [rows, cols] pass that one task of at::parallel_for takes: about ATen's grain size
-// in elements, so that a small layer runs on the calling thread.
-int64_t RowsPerTask(int64_t cols) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
+// A pass over the groups of rows [0, n) of a [n, cols] matrix: fn(r, k, begin, end) for row r's
+// group k, columns [begin, end). The rows are split between ATen's threads in tasks of about its
+// grain size in elements, so that a small layer runs on the calling thread.
+template <typename Fn>
+void ForEachGroup(int64_t n, int64_t cols, int64_t group_size, const Fn& fn) {
+  const int64_t gpr = (cols + group_size - 1) / group_size;
+  const int64_t rows_per_task =
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, n, rows_per_task, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      for (int64_t k = 0; k < gpr; ++k) {
+        fn(r, k, k * group_size, std::min(cols, (k + 1) * group_size));
+      }
+    }
+  });
 }
 
 std::string Describe(at::ScalarType dtype, const std::vector<int64_t>& shape) {
@@ -192,15 +203,10 @@ at::Tensor TernaryState::EffectiveWeight(at::ScalarType dtype) const {
     const float* s = scale.data_ptr<float>();
     const int8_t* t = trits.data_ptr<int8_t>();
     float* out = w.data_ptr<float>();
-    at::parallel_for(0, rows_, RowsPerTask(cols_), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        for (int64_t g = 0; g < gpr; ++g) {
-          const float sg = s[r * gpr + g];
-          for (int64_t c = g * group_size_, stop = std::min(cols_, c + group_size_); c < stop;
-               ++c) {
-            out[r * cols_ + c] = sg * static_cast<float>(t[r * cols_ + c]);
-          }
-        }
+    ForEachGroup(rows_, cols_, group_size_, [&](int64_t r, int64_t k, int64_t begin, int64_t end) {
+      const float sk = s[r * gpr + k];
+      for (int64_t c = begin; c < end; ++c) {
+        out[r * cols_ + c] = sk * static_cast<float>(t[r * cols_ + c]);
       }
     });
     return dtype == at::kFloat ? w : w.to(dtype);
@@ -218,6 +224,11 @@ at::Tensor TernaryState::Scores(const at::Tensor& grad) const {
 #if TSCALE_WITH_CUDA
   if (fused()) return cuda::Scores(View(), grad);
 #endif
+  if (CpuScoresTake(grad)) {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == rows_,
+                "scores: expected a gradient [", rows_, ", ", cols_, "], got ", grad.sizes());
+    return CpuScores(grad, 0);
+  }
   return GroupSums(grad.sign().to(at::kChar) * trits_);
 }
 
@@ -236,18 +247,11 @@ at::Tensor TernaryState::ScoresOfSignProduct(const at::Tensor& g, const at::Tens
     for (int64_t c = 0; c < cols_; ++c) x_sign[c] = SignOf(xp[c]);
     at::Tensor scores = at::empty({groups()}, at::kLong);
     int64_t* out = scores.data_ptr<int64_t>();
-    at::parallel_for(0, rows_, RowsPerTask(cols_), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t sign = SignOf(gp[r]);
-        for (int64_t k = 0; k < gpr; ++k) {
-          int64_t sum = 0;
-          for (int64_t c = k * group_size_, stop = std::min(cols_, c + group_size_);
-               c < stop && sign != 0; ++c) {
-            sum += x_sign[c] * t[r * cols_ + c];
-          }
-          out[r * gpr + k] = sign * sum;
-        }
-      }
+    ForEachGroup(rows_, cols_, group_size_, [&](int64_t r, int64_t k, int64_t begin, int64_t end) {
+      const int64_t sign = SignOf(gp[r]);
+      int64_t sum = 0;
+      for (int64_t c = begin; c < end && sign != 0; ++c) sum += x_sign[c] * t[r * cols_ + c];
+      out[r * gpr + k] = sign * sum;
     });
     return scores;
   }
@@ -276,7 +280,40 @@ at::Tensor TernaryState::ScoresOfRows(const at::Tensor& grad_rows, int64_t first
     return cuda::Scores(View(), full).narrow(0, first_row * gpr, n * gpr);
   }
 #endif
+  if (CpuScoresTake(grad_rows)) return CpuScores(grad_rows, first_row);
   return GroupSums(grad_rows.sign().to(at::kChar) * trits_.narrow(0, first_row, n));
+}
+
+bool TernaryState::CpuScoresTake(const at::Tensor& grad) const {
+  return !fused() && trits_.is_cpu() && grad.is_cpu() &&
+         (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16);
+}
+
+at::Tensor TernaryState::CpuScores(const at::Tensor& grad, int64_t first_row) const {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == cols_ && first_row >= 0 &&
+                  first_row + grad.size(0) <= rows_,
+              "scores: expected a gradient [n, ", cols_, "] within ", rows_, " rows, got ",
+              grad.sizes(), " from row ", first_row);
+  const at::Tensor gc = grad.contiguous(), trits = trits_.contiguous();
+  const int64_t n = gc.size(0), gpr = groups_per_row();
+  at::Tensor scores = at::empty({n * gpr}, at::kLong);
+  int64_t* out = scores.data_ptr<int64_t>();
+  const int8_t* t = trits.data_ptr<int8_t>() + first_row * cols_;
+  auto pass = [&](const auto* g) {
+    ForEachGroup(n, cols_, group_size_, [&](int64_t r, int64_t k, int64_t begin, int64_t end) {
+      int64_t sum = 0;
+      for (int64_t c = begin; c < end; ++c) {
+        sum += SignOf(static_cast<float>(g[r * cols_ + c])) * t[r * cols_ + c];
+      }
+      out[r * gpr + k] = sum;
+    });
+  };
+  if (gc.scalar_type() == at::kBFloat16) {
+    pass(gc.data_ptr<at::BFloat16>());
+  } else {
+    pass(gc.data_ptr<float>());
+  }
+  return scores;
 }
 
 at::Tensor TernaryState::GroupSums(at::Tensor signed_t) const {

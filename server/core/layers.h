@@ -93,7 +93,8 @@ class TernaryState {
   // same bits every way: a trit is -1, 0 or 1, so each product is exact.
   at::Tensor EffectiveWeight(at::ScalarType dtype = at::kFloat) const;
   // Per-group score of a weight gradient (float32 or bfloat16 [rows, cols]): sum over the group's
-  // columns of sign(grad) * T, int64 [groups]. On CUDA one fused kernel, without a sign tensor.
+  // columns of sign(grad) * T, int64 [groups]. On CUDA one fused kernel, without a sign tensor;
+  // on the CPU one pass.
   at::Tensor Scores(const at::Tensor& grad) const;
   // Scores(grad) of a gradient whose entry [r, c] has the sign sign(g_r) sign(x_c) (g float32
   // [rows], x float32 [cols]), without forming it: on the CPU one pass over T; on CUDA the scores
@@ -123,6 +124,11 @@ class TernaryState {
   int64_t rows_ = 0, cols_ = 0, group_size_ = 0;
   // Per-group sums of signed trits int8 [n, cols] (n rows), int64 [n * groups_per_row()].
   at::Tensor GroupSums(at::Tensor signed_t) const;
+  // On the CPU, GroupSums(sign(grad) * T's rows [first_row, first_row + n)) of a float32 or
+  // bfloat16 grad [n, cols] in one pass, where ATen's expressions make three [n, cols] tensors;
+  // CpuScoresTake says whether it takes `grad` (CPU, one of those dtypes, T decoded on the CPU).
+  bool CpuScoresTake(const at::Tensor& grad) const;
+  at::Tensor CpuScores(const at::Tensor& grad, int64_t first_row) const;
   // Puts T on `device`: packed for the CUDA kernels, else decoded.
   void Place(const at::Tensor& trits, at::Device device);
 
