@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -195,21 +196,29 @@ at::Tensor TernaryState::EffectiveWeight(at::ScalarType dtype) const {
   if (fused()) return cuda::EffectiveWeight(View(), dtype);
 #endif
   const int64_t gpr = groups_per_row();
-  if (trits_.is_cpu()) {
-    // One pass: the six operators of the expansion below would cost more than a small layer's
-    // product.
+  if (trits_.is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+    // One pass: the six operators of the expansion below (and a conversion in BF16) would cost
+    // more than a small layer's product. Each float32 product is exact, and rounding it to
+    // bfloat16 here is the rounding of ATen's conversion.
     const at::Tensor scale = Scale().contiguous(), trits = trits_.contiguous();
-    at::Tensor w = at::empty({rows_, cols_}, at::kFloat);
+    at::Tensor w = at::empty({rows_, cols_}, at::TensorOptions(dtype));
     const float* s = scale.data_ptr<float>();
     const int8_t* t = trits.data_ptr<int8_t>();
-    float* out = w.data_ptr<float>();
-    ForEachGroup(rows_, cols_, group_size_, [&](int64_t r, int64_t k, int64_t begin, int64_t end) {
-      const float sk = s[r * gpr + k];
-      for (int64_t c = begin; c < end; ++c) {
-        out[r * cols_ + c] = sk * static_cast<float>(t[r * cols_ + c]);
-      }
-    });
-    return dtype == at::kFloat ? w : w.to(dtype);
+    auto pass = [&](auto* out) {
+      using Out = std::remove_pointer_t<decltype(out)>;
+      ForEachGroup(rows_, cols_, group_size_, [&](int64_t r, int64_t k, int64_t b, int64_t e) {
+        const float sk = s[r * gpr + k];
+        for (int64_t c = b; c < e; ++c) {
+          out[r * cols_ + c] = static_cast<Out>(sk * static_cast<float>(t[r * cols_ + c]));
+        }
+      });
+    };
+    if (dtype == at::kBFloat16) {
+      pass(w.data_ptr<at::BFloat16>());
+    } else {
+      pass(w.data_ptr<float>());
+    }
+    return w;
   }
   at::Tensor s = Scale()
                      .view({rows_, gpr, 1})

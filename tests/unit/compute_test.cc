@@ -320,6 +320,31 @@ TEST(ComputeTest, LayerEqualsTheReferenceExpressions) {
   ExpectLayerEqualsTheReferenceExpressions(kCpu);
 }
 
+// w_eff in float32 and bfloat16 is the reference's S * T and its conversion, bit for bit, with
+// scales of fractional exponents (corr_accum moved by updates), whose float32 mantissas bfloat16
+// must round.
+TEST(ComputeTest, EffectiveWeightEqualsTheReferenceInEachDtype) {
+  struct Shape {
+    int64_t rows, cols, gs;
+  };
+  for (const Shape& sh : {Shape{7, 13, 1}, Shape{33, 257, 16}, Shape{300, 1000, 96}}) {
+    SCOPED_TRACE(::testing::Message() << sh.rows << "x" << sh.cols << " gs " << sh.gs);
+    auto layer = NewLayer(sh.rows, sh.cols, sh.gs, 9, ComputeType::kFp32, kCpu);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(10);
+    for (int step = 0; step < 3; ++step) {
+      layer->Apply(at::randint(-sh.gs, sh.gs + 1, {layer->state().groups()}, gen, at::kLong));
+    }
+    core::StateDict s;
+    layer->Export("fc", &s);
+    const at::Tensor w = ReferenceWeight(s, "fc", sh.rows, sh.cols, sh.gs, kCpu);
+    const at::Tensor w_bf16 = w.to(at::kBFloat16);
+    EXPECT_FALSE(BitEqual(w_bf16.to(at::kFloat), w)) << "no scale for bfloat16 to round";
+    EXPECT_TRUE(BitEqual(layer->state().EffectiveWeight(at::kFloat), w));
+    EXPECT_TRUE(BitEqual(layer->state().EffectiveWeight(at::kBFloat16), w_bf16));
+  }
+}
+
 TEST(ComputeCudaTest, FusedKernelsEqualTheReferenceExpressions) {
   if (!HaveCuda()) GTEST_SKIP() << "no CUDA device in this build or machine";
   ExpectLayerEqualsTheReferenceExpressions(c10::Device(c10::kCUDA, 0));
