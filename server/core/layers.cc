@@ -252,14 +252,12 @@ at::Tensor TernaryState::ScoresOfSignProduct(const at::Tensor& g, const at::Tens
     const float* gp = gc.data_ptr<float>();
     const float* xp = xc.data_ptr<float>();
     const int8_t* t = trits.data_ptr<int8_t>();
-    std::vector<int8_t> x_sign(cols_);
-    for (int64_t c = 0; c < cols_; ++c) x_sign[c] = SignOf(xp[c]);
     at::Tensor scores = at::empty({groups()}, at::kLong);
     int64_t* out = scores.data_ptr<int64_t>();
     ForEachGroup(rows_, cols_, group_size_, [&](int64_t r, int64_t k, int64_t begin, int64_t end) {
       const int64_t sign = SignOf(gp[r]);
       int64_t sum = 0;
-      for (int64_t c = begin; c < end && sign != 0; ++c) sum += x_sign[c] * t[r * cols_ + c];
+      for (int64_t c = begin; c < end && sign != 0; ++c) sum += SignOf(xp[c]) * t[r * cols_ + c];
       out[r * gpr + k] = sign * sum;
     });
     return scores;
