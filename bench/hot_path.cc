@@ -32,7 +32,9 @@
 // `ncu --profile-from-start off ... hot_path ... --ops true` times its kernels alone.
 //
 // Usage: hot_path [--device D] [--in N] [--out N] [--batch B] [--compute FP32|TF32|BF16]
-//                 [--iters N] [--warmup N] [--ops true|false]
+//                 [--iters N] [--warmup N] [--ops true|false] [--cuda-graphs true|false]
+// --cuda-graphs is the model's ModelOptions::cuda_graphs (default true, as the server's): on CUDA
+// the "core step" on host tensors then replays its captured graph; on device tensors it cannot.
 // Prints the median and p99 of each stage in microseconds.
 #include <algorithm>
 #include <chrono>
@@ -162,12 +164,13 @@ int main(int argc, char** argv) {
   std::string device_name = "cpu", compute_name = "FP32";
   int64_t in = 4096, out = 4096, batch = 16;
   int iters = 200, warmup = 20;
-  bool ops = false;
+  bool ops = false, graphs = true;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
       std::printf("usage: hot_path [--device D] [--in N] [--out N] [--batch B] "
-                  "[--compute FP32|TF32|BF16] [--iters N] [--warmup N] [--ops true|false]\n");
+                  "[--compute FP32|TF32|BF16] [--iters N] [--warmup N] [--ops true|false] "
+                  "[--cuda-graphs true|false]\n");
       return 0;
     }
     if (i + 1 >= argc) {
@@ -183,6 +186,7 @@ int main(int argc, char** argv) {
     else if (flag == "--iters") iters = std::stoi(value);
     else if (flag == "--warmup") warmup = std::stoi(value);
     else if (flag == "--ops") ops = value == "true";
+    else if (flag == "--cuda-graphs") graphs = value == "true";
     else {
       std::fprintf(stderr, "hot_path: unknown flag %s\n", flag.c_str());
       return 2;
@@ -191,6 +195,7 @@ int main(int argc, char** argv) {
   const c10::Device device = OrDie(core::ParseDevice(device_name), "--device");
   const core::ModelSpec spec{{core::LayerSpec{"fc", core::TernaryLinearSpec{in, out, 0, 0.0f, false}}}};
   core::ModelOptions options;
+  options.cuda_graphs = graphs;
   if (compute_name == "FP32") options.compute = core::ComputeType::kFp32;
   else if (compute_name == "TF32") options.compute = core::ComputeType::kTf32;
   else if (compute_name == "BF16") options.compute = core::ComputeType::kBf16;
@@ -281,10 +286,12 @@ int main(int argc, char** argv) {
       (void)torch::autograd::grad({y}, {leaf})[0][0].item<float>();
     });
   }
-  std::printf("hot_path: %s, %s, layer %lldx%lld, batch %lld, %d iterations: request %zu bytes\n",
-              core::DeviceName(device).c_str(), compute_name.c_str(), static_cast<long long>(in),
-              static_cast<long long>(out), static_cast<long long>(batch), iters,
-              request.ByteSizeLong());
+  std::printf(
+      "hot_path: %s, %s, layer %lldx%lld, batch %lld, %d iterations: request %zu bytes; "
+      "steps replayed from a CUDA graph: %lld\n",
+      core::DeviceName(device).c_str(), compute_name.c_str(), static_cast<long long>(in),
+      static_cast<long long>(out), static_cast<long long>(batch), iters, request.ByteSizeLong(),
+      static_cast<long long>(model->graphed_steps()));
   std::printf("%-20s %10s %10s\n", "stage (us)", "p50", "p99");
   for (Stage& s : stages) {
     std::sort(s.us.begin(), s.us.end());

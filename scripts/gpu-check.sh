@@ -9,7 +9,8 @@
 # the host's set-up: docs/gpu.md). Stages: env.txt (device, driver, PyTorch), build.log,
 # golden.log, ctest.log, layer.txt (layer_step), model.txt (layer_step --model true),
 # reference.txt (reference_step.py with the ratios), hot.txt (hot_path: a TrainStep's stages on
-# the server's path), rpc.txt (rpc_latency against a separate tscale-server on cuda:0 and on cpu).
+# the server's path, on CUDA with the step's CUDA graph and without), rpc.txt (rpc_latency against
+# a separate tscale-server on cuda:0, with and without --cuda-graphs, and on cpu).
 # STAGES (space-separated, default all: build golden test layer hot rpc) picks some; SECONDS_PER_ROW (default 0.25) is layer_step's and reference_step's
 # --seconds. Each stage's exit status is printed; the script's is the first stage that failed.
 set -uo pipefail
@@ -91,24 +92,30 @@ if [[ "$stages" == *" layer "* ]]; then
 fi
 
 if [[ "$stages" == *" hot "* ]]; then
+  # The CUDA rows with the step's CUDA graph (the default) and without, one after the other.
   stage hot_path "$out/hot.txt" bash -c "set -e
-    build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --iters 200 --warmup 20
-    build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --compute BF16 \
-      --iters 200 --warmup 20
-    build/bin/hot_path --device cuda:0 --in 64 --out 64 --batch 1 --iters 200 --warmup 20
+    for graphs in true false; do
+      build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --iters 200 --warmup 20 \
+        --cuda-graphs \$graphs
+      build/bin/hot_path --device cuda:0 --in 4096 --out 4096 --batch 16 --compute BF16 \
+        --iters 200 --warmup 20 --cuda-graphs \$graphs
+      build/bin/hot_path --device cuda:0 --in 64 --out 64 --batch 1 --iters 200 --warmup 20 \
+        --cuda-graphs \$graphs
+    done
     build/bin/hot_path --device cpu --in 64 --out 64 --batch 1 --iters 200 --warmup 20"
 fi
 
 if [[ "$stages" == *" rpc "* ]]; then
-  rpc() {  # rpc DEVICE IN BATCH: rpc_latency against a tscale-server process on DEVICE
+  rpc() {  # rpc DEVICE IN BATCH [SERVER FLAGS]: rpc_latency against a tscale-server on DEVICE
     local port=$((50900 + RANDOM % 90)) pid rc
-    build/bin/tscale-server --listen "127.0.0.1:$port" --device "$1" >"$logs/server-$1.log" 2>&1 &
+    build/bin/tscale-server --listen "127.0.0.1:$port" --device "$1" "${@:4}" \
+      >"$logs/server-$1.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do
       build/bin/tscale --server "127.0.0.1:$port" health >/dev/null 2>&1 && break
       sleep 0.1
     done
-    echo "== server on $1, layer $2x$2, batch $3"
+    echo "== server on $1, layer $2x$2, batch $3 ${*:4}"
     build/bin/rpc_latency --server "127.0.0.1:$port" --device "$1" --in "$2" --out "$2" \
       --batch "$3" --iters 500 --warmup 50
     rc=$?
@@ -119,7 +126,8 @@ if [[ "$stages" == *" rpc "* ]]; then
   }
   logs="$(mktemp -d)"
   stage rpc "$out/rpc.txt" bash -c "$(declare -f rpc); logs='$logs'; set -e
-    ${RPC_RUNS:-rpc cuda:0 4096 16; rpc cuda:0 4096 16; rpc cuda:0 64 1; rpc cpu 64 1; rpc cpu 1024 16}
+    ${RPC_RUNS:-rpc cuda:0 4096 16; rpc cuda:0 4096 16 --cuda-graphs false; rpc cuda:0 64 1
+      rpc cuda:0 64 1 --cuda-graphs false; rpc cpu 64 1; rpc cpu 1024 16}
     echo '== server in the process, cuda:0, layer 4096x4096, batch 16'
     build/bin/rpc_latency --device cuda:0 --in 4096 --out 4096 --batch 16 --iters 500 --warmup 50"
 fi

@@ -107,6 +107,11 @@ int main(int argc, char** argv) {
        "budget of the models' device memory (decoded state, effective weights, gradient sums, "
        "as estimated from their specs); models beyond it are RESOURCE_EXHAUSTED (default 0: none)",
        IntFlag(&options.max_device_bytes)},
+      {"cuda-graphs", "true|false",
+       "on CUDA devices, replay each model's TrainSteps of a shape seen before from a captured "
+       "CUDA graph: the same results, one launch a step; each shape's graph holds its step's "
+       "temporaries on the device, at most 4 shapes a model (default true)",
+       BoolFlag(&options.cuda_graphs)},
       {"pending-pass-ttl-seconds", "N",
        "a training pass no Backward used within N seconds is released (default 600; 0: never)",
        IntFlag(&options.pending_pass_ttl_seconds)},

@@ -187,7 +187,9 @@ void TernaryState::Place(const at::Tensor& trits, at::Device device) {
 
 #if TSCALE_WITH_CUDA
 cuda::TernaryView TernaryState::View() const {
-  return {&packed_device_, &e_, &corr_accum_, step_counter_, rows_, cols_, group_size_};
+  cuda::TernaryView view{&packed_device_, &e_, &corr_accum_, step_counter_, rows_, cols_, group_size_};
+  view.inv_denom_at = inv_denom_at_;
+  return view;
 }
 #endif
 
@@ -363,7 +365,11 @@ at::Tensor TernaryState::Updated(const at::Tensor& scores, at::Tensor figures) c
 }
 
 void TernaryState::Commit(at::Tensor after) {
-  corr_accum_ = std::move(after);
+  if (fused()) {
+    corr_accum_.copy_(after);
+  } else {
+    corr_accum_ = std::move(after);
+  }
   ++step_counter_;
 }
 
@@ -441,8 +447,7 @@ int64_t TernaryLinear::persistent_bytes() const {
 
 void TernaryLinear::SetCompute(ComputeType compute) {
   compute_ = compute;
-  w_eff_.reset();
-  scale_.reset();
+  DropCaches();
 }
 
 bool TernaryLinear::Packed(int64_t batch) const {
@@ -659,6 +664,10 @@ void TernaryLinear::Apply(const at::Tensor& scores) { Commit(state_.corr_accum()
 
 void TernaryLinear::Commit(at::Tensor after) {
   state_.Commit(std::move(after));
+  DropCaches();
+}
+
+void TernaryLinear::DropCaches() {
   w_eff_.reset();
   scale_.reset();
 }

@@ -110,8 +110,13 @@ class TernaryState {
   // scores|. On the CPU one pass, where the ATen expressions take five operators; on a device
   // those expressions.
   at::Tensor Updated(const at::Tensor& scores, at::Tensor figures) const;
-  // Takes `after` (from Updated) as corr_accum; step_counter += 1.
+  // Takes `after` (from Updated) as corr_accum; step_counter += 1. On CUDA corr_accum keeps its
+  // memory (`after` is copied into it): a captured step graph reads it where it was captured.
   void Commit(at::Tensor after);
+  // On CUDA: whether the kernels read the step's StepReciprocal from `at` (a float on the device)
+  // instead of taking it from step_counter when launched (nullptr: from step_counter), for the
+  // capture of a step graph, whose caller writes the value there before each replay.
+  void ReadStepAt(const float* at) { inv_denom_at_ = at; }
   // Whether the CUDA kernels' packed route (products and scores straight from the packed trits)
   // can serve a batch: CUDA, batches up to the kernels' 16, group sizes that are multiples of 32.
   bool PackedRouteServes(int64_t batch) const;
@@ -142,6 +147,7 @@ class TernaryState {
   at::Tensor e_;           // int8 [groups] on the device
   at::Tensor corr_accum_;  // int64 [groups] on the device
   int64_t step_counter_ = 0;
+  const float* inv_denom_at_ = nullptr;  // ReadStepAt
 };
 
 // Ternary linear layer: y = x @ w_eff^T (+ bias as float), in the layer's compute type.
@@ -214,6 +220,11 @@ class TernaryLinear {
   void Apply(const at::Tensor& scores);
   // TernaryState::Commit: `after` from state().Updated as corr_accum, step_counter += 1.
   void Commit(at::Tensor after);
+  // Forgets the current step's w_eff and S (computed again when next needed), so that a step
+  // graph's capture computes them inside the graph.
+  void DropCaches();
+  // TernaryState::ReadStepAt.
+  void ReadStepAt(const float* at) { state_.ReadStepAt(at); }
 
   const TernaryState& state() const { return state_; }
   int64_t persistent_bytes() const;

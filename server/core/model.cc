@@ -21,6 +21,9 @@
 #include "absl/strings/str_split.h"
 #include "server/core/device.h"
 #include "server/core/errors.h"
+#if TSCALE_WITH_CUDA
+#include "server/cuda/graph.h"
+#endif
 
 namespace tscale::core {
 
@@ -373,30 +376,32 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Import(const ModelSpec& spec, cons
 
 // ---------------------------------------------------------------- training
 
-// From pageable memory each tensor would be a synchronous copy through the driver's staging
-// buffer; the page-locked block comes from LibTorch's caching host allocator (no allocation once
-// warm) and returns to it only once the copy has completed.
-std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::Device device) {
-  std::vector<at::Tensor> out;
-  bool staged = device.is_cuda();
+namespace {
+
+// The bytes of host tensors (contiguous) gathered into one block of page-locked memory, tensor i
+// at offsets[i], each at a 16-byte boundary. From pageable memory each tensor would be a
+// synchronous copy through the driver's staging buffer; the page-locked block comes from
+// LibTorch's caching host allocator (no allocation once warm) and returns to it only once the
+// copies from it have completed.
+at::Tensor Gathered(const std::vector<at::Tensor>& tensors, std::vector<int64_t>* offsets) {
   int64_t bytes = 0;
-  std::vector<int64_t> offsets;
+  offsets->clear();
   for (const at::Tensor& t : tensors) {
-    staged = staged && t.defined() && t.is_cpu() && t.is_contiguous();
-    // Each view starts on a 16-byte boundary.
-    offsets.push_back(bytes);
-    if (t.defined()) bytes += (t.nbytes() + 15) / 16 * 16;
-  }
-  if (!staged || bytes == 0) {
-    for (const at::Tensor& t : tensors) out.push_back(t.defined() ? OnDevice(t, device) : t);
-    return out;
+    offsets->push_back(bytes);
+    bytes += (t.nbytes() + 15) / 16 * 16;
   }
   at::Tensor host = at::empty({bytes}, at::TensorOptions(at::kByte).pinned_memory(true));
   for (size_t i = 0; i < tensors.size(); ++i) {
-    std::memcpy(static_cast<char*>(host.data_ptr()) + offsets[i], tensors[i].data_ptr(),
+    std::memcpy(static_cast<char*>(host.data_ptr()) + (*offsets)[i], tensors[i].data_ptr(),
                 tensors[i].nbytes());
   }
-  const at::Tensor block = host.to(device, /*non_blocking=*/true);
+  return host;
+}
+
+// Views of `block` (bytes) shaped as `tensors` at `offsets` (Gathered's).
+std::vector<at::Tensor> ViewsOf(const at::Tensor& block, const std::vector<at::Tensor>& tensors,
+                                const std::vector<int64_t>& offsets) {
+  std::vector<at::Tensor> out;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     out.push_back(block.narrow(0, offsets[i], static_cast<int64_t>(t.nbytes()))
@@ -404,6 +409,25 @@ std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::De
                       .view(t.sizes()));
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> ToDevice(const std::vector<at::Tensor>& tensors, c10::Device device) {
+  bool staged = device.is_cuda();
+  int64_t bytes = 0;
+  for (const at::Tensor& t : tensors) {
+    staged = staged && t.defined() && t.is_cpu() && t.is_contiguous();
+    if (t.defined()) bytes += t.nbytes();
+  }
+  if (!staged || bytes == 0) {
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& t : tensors) out.push_back(t.defined() ? OnDevice(t, device) : t);
+    return out;
+  }
+  std::vector<int64_t> offsets;
+  const at::Tensor host = Gathered(tensors, &offsets);
+  return ViewsOf(host.to(device, /*non_blocking=*/true), tensors, offsets);
 }
 
 at::Tensor Model::Run(const at::Tensor& x, int64_t* activation_bytes) {
@@ -653,6 +677,89 @@ absl::StatusOr<std::vector<at::Tensor>> Model::CombinedScores(const std::vector<
   return std::move(combined->scores);
 }
 
+std::vector<at::Tensor> Model::StepScores(const std::vector<at::Tensor>& extra,
+                                          const std::vector<at::Tensor>* sample_inputs,
+                                          std::vector<at::Tensor>* exact) {
+  std::vector<at::Tensor> scores;
+  exact->assign(linears_.size(), at::Tensor());
+  for (size_t i = 0; i < linears_.size(); ++i) {
+    const bool given = i < extra.size() && extra[i].defined();
+    if (sample_inputs != nullptr && given) {
+      auto sample = linears_[i].layer->FactorScores(extra[i], (*sample_inputs)[i]);
+      scores.push_back(sample.scores);
+      (*exact)[i] = sample.exact;
+      continue;
+    }
+    at::Tensor sum = linears_[i].grad_sum;
+    if (given) sum = AddGradient(sum, extra[i]);
+    scores.push_back(linears_[i].layer->Scores(sum));
+  }
+  return scores;
+}
+
+// The figures of the update, and on a device the loss and the exactness flags of factored scores,
+// in one tensor, for one copy to the host: the loss's float64 bits and the flags ride along as
+// int64s (on the CPU they are read where they are). Each layer's corr_accum after the update is
+// made with its two figures (TernaryState::Updated) and taken only at the commit.
+at::Tensor Model::UpdateFigures(const std::vector<at::Tensor>& scores,
+                                const std::vector<at::Tensor>& exact, const at::Tensor* loss,
+                                std::vector<at::Tensor>* after) {
+  const bool on_host = device_.is_cpu();
+  after->assign(linears_.size(), at::Tensor());
+  int64_t n = 2 * static_cast<int64_t>(linears_.size()) + (loss != nullptr && !on_host ? 1 : 0);
+  for (const at::Tensor& e : exact) n += e.defined() && !on_host ? 1 : 0;
+  if (n == 0) return at::Tensor();
+  const at::Tensor stats = at::zeros({n}, at::TensorOptions(at::kLong).device(device_));
+  for (size_t i = 0; i < linears_.size(); ++i) {
+    (*after)[i] = linears_[i].layer->state().Updated(
+        scores[i], stats.narrow(0, 2 * static_cast<int64_t>(i), 2));
+  }
+  int64_t k = 2 * static_cast<int64_t>(linears_.size());
+  for (const at::Tensor& e : exact) {
+    if (e.defined() && !on_host) stats.narrow(0, k++, 1).copy_(e.reshape({1}));
+  }
+  if (loss != nullptr && !on_host) {
+    stats.narrow(0, k, 1).copy_(loss->detach().to(at::kDouble).view(at::kLong).reshape({1}));
+  }
+  return stats;
+}
+
+absl::StatusOr<UpdateResult> Model::CommitUpdate(const at::Tensor& host,
+                                                 const std::vector<at::Tensor>& after,
+                                                 StepLoss* loss) {
+  if (loss != nullptr) {
+    if (device_.is_cpu()) {
+      loss->host = loss->value.item<double>();
+    } else {
+      std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
+    }
+    if (!std::isfinite(loss->host)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "loss: the ", loss->kind == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
+          " loss of this batch is not finite (", loss->host, "); nothing was applied"));
+    }
+  }
+  UpdateResult result;
+  result.step = step_ + 1;
+  for (size_t i = 0; i < linears_.size(); ++i) {
+    Linear& l = linears_[i];
+    l.layer->Commit(after[i]);
+    l.grad_sum.reset();
+    const TernaryState& st = l.layer->state();
+    const int64_t* v = host.data_ptr<int64_t>() + 2 * i;
+    // |drift| = 4 |corr_accum| / (step gs), averaged over the groups.
+    const double denom = static_cast<double>(st.step_counter()) * st.group_size() * st.groups();
+    result.layers.push_back({l.name, v[0], 4.0 * static_cast<double>(v[1]) / denom});
+  }
+  step_ = result.step;
+  passes_.clear();
+  pending_passes_ = 0;
+  pending_bytes_ = 0;
+  backwards_ = 0;
+  last_update_ = result;
+  return result;
+}
+
 absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& extra,
                                                 StepLoss* loss,
                                                 const std::vector<at::Tensor>* sample_inputs,
@@ -668,44 +775,16 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       auto combined = CombinedScores(extra, loss, combiner);
       if (!combined.ok()) return combined.status();
       scores = *std::move(combined);
+    } else {
+      scores = StepScores(extra, sample_inputs, &exact);
     }
-    for (size_t i = 0; i < linears_.size() && combiner == nullptr; ++i) {
-      const bool given = i < extra.size() && extra[i].defined();
-      if (sample_inputs != nullptr && given) {
-        auto sample = linears_[i].layer->FactorScores(extra[i], (*sample_inputs)[i]);
-        scores.push_back(sample.scores);
-        exact[i] = sample.exact;
-        continue;
-      }
-      at::Tensor sum = linears_[i].grad_sum;
-      if (given) sum = AddGradient(sum, extra[i]);
-      scores.push_back(linears_[i].layer->Scores(sum));
-    }
-    // The figures of the update, and on a device the loss and the exactness flags of factored
-    // scores, in one copy to the host: the loss's float64 bits and the flags ride along as
-    // int64s (on the CPU they are read where they are). Each layer's corr_accum after the update
-    // is made with its two figures (TernaryState::Updated) and taken only at the commit below.
-    std::vector<at::Tensor> after(linears_.size());
-    const bool host_loss = loss != nullptr && combiner == nullptr;
-    const bool on_host = device_.is_cpu();
+    // With a combiner the loss was the group's, agreed before the exchange.
+    StepLoss* host_loss = combiner == nullptr ? loss : nullptr;
+    std::vector<at::Tensor> after;
     auto figures = [&] {
-      int64_t n = 2 * static_cast<int64_t>(linears_.size()) + (host_loss && !on_host ? 1 : 0);
-      for (const at::Tensor& e : exact) n += e.defined() && !on_host ? 1 : 0;
-      if (n == 0) return at::Tensor();
-      const at::Tensor stats = at::zeros({n}, at::TensorOptions(at::kLong).device(device_));
-      for (size_t i = 0; i < linears_.size(); ++i) {
-        after[i] = linears_[i].layer->state().Updated(
-            scores[i], stats.narrow(0, 2 * static_cast<int64_t>(i), 2));
-      }
-      int64_t k = 2 * static_cast<int64_t>(linears_.size());
-      for (const at::Tensor& e : exact) {
-        if (e.defined() && !on_host) stats.narrow(0, k++, 1).copy_(e.reshape({1}));
-      }
-      if (host_loss && !on_host) {
-        stats.narrow(0, k, 1).copy_(
-            loss->value.detach().to(at::kDouble).view(at::kLong).reshape({1}));
-      }
-      return stats.to(at::kCPU);
+      at::Tensor stats = UpdateFigures(
+          scores, exact, host_loss != nullptr ? &host_loss->value : nullptr, &after);
+      return stats.defined() ? stats.to(at::kCPU) : stats;
     };
     at::Tensor host = figures();
     // Where a sample's factored scores could differ from the whole gradient's (a product that
@@ -713,7 +792,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
     bool refigure = false;
     for (size_t i = 0, k = 2 * linears_.size(); i < exact.size(); ++i) {
       if (!exact[i].defined()) continue;
-      if (on_host ? !exact[i].item<bool>() : host.data_ptr<int64_t>()[k++] == 0) {
+      if (device_.is_cpu() ? !exact[i].item<bool>() : host.data_ptr<int64_t>()[k++] == 0) {
         scores[i] = linears_[i].layer->Scores(
             linears_[i].layer->WeightGradient(extra[i], (*sample_inputs)[i]));
         refigure = true;
@@ -721,38 +800,7 @@ absl::StatusOr<UpdateResult> Model::ApplyUpdate(const std::vector<at::Tensor>& e
       exact[i].reset();
     }
     if (refigure) host = figures();
-    if (host_loss) {
-      if (on_host) {
-        loss->host = loss->value.item<double>();
-      } else {
-        std::memcpy(&loss->host, host.data_ptr<int64_t>() + host.numel() - 1, sizeof(double));
-      }
-      if (!std::isfinite(loss->host)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "loss: the ", loss->kind == Loss::kMse ? "MSE" : "CROSS_ENTROPY",
-            " loss of this batch is not finite (", loss->host, "); nothing was applied"));
-      }
-    }
-
-    UpdateResult result;
-    result.step = step_ + 1;
-    for (size_t i = 0; i < linears_.size(); ++i) {
-      Linear& l = linears_[i];
-      l.layer->Commit(std::move(after[i]));
-      l.grad_sum.reset();
-      const TernaryState& st = l.layer->state();
-      const int64_t* v = host.data_ptr<int64_t>() + 2 * i;
-      // |drift| = 4 |corr_accum| / (step gs), averaged over the groups.
-      const double denom = static_cast<double>(st.step_counter()) * st.group_size() * st.groups();
-      result.layers.push_back({l.name, v[0], 4.0 * static_cast<double>(v[1]) / denom});
-    }
-    step_ = result.step;
-    passes_.clear();
-    pending_passes_ = 0;
-    pending_bytes_ = 0;
-    backwards_ = 0;
-    last_update_ = result;
-    return result;
+    return CommitUpdate(host, after, host_loss);
   } catch (const c10::Error& e) {
     return TorchError(e, "update");
   }
@@ -784,6 +832,48 @@ absl::Status Model::CheckTrainStep(const at::Tensor& input, const at::Tensor& ta
   return absl::OkStatus();
 }
 
+void Model::StepGradients(const at::Tensor& x, const at::Tensor& t, Loss loss,
+                          const GroupStep* group, bool factored, at::Tensor* output,
+                          StepLoss* step_loss, std::vector<at::Tensor>* grads,
+                          std::vector<at::Tensor>* sample_inputs) {
+  const int64_t batch = x.size(0);
+  std::vector<at::Tensor> weights;
+  c10::AutoGradMode grad_mode(true);
+  // The taps hold only this forward, and are off again whatever happens in it.
+  auto taps_off = absl::MakeCleanup([this] {
+    for (const Linear& l : linears_) *l.tap = Tap();
+  });
+  for (const Linear& l : linears_) {
+    if (!factored) weights.push_back(l.layer->WeightLeaf());
+    l.tap->on = factored;
+  }
+  int64_t bytes = 0;
+  *output = Run(x, &bytes);
+  std::vector<at::Tensor> at_outputs;
+  if (factored) {
+    for (const Linear& l : linears_) {
+      at_outputs.push_back(l.tap->pre_bias);
+      sample_inputs->push_back(l.tap->input.detach());
+    }
+  }
+  std::move(taps_off).Invoke();
+  step_loss->value =
+      loss == Loss::kMse ? at::mse_loss(*output, t) : at::cross_entropy_loss(*output, t);
+  step_loss->kind = loss;
+  // A rank's share of the group's mean: its mean times its part of the group's rows (both
+  // losses are means over rows, MSE over every element of them).
+  if (group != nullptr && group->group_batch != batch) {
+    step_loss->value = step_loss->value *
+                       (static_cast<double>(batch) / static_cast<double>(group->group_batch));
+  }
+  if (!linears_.empty()) {
+    *grads = torch::autograd::grad({step_loss->value}, factored ? at_outputs : weights, {},
+                                   /*retain_graph=*/false, /*create_graph=*/false,
+                                   /*allow_unused=*/true);
+  }
+  *output = output->detach();
+}
+
 absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const at::Tensor& target,
                                                  Loss loss, int64_t expected_step,
                                                  const Interrupt& interrupt,
@@ -810,9 +900,6 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
                                                       " (the model's step), got ", expected_step));
   }
   try {
-    const std::vector<at::Tensor> on_device = ToDevice({input, target}, device_);
-    const at::Tensor& x = on_device[0];
-    const at::Tensor& t = on_device[1];
     if (!AllFinite(input)) {
       return absl::InvalidArgumentError("input: expected finite values, got NaN or Inf");
     }
@@ -827,10 +914,21 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
                                                        out, "), got ", lo < 0 ? lo : hi));
       }
     }
+    const uint64_t fingerprint = Fingerprint(input, target, loss);
+    if (GraphServes(input, target, group)) {
+      auto graphed = GraphedTrainStep(input, target, loss, fingerprint, interrupt);
+      if (!graphed.ok()) return graphed.status();
+      if (graphed->has_value()) {
+        TrainStepResult& result = **graphed;
+        result.output = on_stream.Hand(result.output);
+        last_train_ = LastTrainStep{result.loss, fingerprint, {fingerprint}};
+        return std::move(result);
+      }
+    }
+    const std::vector<at::Tensor> on_device = ToDevice({input, target}, device_);
     TrainStepResult result;
     StepLoss step_loss;
-    step_loss.fingerprint = Fingerprint(input, target, loss);
-    std::vector<at::Tensor> weights;
+    step_loss.fingerprint = fingerprint;
     std::vector<at::Tensor> grads;
     // One sample (or, in BF16 and TF32 on CUDA, a batch the packed route takes) and no
     // pending gradient sums: each linear layer's weight gradient is taken in its two factors (the
@@ -842,43 +940,9 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
           return !l.grad_sum.defined() && l.layer->Factored(batch);
         });
     std::vector<at::Tensor> sample_inputs;
-    {
-      c10::AutoGradMode grad_mode(true);
-      // The taps hold only this forward, and are off again whatever happens in it.
-      auto taps_off = absl::MakeCleanup([this] {
-        for (const Linear& l : linears_) *l.tap = Tap();
-      });
-      for (const Linear& l : linears_) {
-        if (!factored) weights.push_back(l.layer->WeightLeaf());
-        l.tap->on = factored;
-      }
-      int64_t bytes = 0;
-      result.output = Run(x, &bytes);
-      std::vector<at::Tensor> at_outputs;
-      if (factored) {
-        for (const Linear& l : linears_) {
-          at_outputs.push_back(l.tap->pre_bias);
-          sample_inputs.push_back(l.tap->input.detach());
-        }
-      }
-      std::move(taps_off).Invoke();
-      step_loss.value = loss == Loss::kMse ? at::mse_loss(result.output, t)
-                                           : at::cross_entropy_loss(result.output, t);
-      step_loss.kind = loss;
-      // A rank's share of the group's mean: its mean times its part of the group's rows (both
-      // losses are means over rows, MSE over every element of them).
-      if (group != nullptr && group->group_batch != batch) {
-        step_loss.value = step_loss.value *
-                          (static_cast<double>(batch) / static_cast<double>(group->group_batch));
-      }
-      const at::Tensor& value = step_loss.value;
-      if (!linears_.empty()) {
-        grads = torch::autograd::grad({value}, factored ? at_outputs : weights, {},
-                                      /*retain_graph=*/false, /*create_graph=*/false,
-                                      /*allow_unused=*/true);
-      }
-    }
-    result.output = on_stream.Hand(result.output.detach());
+    StepGradients(on_device[0], on_device[1], loss, group, factored, &result.output, &step_loss,
+                  &grads, &sample_inputs);
+    result.output = on_stream.Hand(result.output);
     // As in UpdateCorrelation: the forward and backward changed nothing; the update is all.
     if (interrupt) {
       if (absl::Status s = interrupt(); !s.ok()) return s;
@@ -895,6 +959,134 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
   } catch (const c10::Error& e) {
     return TorchError(e, "train step");
   }
+}
+
+// ---------------------------------------------------------------- CUDA graphs of TrainStep
+
+namespace {
+
+// Shapes a model keeps graphs of: a training run steps with one batch size, or a few; each graph
+// holds its step's temporaries in its own memory pool.
+constexpr size_t kMaxGraphs = 4;
+
+}  // namespace
+
+bool Model::GraphServes(const at::Tensor& input, const at::Tensor& target,
+                        const GroupStep* group) const {
+#if TSCALE_WITH_CUDA
+  if (!options_.cuda_graphs || !stream_ || group != nullptr || linears_.empty() ||
+      step_ >= kMaxStep || !input.is_cpu() || !input.is_contiguous() || !target.is_cpu() ||
+      !target.is_contiguous()) {
+    return false;
+  }
+  return std::all_of(linears_.begin(), linears_.end(), [](const Linear& l) {
+    return !l.grad_sum.defined() && l.layer->state().step_counter() > 0;
+  });
+#else
+  (void)input;
+  (void)target;
+  (void)group;
+  return false;
+#endif
+}
+
+absl::StatusOr<std::optional<TrainStepResult>> Model::GraphedTrainStep(
+    const at::Tensor& input, const at::Tensor& target, Loss loss, uint64_t fingerprint,
+    const Interrupt& interrupt) {
+#if TSCALE_WITH_CUDA
+  const std::pair<int64_t, Loss> key{input.size(0), loss};
+  if (!graphs_.count(key) && graphs_.size() >= kMaxGraphs) return std::nullopt;
+  Graphed& g = graphs_[key];
+  if (g.failed || ++g.seen < 2) return std::nullopt;
+  // Each layer's StepReciprocal of this step, which the kernels of S read in the graph.
+  std::vector<float> reciprocals;
+  for (const Linear& l : linears_) {
+    reciprocals.push_back(
+        cuda::StepReciprocal(l.layer->state().step_counter(), l.layer->state().group_size()));
+  }
+  const std::vector<at::Tensor> host = {
+      input, target,
+      at::from_blob(reciprocals.data(), {static_cast<int64_t>(reciprocals.size())}, at::kFloat)};
+  std::vector<int64_t> offsets;
+  const at::Tensor staged = Gathered(host, &offsets);
+  if (!g.graph) {
+    g.inputs = at::empty({staged.numel()}, at::TensorOptions(at::kByte).device(device_));
+    const std::vector<at::Tensor> views = ViewsOf(g.inputs, host, offsets);
+    g.x = views[0];
+    g.target = views[1];
+    g.reciprocals = views[2];
+  }
+  g.inputs.copy_(staged, /*non_blocking=*/true);
+  if (!g.graph) {
+    const int64_t batch = input.size(0);
+    const bool factored = std::all_of(linears_.begin(), linears_.end(),
+                                      [batch](const Linear& l) { return l.layer->Factored(batch); });
+    auto body = [&] {
+      for (size_t i = 0; i < linears_.size(); ++i) {
+        linears_[i].layer->DropCaches();
+        linears_[i].layer->ReadStepAt(g.reciprocals.data_ptr<float>() + i);
+      }
+      StepLoss step_loss;
+      std::vector<at::Tensor> grads, sample_inputs, exact;
+      StepGradients(g.x, g.target, loss, nullptr, factored, &g.output, &step_loss, &grads,
+                    &sample_inputs);
+      const std::vector<at::Tensor> scores =
+          StepScores(grads, factored ? &sample_inputs : nullptr, &exact);
+      g.figures = UpdateFigures(scores, exact, &step_loss.value, &g.after);
+      g.flags = std::count_if(exact.begin(), exact.end(),
+                              [](const at::Tensor& e) { return e.defined(); });
+    };
+    // The layers read the step from device memory in the graph only; their caches hold what the
+    // capture made, which the replay below fills and the commit drops.
+    auto restore = absl::MakeCleanup([this] {
+      for (const Linear& l : linears_) l.layer->ReadStepAt(nullptr);
+    });
+    try {
+      g.graph = cuda::StepGraph::Capture(*stream_, body);
+    } catch (const c10::Error&) {
+      for (const Linear& l : linears_) l.layer->DropCaches();
+      g = Graphed();
+      g.failed = true;
+      return std::nullopt;
+    }
+  }
+  g.graph->Replay(*stream_);
+  TrainStepResult result;
+  result.output = g.output.clone();
+  const at::Tensor figures = g.figures.to(at::kCPU);  // the step's one synchronisation
+  const int64_t* flag = figures.data_ptr<int64_t>() + 2 * linears_.size();
+  if (std::any_of(flag, flag + g.flags, [](int64_t f) { return f == 0; })) return std::nullopt;
+  if (interrupt) {
+    if (absl::Status s = interrupt(); !s.ok()) return s;
+  }
+  StepLoss step_loss;
+  step_loss.kind = loss;
+  step_loss.fingerprint = fingerprint;
+  auto update = CommitUpdate(figures, g.after, &step_loss);
+  if (!update.ok()) return update.status();
+  ++graphed_steps_;
+  result.loss = step_loss.host;
+  result.update = *std::move(update);
+  return result;
+#else
+  (void)input;
+  (void)target;
+  (void)loss;
+  (void)fingerprint;
+  (void)interrupt;
+  return std::nullopt;
+#endif
+}
+
+int64_t Model::graphed_steps() const {
+  absl::MutexLock lock(&mu_);
+  return graphed_steps_;
+}
+
+int64_t Model::graphs() const {
+  absl::MutexLock lock(&mu_);
+  return std::count_if(graphs_.begin(), graphs_.end(),
+                       [](const auto& entry) { return entry.second.graph != nullptr; });
 }
 
 // ---------------------------------------------------------------- state

@@ -16,9 +16,11 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -46,6 +48,11 @@ struct ModelOptions {
   absl::Duration pending_pass_ttl = absl::Seconds(600);
   // The time passes are judged by; empty: absl::Now. Tests set a clock of their own.
   std::function<absl::Time()> clock;
+  // On a CUDA device (built with the CUDA kernels): a TrainStep of a shape (batch, loss) seen
+  // before is captured once as a CUDA graph and then replayed, one launch for the step's few
+  // dozen operations; the same kernels on the same values, so the same bits. Off: every step is
+  // launched operation by operation. No effect on the CPU.
+  bool cuda_graphs = true;
 };
 
 // Asked right before an update commits (UpdateCorrelation, TrainStep): a non-OK status (e.g. the
@@ -106,6 +113,14 @@ struct StateSnapshot {
 };
 
 class Node;
+
+}  // namespace tscale::core
+
+namespace tscale::cuda {
+class StepGraph;
+}  // namespace tscale::cuda
+
+namespace tscale::core {
 
 class Model {
  public:
@@ -190,6 +205,10 @@ class Model {
   int64_t pending_bytes() const;
   // Bytes the model holds on its device now: decoded state, caches, gradient sums, pending passes.
   int64_t device_bytes() const;
+  // TrainSteps served by replaying a captured CUDA graph (ModelOptions::cuda_graphs), and the
+  // shapes captured.
+  int64_t graphed_steps() const;
+  int64_t graphs() const;
 
   // The device bytes a model of `spec` holds while it trains, pending passes aside: the decoded
   // trits, E, corr_accum and bias, the step's effective weights and the gradient sums of its
@@ -260,6 +279,57 @@ class Model {
   absl::StatusOr<std::vector<at::Tensor>> CombinedScores(const std::vector<at::Tensor>& extra,
                                                          StepLoss* loss, UpdateCombiner* combiner)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The forward of a TrainStep on the device tensors x and t, its loss (into step_loss) and the
+  // gradients ApplyUpdate takes (with `factored`, at the linear layers' pre-bias outputs, their
+  // inputs in sample_inputs).
+  void StepGradients(const at::Tensor& x, const at::Tensor& t, Loss loss, const GroupStep* group,
+                     bool factored, at::Tensor* output, StepLoss* step_loss,
+                     std::vector<at::Tensor>* grads, std::vector<at::Tensor>* sample_inputs)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The scores of an update without a combiner (ApplyUpdate's `extra` and `sample_inputs`);
+  // exact[i] is set where layer i's scores came from a sample's factors (TernaryLinear::
+  // SampleScores::exact).
+  std::vector<at::Tensor> StepScores(const std::vector<at::Tensor>& extra,
+                                     const std::vector<at::Tensor>* sample_inputs,
+                                     std::vector<at::Tensor>* exact)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The update's figures on the model's device, int64: each layer's two (TernaryState::Updated,
+  // whose corr_accum after the update goes to after[i]), then on a device the flags of `exact`
+  // that are defined and the bits of the float64 `loss` when given (on the CPU those are read
+  // where they are). Undefined when there is nothing to count.
+  at::Tensor UpdateFigures(const std::vector<at::Tensor>& scores,
+                           const std::vector<at::Tensor>& exact, const at::Tensor* loss,
+                           std::vector<at::Tensor>* after) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Commits an update whose figures `host` (UpdateFigures on the host) and corr_accums `after`
+  // are computed: unless `loss` (which then gets the loss's value) is not finite, which changes
+  // nothing.
+  absl::StatusOr<UpdateResult> CommitUpdate(const at::Tensor& host,
+                                            const std::vector<at::Tensor>& after, StepLoss* loss)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A TrainStep of one shape captured as a CUDA graph (ModelOptions::cuda_graphs).
+  struct Graphed {
+    int64_t seen = 0;      // steps of the shape so far
+    bool failed = false;   // its capture failed: the shape runs operation by operation
+    std::shared_ptr<cuda::StepGraph> graph;
+    // What the graph reads, on the device: the step's input and target and each linear layer's
+    // StepReciprocal, views of one block that each step's one copy from the host fills.
+    at::Tensor inputs, x, target, reciprocals;
+    // What it leaves there: the model's output, UpdateFigures and the corr_accums after.
+    at::Tensor output, figures;
+    std::vector<at::Tensor> after;
+    int64_t flags = 0;  // exactness flags among the figures
+  };
+  // Whether a TrainStep can be served by a graph: CUDA, graphs on, no group, host tensors, no
+  // gradient sums pending, linear layers past step 0 (the scale's formula at step 0 differs).
+  bool GraphServes(const at::Tensor& input, const at::Tensor& target,
+                   const GroupStep* group) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The TrainStep by its shape's graph, captured on the shape's second step; nullopt where it
+  // must run operation by operation instead (a shape's first step, a capture that failed, too
+  // many shapes, a sample's factored scores that could be inexact). Nothing commits unless the
+  // result is a value.
+  absl::StatusOr<std::optional<TrainStepResult>> GraphedTrainStep(
+      const at::Tensor& input, const at::Tensor& target, Loss loss, uint64_t fingerprint,
+      const Interrupt& interrupt) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status UnknownPass(absl::string_view pass_id) const;
   // Releases the passes older than the TTL that no Backward used. Also from const accessors, so
   // that the figures they report (and metrics read) never count an expired pass.
@@ -299,6 +369,9 @@ class Model {
     std::vector<uint64_t> fingerprints;  // the group's, in rank order; just this one alone
   };
   std::optional<LastTrainStep> last_train_ ABSL_GUARDED_BY(mu_);
+  // By (batch, loss); at most kMaxGraphs shapes (model.cc).
+  std::map<std::pair<int64_t, Loss>, Graphed> graphs_ ABSL_GUARDED_BY(mu_);
+  int64_t graphed_steps_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Tensors on `device`: on a CUDA device, host tensors go in one asynchronous copy on the current

@@ -30,10 +30,10 @@ detail::TernaryArgs Args(const TernaryView& t) {
   a.e = t.e->data_ptr<int8_t>();
   a.corr_accum = t.corr_accum->data_ptr<int64_t>();
   a.scaled = t.step > 0;
-  // LibTorch divides a CUDA tensor by a CPU scalar as a multiplication by the scalar's reciprocal,
-  // computed on the host in the tensor's float type.
-  const int64_t denom = std::max<int64_t>(t.step * t.group_size, 1);
-  a.inv_denom = 1.0f / static_cast<float>(denom);
+  a.inv_denom = StepReciprocal(t.step, t.group_size);
+  TORCH_CHECK(t.inv_denom_at == nullptr || t.step > 0,
+              "ternary kernels: a scale read from device memory needs a step > 0, got ", t.step);
+  a.inv_denom_at = t.inv_denom_at;
   a.rows = t.rows;
   a.cols = t.cols;
   // A group wider than a row is the whole row: the same groups, with sizes the kernels' 32-bit
@@ -119,6 +119,13 @@ class Scratch {
 };
 
 }  // namespace
+
+float StepReciprocal(int64_t step, int64_t group_size) {
+  // LibTorch divides a CUDA tensor by a CPU scalar as a multiplication by the scalar's reciprocal,
+  // computed on the host in the tensor's float type.
+  const int64_t denom = std::max<int64_t>(step * group_size, 1);
+  return 1.0f / static_cast<float>(denom);
+}
 
 bool PackedRouteServes(const TernaryView& t, int64_t batch) {
   const int64_t gs = std::min(t.group_size, t.cols);

@@ -93,7 +93,8 @@ struct RowWalk {
 __device__ __forceinline__ float ScaleOf(const TernaryArgs& t, int64_t g) {
   float log2s = static_cast<float>(t.e[g]);
   if (t.scaled) {
-    const float mean = __fmul_rn(static_cast<float>(t.corr_accum[g]), t.inv_denom);
+    const float inv = t.inv_denom_at != nullptr ? *t.inv_denom_at : t.inv_denom;
+    const float mean = __fmul_rn(static_cast<float>(t.corr_accum[g]), inv);
     log2s = __fadd_rn(log2s, __fmul_rn(mean, 4.0f));
   }
   return exp2f(log2s);

@@ -20,7 +20,15 @@ struct TernaryView {
   const at::Tensor* corr_accum;  // int64 [groups]
   int64_t step = 0;
   int64_t rows = 0, cols = 0, group_size = 0;
+  // When set (a float on the device; step > 0), the kernels read StepReciprocal there when they
+  // run instead of taking it from `step` when launched: a CUDA graph captured at one step then
+  // serves the later ones, its caller writing each step's value there before a replay.
+  const float* inv_denom_at = nullptr;
 };
+
+// 1 / (float)max(step * group_size, 1): the factor by which the kernels multiply corr_accum in S,
+// as LibTorch's CUDA kernels divide by a scalar.
+float StepReciprocal(int64_t step, int64_t group_size);
 
 // w_eff = S * T as `dtype` (float32 or bfloat16) [rows, cols], S = 2^(E + 4 corr_accum / (step gs))
 // per group, computed as LibTorch's CUDA kernels compute the reference's expression (the division

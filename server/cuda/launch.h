@@ -16,9 +16,11 @@ struct TernaryArgs {
   const int8_t* e;
   const int64_t* corr_accum;
   // step > 0: log2 S = E + (corr_accum * inv_denom) * 4, inv_denom = 1 / (float)(step * gs); step
-  // == 0: log2 S = E.
+  // == 0: log2 S = E. With inv_denom_at, inv_denom is read there (device memory) when the kernel
+  // runs: a captured CUDA graph then serves every later step (see StepGraph).
   bool scaled;
   float inv_denom;
+  const float* inv_denom_at;
   int64_t rows, cols, group_size;
 };
 

@@ -264,6 +264,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   trainer.model.max_pending_passes = options.max_pending_passes;
   trainer.model.max_pending_bytes = options.max_pending_bytes;
   trainer.model.pending_pass_ttl = absl::Seconds(options.pending_pass_ttl_seconds);
+  trainer.model.cuda_graphs = options.cuda_graphs;
   trainer.limits.max_models = options.max_models;
   trainer.limits.max_device_bytes = options.max_device_bytes;
 

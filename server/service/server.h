@@ -45,6 +45,9 @@ struct ServerOptions {
   // minutes: far longer than any forward-backward round trip, short enough that passes of
   // clients that went away do not hold memory until the next update.
   int64_t pending_pass_ttl_seconds = 600;
+  // On CUDA devices, a model's TrainSteps of a shape seen before are replayed from a captured
+  // CUDA graph (--cuda-graphs; core::ModelOptions::cuda_graphs): the same bits, one launch.
+  bool cuda_graphs = true;
 
   // Transport (gRPC) settings.
   // The server pings each connection after this many idle seconds and closes it when no answer

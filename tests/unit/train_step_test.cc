@@ -63,10 +63,12 @@ at::Tensor LossGrad(const at::Tensor& y, const at::Tensor& target, Loss loss) {
 // Trains one model with TrainStep and another with Forward, Backward of the loss's gradient and
 // UpdateCorrelation, on the same batches (`x` of each step from Input(step)); each step's output,
 // loss and update figures and the final states must be equal.
-// The models are MlpSpec()'s, or `spec`'s (12 inputs and 5 outputs too).
+// The models are MlpSpec()'s, or `spec`'s (12 inputs and 5 outputs too). On CUDA the TrainSteps
+// from the third on replay a captured graph (ModelOptions::cuda_graphs), `graphed` of the six.
 void ExpectTrainStepEqualsTheThreeCalls(Loss loss, int64_t batch, core::ComputeType compute,
                                         const std::function<at::Tensor(int)>& input,
-                                        const core::ModelSpec& spec = MlpSpec()) {
+                                        const core::ModelSpec& spec = MlpSpec(),
+                                        int64_t graphed = 4) {
   core::ModelOptions options;
   options.compute = compute;
   auto a = Model::Create(spec, 3, testing::TestDevice(), options);
@@ -74,7 +76,7 @@ void ExpectTrainStepEqualsTheThreeCalls(Loss loss, int64_t batch, core::ComputeT
   ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
   Model* fused = a->get();
   Model* steps = b->get();
-  for (int s = 0; s < 4; ++s) {
+  for (int s = 0; s < 6; ++s) {
     SCOPED_TRACE(::testing::Message() << "step " << s << ", batch " << batch);
     const at::Tensor x = input(s);
     const at::Tensor t =
@@ -103,6 +105,7 @@ void ExpectTrainStepEqualsTheThreeCalls(Loss loss, int64_t batch, core::ComputeT
     }
   }
   EXPECT_TRUE(SameState(fused->ExportState().tensors, steps->ExportState().tensors));
+  EXPECT_EQ(fused->graphed_steps(), testing::TestDevice().is_cuda() ? graphed : 0);
 }
 
 class TrainStepLossTest : public ::testing::TestWithParam<Loss> {};
@@ -143,7 +146,96 @@ TEST_P(TrainStepLossTest, OfOneSampleWithATinyInputEqualsTheThreeCalls) {
         x.index_put_({0, at::indexing::Slice(0, 6)}, std::numeric_limits<float>::denorm_min());
         return x;
       },
-      *spec);
+      *spec, /*graphed=*/0);  // a graph's step whose factored scores could be inexact runs again
+}
+
+// A TrainStep replayed from its shape's CUDA graph equals the same step launched operation by
+// operation, bit for bit (output, loss, figures, state), in every compute type, on the packed
+// route and off it; with other calls between the steps (an inference, the three calls' update,
+// a step of another shape), a retry, and a step whose loss is not finite, which changes nothing.
+TEST_P(TrainStepLossTest, GraphedStepsEqualStepsOpByOp) {
+  if (!testing::TestDevice().is_cuda()) GTEST_SKIP() << "CUDA graphs: the models run on the CPU";
+  const Loss loss = GetParam();
+  // Group sizes of 32: BF16 and TF32 take batches up to 4 on the packed route.
+  auto spec = core::SpecFromJson(R"({"layers": [
+    {"name": "fc1", "ternary_linear": {"in_features": 64, "out_features": 96, "group_size": 32}},
+    {"name": "act", "activation": {"kind": "GELU"}},
+    {"name": "fc2", "ternary_linear": {"in_features": 96, "out_features": 5, "group_size": 32,
+                                       "bias": true}}]})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  for (core::ComputeType compute :
+       {core::ComputeType::kFp32, core::ComputeType::kTf32, core::ComputeType::kBf16}) {
+    for (int64_t batch : {1, 3, 16}) {
+      SCOPED_TRACE(::testing::Message() << core::ComputeName(compute) << ", batch " << batch);
+      core::ModelOptions on, off;
+      on.compute = off.compute = compute;
+      off.cuda_graphs = false;
+      auto a = Model::Create(*spec, 7, testing::TestDevice(), on);
+      auto b = Model::Create(*spec, 7, testing::TestDevice(), off);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+      Model* graphed = a->get();
+      Model* plain = b->get();
+      auto target = [&](int64_t n, uint64_t seed) {
+        return loss == Loss::kMse ? Randn({n, 5}, seed) : Classes(n, 5, seed);
+      };
+      auto step_both = [&](const at::Tensor& x, const at::Tensor& t) {
+        const int64_t step = plain->step();
+        auto r = graphed->TrainStep(x, t, loss, step);
+        auto q = plain->TrainStep(x, t, loss, step);
+        ASSERT_TRUE(r.ok() && q.ok()) << r.status() << q.status();
+        EXPECT_TRUE(at::equal(r->output, q->output));
+        EXPECT_EQ(r->loss, q->loss);
+        ASSERT_EQ(r->update.layers.size(), q->update.layers.size());
+        for (size_t i = 0; i < r->update.layers.size(); ++i) {
+          EXPECT_EQ(r->update.layers[i].score_sum, q->update.layers[i].score_sum);
+          EXPECT_EQ(r->update.layers[i].mean_abs_drift, q->update.layers[i].mean_abs_drift);
+        }
+        EXPECT_TRUE(SameState(graphed->ExportState().tensors, plain->ExportState().tensors));
+      };
+      for (int s = 0; s < 8; ++s) {
+        SCOPED_TRACE(::testing::Message() << "step " << s);
+        step_both(Randn({batch, 64}, 500 + s), target(batch, 600 + s));
+        if (s != 4) continue;
+        // Between graphed steps: an inference, an update by the three calls, another shape.
+        const at::Tensor x = Randn({batch, 64}, 700);
+        auto ya = graphed->Forward(x, false), yb = plain->Forward(x, false);
+        ASSERT_TRUE(ya.ok() && yb.ok());
+        EXPECT_TRUE(at::equal(ya->output, yb->output));
+        for (Model* m : {graphed, plain}) {
+          auto f = m->Forward(x, true);
+          ASSERT_TRUE(f.ok()) << f.status();
+          ASSERT_TRUE(m->Backward(f->pass_id, at::ones({batch, 5}), false).ok());
+          ASSERT_TRUE(m->UpdateCorrelation(m->step()).ok());
+        }
+        step_both(Randn({batch + 1, 64}, 701), target(batch + 1, 702));
+      }
+      EXPECT_EQ(graphed->graphs(), 1);
+      EXPECT_EQ(graphed->graphed_steps(), 6);
+      EXPECT_EQ(plain->graphed_steps(), 0);
+
+      // A retry of the last step is replayed, not run again.
+      const at::Tensor x = Randn({batch, 64}, 507), t = target(batch, 607);
+      auto retry = graphed->TrainStep(x, t, loss, graphed->step() - 1);
+      ASSERT_TRUE(retry.ok()) << retry.status();
+      EXPECT_TRUE(retry->update.replayed);
+
+      // A loss that is not finite (MSE of outputs near the float's limit) stops the graphed step
+      // before it commits, as it does the step launched operation by operation.
+      if (loss == Loss::kMse) {
+        const auto before = graphed->ExportState();
+        const at::Tensor huge = Randn({batch, 64}, 800) * 1e30;
+        const int64_t step = graphed->step();
+        auto r = graphed->TrainStep(huge, target(batch, 801), loss, step);
+        auto q = plain->TrainStep(huge, target(batch, 801), loss, step);
+        EXPECT_THAT(r, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not finite")));
+        EXPECT_THAT(q, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not finite")));
+        EXPECT_EQ(graphed->step(), step);
+        EXPECT_TRUE(SameState(graphed->ExportState().tensors, before.tensors));
+        step_both(Randn({batch, 64}, 802), target(batch, 803));
+        EXPECT_EQ(graphed->graphed_steps(), 7);
+      }
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Losses, TrainStepLossTest,
