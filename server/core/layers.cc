@@ -187,7 +187,8 @@ void TernaryState::Place(const at::Tensor& trits, at::Device device) {
 
 #if TSCALE_WITH_CUDA
 cuda::TernaryView TernaryState::View() const {
-  cuda::TernaryView view{&packed_device_, &e_, &corr_accum_, step_counter_, rows_, cols_, group_size_};
+  cuda::TernaryView view{&packed_device_, &e_, &corr_accum_, step_counter_, rows_, cols_,
+                         group_size_};
   view.inv_denom_at = inv_denom_at_;
   return view;
 }

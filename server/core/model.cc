@@ -1019,8 +1019,9 @@ absl::StatusOr<std::optional<TrainStepResult>> Model::GraphedTrainStep(
   g.inputs.copy_(staged, /*non_blocking=*/true);
   if (!g.graph) {
     const int64_t batch = input.size(0);
-    const bool factored = std::all_of(linears_.begin(), linears_.end(),
-                                      [batch](const Linear& l) { return l.layer->Factored(batch); });
+    const bool factored = std::all_of(linears_.begin(), linears_.end(), [batch](const Linear& l) {
+      return l.layer->Factored(batch);
+    });
     auto body = [&] {
       for (size_t i = 0; i < linears_.size(); ++i) {
         linears_[i].layer->DropCaches();
