@@ -832,6 +832,13 @@ absl::Status Model::CheckTrainStep(const at::Tensor& input, const at::Tensor& ta
   return absl::OkStatus();
 }
 
+bool Model::FactoredStep(int64_t batch, const GroupStep* group) const {
+  return group == nullptr && !linears_.empty() &&
+         std::all_of(linears_.begin(), linears_.end(), [batch](const Linear& l) {
+           return !l.grad_sum.defined() && l.layer->Factored(batch);
+         });
+}
+
 void Model::StepGradients(const at::Tensor& x, const at::Tensor& t, Loss loss,
                           const GroupStep* group, bool factored, at::Tensor* output,
                           StepLoss* step_loss, std::vector<at::Tensor>* grads,
@@ -934,11 +941,7 @@ absl::StatusOr<TrainStepResult> Model::TrainStep(const at::Tensor& input, const 
     // pending gradient sums: each linear layer's weight gradient is taken in its two factors (the
     // gradient at the layer's pre-bias output and its input) instead of an [out, in] matrix;
     // autograd then runs no weight-gradient GEMM, and the packed route makes no w_eff either.
-    const bool factored =
-        group == nullptr && !linears_.empty() &&
-        std::all_of(linears_.begin(), linears_.end(), [batch](const Linear& l) {
-          return !l.grad_sum.defined() && l.layer->Factored(batch);
-        });
+    const bool factored = FactoredStep(batch, group);
     std::vector<at::Tensor> sample_inputs;
     StepGradients(on_device[0], on_device[1], loss, group, factored, &result.output, &step_loss,
                   &grads, &sample_inputs);
@@ -1011,25 +1014,20 @@ absl::StatusOr<std::optional<TrainStepResult>> Model::GraphedTrainStep(
   const at::Tensor staged = Gathered(host, &offsets);
   if (!g.graph) {
     g.inputs = at::empty({staged.numel()}, at::TensorOptions(at::kByte).device(device_));
-    const std::vector<at::Tensor> views = ViewsOf(g.inputs, host, offsets);
-    g.x = views[0];
-    g.target = views[1];
-    g.reciprocals = views[2];
   }
   g.inputs.copy_(staged, /*non_blocking=*/true);
   if (!g.graph) {
-    const int64_t batch = input.size(0);
-    const bool factored = std::all_of(linears_.begin(), linears_.end(), [batch](const Linear& l) {
-      return l.layer->Factored(batch);
-    });
+    // x, target and the reciprocals as the captured step reads them: views of g.inputs.
+    const std::vector<at::Tensor> in = ViewsOf(g.inputs, host, offsets);
+    const bool factored = FactoredStep(input.size(0), nullptr);
     auto body = [&] {
       for (size_t i = 0; i < linears_.size(); ++i) {
         linears_[i].layer->DropCaches();
-        linears_[i].layer->ReadStepAt(g.reciprocals.data_ptr<float>() + i);
+        linears_[i].layer->ReadStepAt(in[2].data_ptr<float>() + i);
       }
       StepLoss step_loss;
       std::vector<at::Tensor> grads, sample_inputs, exact;
-      StepGradients(g.x, g.target, loss, nullptr, factored, &g.output, &step_loss, &grads,
+      StepGradients(in[0], in[1], loss, nullptr, factored, &g.output, &step_loss, &grads,
                     &sample_inputs);
       const std::vector<at::Tensor> scores =
           StepScores(grads, factored ? &sample_inputs : nullptr, &exact);

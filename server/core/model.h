@@ -279,6 +279,9 @@ class Model {
   absl::StatusOr<std::vector<at::Tensor>> CombinedScores(const std::vector<at::Tensor>& extra,
                                                          StepLoss* loss, UpdateCombiner* combiner)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a TrainStep of `batch` rows takes each linear layer's weight gradient in its two
+  // factors: no group, no gradient sums pending, and every layer Factored(batch).
+  bool FactoredStep(int64_t batch, const GroupStep* group) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The forward of a TrainStep on the device tensors x and t, its loss (into step_loss) and the
   // gradients ApplyUpdate takes (with `factored`, at the linear layers' pre-bias outputs, their
   // inputs in sample_inputs).
@@ -312,8 +315,8 @@ class Model {
     bool failed = false;   // its capture failed: the shape runs operation by operation
     std::shared_ptr<cuda::StepGraph> graph;
     // What the graph reads, on the device: the step's input and target and each linear layer's
-    // StepReciprocal, views of one block that each step's one copy from the host fills.
-    at::Tensor inputs, x, target, reciprocals;
+    // StepReciprocal, in one block that each step's one copy from the host fills.
+    at::Tensor inputs;
     // What it leaves there: the model's output, UpdateFigures and the corr_accums after.
     at::Tensor output, figures;
     std::vector<at::Tensor> after;
